@@ -1,0 +1,217 @@
+"""`remind`: a thin face over the service; every command is a call into worker.service."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import click
+
+from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound
+from .logs import setup
+from .settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic's ValidationError names the variable
+        raise click.ClickException(f"invalid settings: {exc}") from None
+
+
+def _remind(settings: Settings | None = None, *, migrate: bool = True):
+    from .service import Remind
+
+    try:
+        return Remind.from_settings(settings or _settings(), migrate=migrate)
+    except ConfigError as exc:
+        raise click.ClickException("invalid configuration:\n" + "\n".join(exc.problems)) from None
+
+
+@click.group()
+@click.option("--json-logs", is_flag=True, help="Log one JSON object a line (or REMIND_LOG_FORMAT=json).")
+@click.pass_context
+def main(ctx: click.Context, json_logs: bool) -> None:
+    """Reminds customers to confirm pending transactions, and cancels the ones they never confirm."""
+    ctx.ensure_object(dict)
+    setup("json" if json_logs else os.environ.get("REMIND_LOG_FORMAT", "text"))
+
+
+@main.command()
+def run() -> None:
+    """Scheduler and workers in one process (the embedded default: SQLite and an in-process broker)."""
+    from .runner import Embedded, wait_for_signal
+    from .senders import describe
+
+    remind = _remind()
+    click.echo(f"remind: database {remind.store.engine.url.render_as_string(hide_password=True)}, "
+               f"broker {'redis' if remind.settings.redis_url else 'in-process'}, "
+               f"senders {describe(remind.senders)}, tick every {remind.settings.tick_seconds}s", err=True)
+    engine = Embedded(remind).start()
+    try:
+        wait_for_signal()
+    finally:
+        engine.stop()
+
+
+@main.command()
+def demo() -> None:
+    """Two demo transactions on a second-scale schedule: one confirmed, one cancelled. Exits 0 when done."""
+    from .demo import run_demo
+
+    ok = run_demo(_settings(), lambda line: click.secho(f"▶ {line}", fg="cyan", err=False))
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+def scheduler() -> None:
+    """The periodic scan alone; enqueues to Redis (REDIS_URL) for `remind worker` processes."""
+    from .runner import run_scheduler
+
+    settings = _settings()
+    if not settings.redis_url:
+        raise click.ClickException("remind scheduler needs REDIS_URL; use `remind run` for the embedded default")
+    run_scheduler(_remind(settings))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--processes", "-p", default=None, type=int, help="Worker processes (default: CPUs).")
+@click.option("--threads", "-t", default=None, type=int, help="Threads per process (REMIND_WORKER_THREADS).")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def worker(processes: int | None, threads: int | None, extra: tuple[str, ...]) -> None:
+    """Dramatiq worker processes on Redis (extra arguments go to dramatiq)."""
+    settings = _settings()
+    if not settings.redis_url:
+        raise click.ClickException("remind worker needs REDIS_URL; use `remind run` for the embedded default")
+    from dramatiq.cli import main as dramatiq_main
+
+    args = ["dramatiq", "worker.dramatiq_app", "--threads", str(threads or settings.worker_threads),
+            "--queues", settings.queue_name]
+    if processes:
+        args += ["--processes", str(processes)]
+    sys.argv = args + list(extra)
+    sys.exit(dramatiq_main())
+
+
+@main.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply Alembic migrations up to the newest."""
+    from .store import make_engine, upgrade
+
+    settings = _settings()
+    upgrade(make_engine(settings.database_url))
+    click.echo("database is up to date")
+
+
+@main.group()
+def schedules() -> None:
+    """Schedules (REMIND_SCHEDULES_DIR) and templates (REMIND_TEMPLATES_DIR)."""
+
+
+@schedules.command("check")
+def schedules_check() -> None:
+    """Validate every schedule and template; exit non-zero naming file, line and field."""
+    from .ladder import format_duration
+    from .service import load_config
+
+    settings = _settings()
+    try:
+        registry, templates = load_config(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(1)
+    for s in registry:
+        ladder = ", ".join(f"{format_duration(st.after)} {st.template} [{'/'.join(st.channels)}]" for st in s.steps)
+        click.echo(f"ok  {s.name} (priority {s.priority}): {ladder}; {s.final.action} at "
+                   f"{format_duration(s.final.after)}")
+    click.echo(f"templates: {', '.join(templates.locales)}")
+
+
+@main.group()
+def tx() -> None:
+    """Transactions."""
+
+
+def _fail(exc: Exception) -> None:
+    if isinstance(exc, InvalidInput):
+        lines = [f"  {field}: {msg}" for field, msg in exc.problems.items()]
+        raise click.ClickException("invalid transaction:\n" + "\n".join(lines))
+    raise click.ClickException(str(exc))
+
+
+@tx.command("submit")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+def tx_submit(file) -> None:
+    """Register the transaction(s) in FILE (JSON object or list; - for stdin)."""
+    try:
+        payload = json.loads(file.read(), parse_float=Decimal)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"not valid JSON: {exc}") from None
+    remind = _remind()
+    failed = False
+    for item in payload if isinstance(payload, list) else [payload]:
+        try:
+            reg = remind.register(item)
+        except (InvalidInput, Conflict) as exc:
+            failed = True
+            label = item.get("id", "?") if isinstance(item, dict) else "?"
+            if isinstance(exc, InvalidInput):
+                click.echo(f"{label}: invalid: " + "; ".join(f"{k}: {v}" for k, v in exc.problems.items()), err=True)
+            else:
+                click.echo(f"{label}: conflict: {exc}", err=True)
+            continue
+        click.echo(f"{reg.transaction_id}: {'registered' if reg.created else 'already registered'} "
+                   f"({reg.status}, schedule {reg.schedule})")
+    sys.exit(1 if failed else 0)
+
+
+@tx.command("confirm")
+@click.argument("tx_id")
+def tx_confirm(tx_id: str) -> None:
+    """Confirm: no more reminders. Fails when the transaction was cancelled first."""
+    try:
+        _remind().confirm(tx_id)
+    except (NotFound, AlreadySettled) as exc:
+        _fail(exc)
+    click.echo(f"{tx_id}: confirmed")
+
+
+@tx.command("cancel")
+@click.argument("tx_id")
+@click.option("--reason", required=True, help="Why the platform cancels it.")
+def tx_cancel(tx_id: str, reason: str) -> None:
+    """Cancel on the platform's side: no more reminders."""
+    try:
+        _remind().cancel(tx_id, reason)
+    except (NotFound, AlreadySettled) as exc:
+        _fail(exc)
+    click.echo(f"{tx_id}: cancelled ({reason})")
+
+
+@tx.command("show")
+@click.argument("tx_id")
+@click.option("--json", "as_json", is_flag=True, help="The same JSON as GET /v1/transactions/{id}.")
+def tx_show(tx_id: str, as_json: bool) -> None:
+    """Status and timeline: every step planned, sent, skipped or failed, and why."""
+    from .timeline import to_text
+
+    try:
+        view = _remind().show(tx_id)
+    except NotFound as exc:
+        _fail(exc)
+    click.echo(json.dumps(view, indent=2, ensure_ascii=False) if as_json else to_text(view))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+__all__ = ["main", "Path"]

@@ -1,0 +1,15 @@
+"""Entry module for dramatiq's own worker CLI (`remind worker` runs `dramatiq worker.dramatiq_app`)."""
+
+import dramatiq
+
+from .broker import bind, make_broker
+from .logs import setup
+from .service import Remind
+from .settings import Settings
+
+settings = Settings()
+setup(settings.log_format)
+remind = Remind.from_settings(settings, migrate=False)
+broker = make_broker(settings)
+dramatiq.set_broker(broker)
+actors = bind(remind, broker)

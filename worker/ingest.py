@@ -1,0 +1,223 @@
+"""Validate a transaction as the platform sends it, into one canonical form.
+
+Money is Decimal end to end: a JSON number must reach us already parsed exactly
+(``json.loads(..., parse_float=Decimal)``); a Python float is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+from babel.numbers import get_currency_precision, list_currencies
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InvalidInput
+
+_ID = r"^[A-Za-z0-9_.:\-]{1,64}$"
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+_BCP47 = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+_CURRENCIES = frozenset(list_currencies())
+
+
+def _exact_decimal(value: Any) -> Any:
+    if isinstance(value, float):
+        raise ValueError("send money as a decimal string (e.g. \"12.50\") or an exact JSON number, not a float")
+    if isinstance(value, bool):
+        raise ValueError("a decimal amount, not a boolean")
+    return value
+
+
+class Customer(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=200)
+    phone: str | None = None
+    email: str | None = Field(None, max_length=254)
+    push_tokens: tuple[str, ...] = ()
+    locale: str = "en"
+    timezone: str = "UTC"
+    segment: str | None = Field(None, max_length=32)
+
+    @field_validator("phone")
+    @classmethod
+    def _e164(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            number = phonenumbers.parse(value, None)
+        except phonenumbers.NumberParseException:
+            raise ValueError("an E.164 number such as +8613800138000") from None
+        e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+        if e164 != value or not phonenumbers.is_valid_number(number):
+            raise ValueError("not a valid E.164 number (+, country code, number, no spaces)")
+        return value
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value is not None and not _EMAIL.match(value):
+            raise ValueError("not an email address")
+        return value
+
+    @field_validator("push_tokens")
+    @classmethod
+    def _tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not t or len(t) > 4096 for t in value):
+            raise ValueError("each push token is a non-empty string of at most 4096 characters")
+        if len(value) > 20:
+            raise ValueError("at most 20 push tokens")
+        return value
+
+    @field_validator("locale")
+    @classmethod
+    def _locale(cls, value: str) -> str:
+        if not _BCP47.match(value):
+            raise ValueError("a BCP 47 language tag such as en or zh-CN")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("an IANA time zone such as Asia/Shanghai") from None
+        return value
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Customer:
+        if not (self.phone or self.email or self.push_tokens):
+            raise ValueError("at least one of phone, email or push_tokens is required")
+        return self
+
+
+class Transaction(BaseModel):
+    """A pending transaction, validated; times are UTC, money exact."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=_ID)
+    customer: Customer
+    amount: Decimal
+    currency: str
+    fee: Decimal = Decimal("0")
+    payment_method: str = Field(min_length=1, max_length=200)
+    expected_arrival: AwareDatetime
+    created_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+    risk_flag: bool = False
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _money = field_validator("amount", "fee", mode="before")(classmethod(lambda cls, v: _exact_decimal(v)))
+
+    @field_validator("expected_arrival", "created_at", "expires_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return value.astimezone(UTC) if value is not None else None
+
+    @field_validator("currency")
+    @classmethod
+    def _iso4217(cls, value: str) -> str:
+        if value not in _CURRENCIES:
+            raise ValueError("an ISO 4217 currency code such as CNY, USD or EUR")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, default=str)) > 8192:
+            raise ValueError("at most 8 KiB of metadata")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Transaction:
+        places = get_currency_precision(self.currency)
+        problems = {}
+        for name in ("amount", "fee"):
+            value: Decimal = getattr(self, name)
+            if not value.is_finite():
+                problems[name] = "a finite number"
+            elif value.as_tuple().exponent < -places and value != value.quantize(Decimal(1).scaleb(-places)):
+                problems[name] = f"{self.currency} has {places} minor digits; {value} has more"
+        if self.amount <= 0 and "amount" not in problems:
+            problems["amount"] = "must be above zero"
+        if self.fee < 0 and "fee" not in problems:
+            problems["fee"] = "cannot be negative"
+        if self.expires_at and self.created_at and self.expires_at <= self.created_at:
+            problems["expires_at"] = "must be after created_at"
+        if problems:
+            raise ValueError(json.dumps(problems))
+        return self
+
+    @property
+    def total(self) -> Decimal:
+        return self.amount + self.fee
+
+    def canonical(self) -> dict[str, Any]:
+        """The stored form: money quantized to the currency, times in UTC ISO 8601."""
+        places = Decimal(1).scaleb(-get_currency_precision(self.currency))
+        data = self.model_dump(mode="json")
+        data["amount"] = str(self.amount.quantize(places))
+        data["fee"] = str(self.fee.quantize(places))
+        data["customer"]["push_tokens"] = list(self.customer.push_tokens)
+        return data
+
+
+def parse_transaction(payload: Mapping[str, Any] | Transaction, *, now: datetime | None = None) -> Transaction:
+    """Validate a payload; raise InvalidInput naming every bad field. ``created_at`` defaults to now."""
+    if isinstance(payload, Transaction):
+        tx = payload
+    else:
+        if not isinstance(payload, Mapping):
+            raise InvalidInput({"(body)": "a JSON object describing one transaction"})
+        try:
+            tx = Transaction.model_validate(dict(payload))
+        except ValidationError as exc:
+            raise InvalidInput(_problems(exc)) from None
+    if tx.created_at is None:
+        created = (now or datetime.now(UTC)).astimezone(UTC)
+        if tx.expires_at and tx.expires_at <= created:
+            raise InvalidInput({"expires_at": "is already in the past"})
+        tx = tx.model_copy(update={"created_at": created})
+    return tx
+
+
+def _problems(exc: ValidationError) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(body)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "value_error" and msg.startswith("{"):
+            try:
+                for name, text in json.loads(msg).items():
+                    problems[f"{field}.{name}" if field != "(body)" else name] = text
+                continue
+            except ValueError:
+                pass
+        problems[field] = msg
+    return problems
+
+
+def differing_fields(stored: dict[str, Any], incoming: dict[str, Any], *, ignore_created_at: bool) -> list[str]:
+    """Dotted names of the fields whose values differ between two canonical transactions."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif a != b:
+            out.append(path)
+
+    walk(stored, incoming, "")
+    return [f for f in out if not (ignore_created_at and f == "created_at")]

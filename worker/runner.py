@@ -1,0 +1,71 @@
+"""Long-running process shapes: the embedded all-in-one, the scheduler alone. Thin by design."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.blocking import BlockingScheduler
+
+from .broker import InProcessWorker, bind, make_broker
+from .service import Remind
+
+log = logging.getLogger("remind.runner")
+
+
+def _tick(remind: Remind) -> None:
+    try:
+        result = remind.tick()
+    except Exception:  # a failed tick must not kill the scheduler; the next one retries
+        log.exception("tick failed")
+        return
+    if result:
+        log.info("tick: %d due, %d enqueued, %d skipped late, %d settled, %d recovered",
+                 result.claimed, len(result.enqueued), result.skipped, result.settled, result.recovered)
+
+
+def _add_tick(scheduler, remind: Remind) -> None:
+    # Each process keeps its tick in memory (APScheduler 3 cannot share a job store between
+    # processes); the database claim is what coordinates several schedulers.
+    scheduler.add_job(_tick, "interval", args=[remind], seconds=remind.settings.tick_seconds,
+                      id="tick", max_instances=1, coalesce=True, misfire_grace_time=None)
+
+
+class Embedded:
+    """Scheduler and dramatiq workers in one process: `remind run` and `remind demo`."""
+
+    def __init__(self, remind: Remind) -> None:
+        self.remind = remind
+        self.broker = make_broker(remind.settings)
+        self.actors = bind(remind, self.broker)
+        self.worker = InProcessWorker(self.broker, threads=remind.settings.worker_threads)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+
+    def start(self) -> Embedded:
+        self.worker.start()
+        _add_tick(self.scheduler, self.remind)
+        self.scheduler.start()
+        return self
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(wait=True)
+        self.worker.stop()
+
+
+def wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def run_scheduler(remind: Remind) -> None:
+    """`remind scheduler`: ticks forever, enqueueing to the configured broker."""
+    broker = make_broker(remind.settings)
+    bind(remind, broker)
+    scheduler = BlockingScheduler(timezone="UTC")
+    _add_tick(scheduler, remind)
+    log.info("scheduler ticking every %ss", remind.settings.tick_seconds)
+    scheduler.start()

@@ -1,0 +1,128 @@
+"""The tick: claim what is due from the store, decide with the ladder, enqueue one message per delivery.
+
+Runs in every scheduler process; the database claim is what keeps two of them from doing the
+same work. Future steps are never parked in the broker: each lives as ``next_due_at`` in SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from .ladder import Decision, Registry, Schedule, decide
+from .store import CANCELLED, Cursor, NewDelivery, Store
+
+log = logging.getLogger("remind.scheduler")
+
+CONTACT_FIELD = {"sms": "phone", "email": "email", "push": "push_tokens"}
+NO_CONTACT = {"sms": "no phone number on file", "email": "no email address on file",
+              "push": "no push token on file"}
+
+
+@dataclass
+class TickResult:
+    claimed: int = 0
+    enqueued: list[int] = field(default_factory=list)
+    skipped: int = 0
+    settled: int = 0
+    recovered: int = 0
+    lost_in_send: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.claimed or self.enqueued or self.recovered or self.lost_in_send)
+
+
+def _channel_rows(content: dict, tx_id: str, step: str, kind: str, template: str, channels: Sequence[str],
+                  due_at: datetime, *, status: str = "queued", reason: str | None = None) -> list[NewDelivery]:
+    rows = []
+    customer = content["customer"]
+    for channel in channels:
+        if status == "queued" and not customer.get(CONTACT_FIELD[channel]):
+            rows.append(NewDelivery(tx_id, step, kind, channel, template, due_at, "skipped", NO_CONTACT[channel]))
+        else:
+            rows.append(NewDelivery(tx_id, step, kind, channel, template, due_at, status, reason))
+    return rows
+
+
+def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: bool) -> tuple[
+        Decision, Cursor, list[NewDelivery]]:
+    """The rows one claimed transaction produces now; pure apart from reading ``row``."""
+    d = decide(schedule, created_at=row["created_at"], deadline=row["deadline"],
+               handled_until=row["handled_until"], now=now)
+    tx_id, content = row["id"], row["content"]
+    created = row["created_at"]
+    rows: list[NewDelivery] = []
+    for step in d.skip:
+        rows += _channel_rows(content, tx_id, step.id, "reminder", step.template, step.channels,
+                              created + step.after, status="skipped", reason=d.skip_reason)
+    if d.send is not None:
+        rows += _channel_rows(content, tx_id, d.send.id, "reminder", d.send.template, d.send.channels,
+                              created + d.send.after)
+    settle_status = settle_reason = None
+    if d.settle:
+        final = schedule.final
+        settle_status, settle_reason = final.status, final.reason
+        rows += _channel_rows(content, tx_id, final.action, "notice", final.template, final.channels,
+                              row["deadline"])
+        if webhook:
+            rows.append(NewDelivery(tx_id, final.action, "webhook", "webhook", None, row["deadline"], "queued"))
+    cursor = Cursor(tx_id, d.handled_until, d.next_due_at, settle_status, settle_reason)
+    return d, cursor, rows
+
+
+class Scheduler:
+    """Claims due work in batches; ``enqueue`` hands delivery ids to the broker after each commit."""
+
+    def __init__(self, store: Store, registry: Callable[[], Registry], enqueue: Callable[[list[int]], None], *,
+                 batch_size: int = 1000, lease: timedelta = timedelta(minutes=5), webhook: bool = False) -> None:
+        self.store = store
+        self.registry = registry
+        self.enqueue = enqueue
+        self.batch_size = batch_size
+        self.lease = lease
+        self.webhook = webhook
+
+    def _schedule_for(self, row: dict) -> Schedule:
+        registry = self.registry()
+        schedule = registry.get(row["schedule"])
+        if schedule is None:  # its file was removed: run on whatever matches now
+            schedule = registry.choose(segment=row["segment"], risk_flag=row["risk_flag"],
+                                       amount=row["amount"], currency=row["currency"])
+        return schedule
+
+    def tick(self, now: datetime | None = None) -> TickResult:
+        """Claim and enqueue everything due at ``now``, batch by batch, until nothing is left."""
+        result = TickResult()
+        while True:
+            now_ = now or self.store.clock()
+            with self.store.begin() as conn:
+                claimed = self.store.claim_due(conn, now_, self.batch_size)
+                cursors, rows = [], []
+                for row in claimed:
+                    decision, cursor, new = plan_transaction(row, self._schedule_for(row), now_,
+                                                             webhook=self.webhook)
+                    cursors.append(cursor)
+                    rows += new
+                    result.skipped += sum(1 for r in new if r.status == "skipped")
+                    if decision.settle:
+                        result.settled += 1
+                        log.info("%s %s: deadline reached", row["id"],
+                                 "cancelling" if cursor.settle_status == CANCELLED else "escalating")
+                self.store.advance(conn, cursors, now_)
+                ids = self.store.add_deliveries(conn, rows, now_, self.lease)
+                again, lost = self.store.claim_expired(conn, now_, self.batch_size, self.lease)
+            result.claimed += len(claimed)
+            result.recovered += len(again)
+            result.lost_in_send += len(lost)
+            batch = ids + again
+            if again:
+                log.warning("re-enqueued %d deliveries whose messages never completed", len(again))
+            if lost:
+                log.warning("%d deliveries were interrupted mid-send and recorded as failed", len(lost))
+            if batch:
+                self.enqueue(batch)
+                result.enqueued += batch
+            if len(claimed) < self.batch_size and len(again) + len(lost) < self.batch_size:
+                return result

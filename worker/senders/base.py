@@ -1,0 +1,44 @@
+"""The sender interface: one message in, a provider id out, or a classified SendError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One message to one recipient, already rendered."""
+
+    transaction_id: str
+    step: str
+    channel: str  # sms | email | push | webhook
+    recipient: str  # E.164 phone, email address, push token, or webhook URL
+    body: str
+    subject: str | None = None  # email subject, push title
+    html: str | None = None
+    variant: str = "default"
+    data: dict[str, Any] = field(default_factory=dict)  # push data / webhook headers
+    idempotency_key: str = ""  # stable across retries of the same delivery
+
+
+class Sender(Protocol):
+    """Hands a message to a provider. Raises TransientSendError or PermanentSendError on failure."""
+
+    name: str
+
+    def send(self, message: OutgoingMessage) -> str | None:
+        """Send one message; return the provider's message id when it gives one."""
+        ...
+
+
+class FanOut:
+    """Send to several sinks in order (outbox, then console): the embedded default."""
+
+    def __init__(self, senders: list[Sender]) -> None:
+        self.senders = senders
+        self.name = "+".join(s.name for s in senders)
+
+    def send(self, message: OutgoingMessage) -> str | None:
+        ids = [s.send(message) for s in self.senders]
+        return next((i for i in ids if i), None)

@@ -1,0 +1,165 @@
+"""The Python API, and the one place the parts are wired together. CLI, actors and web call this.
+
+    >>> remind = Remind.from_settings(Settings())
+    >>> remind.register(payload)            # -> Registration(created=True, ...)
+    >>> remind.confirm("tx_1")
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .delivery import Deliverer, DeliveryOptions
+from .errors import AlreadySettled, ConfigError, Conflict, NotFound
+from .ingest import Transaction, differing_fields, parse_transaction
+from .ladder import Registry, load_dir
+from .render import Templates
+from .scheduler import Scheduler, TickResult
+from .senders import Sender, senders_from_settings
+from .settings import Settings
+from .store import CANCELLED, CONFIRMED, ESCALATED, PENDING, NewTransaction, Store, make_engine, upgrade
+from .timeline import build as build_timeline
+
+log = logging.getLogger("remind")
+
+
+@dataclass(frozen=True)
+class Registration:
+    transaction_id: str
+    created: bool  # False: the same transaction was registered before (a no-op)
+    status: str
+    schedule: str
+
+
+def load_config(settings: Settings) -> tuple[Registry, Templates]:
+    """Templates and schedules, validated together; raises ConfigError listing every problem."""
+    templates = Templates(settings.templates_dir)
+    schedules = load_dir(settings.schedules_dir, templates.missing)
+    return Registry(schedules), templates
+
+
+class Remind:
+    """The service. Holds the last good schedules and templates; ``reload`` swaps them only when valid."""
+
+    def __init__(self, settings: Settings, store: Store, registry: Registry, templates: Templates,
+                 senders: Mapping[str, Sender]) -> None:
+        self.settings = settings
+        self.store = store
+        self._registry = registry
+        self._templates = templates
+        self._config_lock = threading.Lock()
+        self.senders = senders
+        self.enqueue: Callable[[list[int]], None] = _no_broker
+        self.deliverer = Deliverer(store, lambda: self._templates, senders, DeliveryOptions(
+            public_base=settings.public_base, secret_key=settings.secret_key,
+            restart_url=settings.restart_url or settings.public_base + "/",
+            webhook_url=settings.platform_webhook_url, lease=timedelta(seconds=settings.lease_seconds),
+            max_attempts=settings.max_attempts, webhook_max_attempts=settings.webhook_max_attempts))
+        self.scheduler = Scheduler(store, lambda: self._registry, lambda ids: self.enqueue(ids),
+                                   batch_size=settings.batch_size,
+                                   lease=timedelta(seconds=settings.lease_seconds),
+                                   webhook=bool(settings.platform_webhook_url))
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, *, migrate: bool = True,
+                      senders: Mapping[str, Sender] | None = None, clock=None) -> Remind:
+        settings = settings or Settings()
+        registry, templates = load_config(settings)
+        engine = make_engine(settings.database_url)
+        if migrate:
+            upgrade(engine)
+        store = Store(engine, clock=clock)
+        return cls(settings, store, registry, templates, senders or senders_from_settings(settings))
+
+    # -- configuration ------------------------------------------------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    @property
+    def templates(self) -> Templates:
+        return self._templates
+
+    def reload(self) -> None:
+        """Load schedules and templates again; on ConfigError the running ones stay in use."""
+        registry, templates = load_config(self.settings)
+        with self._config_lock:
+            self._registry, self._templates = registry, templates
+
+    # -- the platform's calls -------------------------------------------------------------------
+
+    def register(self, payload: Mapping[str, Any] | Transaction, *, now: datetime | None = None) -> Registration:
+        """Register a pending transaction. The same id with the same content again is a no-op;
+        with different content, Conflict names the fields that differ."""
+        omitted_created_at = not isinstance(payload, Transaction) and payload.get("created_at") is None
+        tx = parse_transaction(payload, now=now or self.store.clock())
+        content = tx.canonical()
+        schedule = self._registry.choose(segment=tx.customer.segment, risk_flag=tx.risk_flag,
+                                         amount=tx.amount, currency=tx.currency)
+        deadline = schedule.deadline(tx.created_at, tx.expires_at)
+        first = [tx.created_at + s.after for s in schedule.steps if tx.created_at + s.after < deadline]
+        existing = self.store.insert_transaction(NewTransaction(
+            id=tx.id, content=content, customer_id=tx.customer.id, segment=tx.customer.segment,
+            risk_flag=tx.risk_flag, amount=tx.amount, currency=tx.currency, schedule=schedule.name,
+            schedule_version=schedule.version, created_at=tx.created_at, expires_at=tx.expires_at,
+            deadline=deadline, next_due_at=first[0] if first else deadline))
+        if existing is None:
+            log.info("registered %s on schedule %s, deadline %s", tx.id, schedule.name, deadline.isoformat())
+            return Registration(tx.id, True, PENDING, schedule.name)
+        diff = differing_fields(existing["content"], content, ignore_created_at=omitted_created_at)
+        if diff:
+            raise Conflict(tx.id, diff)
+        return Registration(tx.id, False, existing["status"], existing["schedule"])
+
+    def confirm(self, tx_id: str) -> dict[str, Any]:
+        """Confirm (idempotent). Escalated transactions may be confirmed by ops; a cancelled one cannot."""
+        previous, row = self.store.settle(tx_id, CONFIRMED, None, allowed_from=(PENDING, ESCALATED))
+        if previous is None:
+            raise NotFound(tx_id)
+        if row["status"] != CONFIRMED:
+            raise AlreadySettled(tx_id, row["status"])
+        if previous != CONFIRMED:
+            log.info("confirmed %s", tx_id)
+        return row
+
+    def cancel(self, tx_id: str, reason: str) -> dict[str, Any]:
+        """A platform-side cancel: no more reminders. Idempotent; a confirmed transaction stays confirmed."""
+        previous, row = self.store.settle(tx_id, CANCELLED, reason, allowed_from=(PENDING, ESCALATED))
+        if previous is None:
+            raise NotFound(tx_id)
+        if row["status"] != CANCELLED:
+            raise AlreadySettled(tx_id, row["status"])
+        if previous != CANCELLED:
+            log.info("cancelled %s by the platform: %s", tx_id, reason)
+        return row
+
+    def show(self, tx_id: str) -> dict[str, Any]:
+        tx = self.store.get_transaction(tx_id)
+        if tx is None:
+            raise NotFound(tx_id)
+        return build_timeline(tx, self.store.deliveries_of(tx_id), self._registry.get(tx["schedule"]))
+
+    # -- the engine's calls -----------------------------------------------------------------------
+
+    def tick(self, now: datetime | None = None) -> TickResult:
+        return self.scheduler.tick(now)
+
+    def deliver(self, delivery_id: int) -> str:
+        return self.deliverer.deliver(delivery_id)
+
+
+def _no_broker(ids: list[int]) -> None:
+    raise RuntimeError("no broker is bound: call worker.broker.bind(remind, broker) first")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+__all__ = ["ConfigError", "Registration", "Remind", "load_config", "utcnow"]

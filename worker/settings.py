@@ -1,0 +1,55 @@
+"""The one typed settings object, read from the environment (and a `.env` file when present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob the service has. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    database_url: str = Field("sqlite:///remind.db", alias="DATABASE_URL")
+    redis_url: str | None = Field(None, alias="REDIS_URL")
+    schedules_dir: Path = Field(Path("schedules"), alias="REMIND_SCHEDULES_DIR")
+    templates_dir: Path = Field(Path("templates"), alias="REMIND_TEMPLATES_DIR")
+    outbox: Path = Field(Path("outbox.jsonl"), alias="REMIND_OUTBOX")
+    dev_sender: str = Field("outbox,console", alias="REMIND_DEV_SENDER")
+    tick_seconds: float = Field(5.0, alias="REMIND_TICK_SECONDS", gt=0)
+    lease_seconds: float = Field(300.0, alias="REMIND_LEASE_SECONDS", gt=0)
+    batch_size: int = Field(1000, alias="REMIND_BATCH_SIZE", gt=0)
+    max_attempts: int = Field(8, alias="REMIND_MAX_ATTEMPTS", gt=0)
+    webhook_max_attempts: int = Field(20, alias="REMIND_WEBHOOK_MAX_ATTEMPTS", gt=0)
+    worker_threads: int = Field(8, alias="REMIND_WORKER_THREADS", gt=0)
+    secret_key: str = Field("dev-secret-change-me", alias="REMIND_SECRET_KEY")
+    public_url: str = Field("http://127.0.0.1:8000", alias="REMIND_PUBLIC_URL")
+    restart_url: str | None = Field(None, alias="REMIND_RESTART_URL")
+    platform_webhook_url: str | None = Field(None, alias="REMIND_PLATFORM_WEBHOOK_URL")
+    webhook_secret: str | None = Field(None, alias="REMIND_WEBHOOK_SECRET")
+    queue_name: str = Field("remind", alias="REMIND_QUEUE")
+    redis_namespace: str = Field("remind", alias="REMIND_REDIS_NAMESPACE")
+    log_format: str = Field("text", alias="REMIND_LOG_FORMAT")
+
+    @field_validator("dev_sender")
+    @classmethod
+    def _known_sinks(cls, value: str) -> str:
+        sinks = [s.strip() for s in value.split(",") if s.strip()]
+        unknown = [s for s in sinks if s not in ("outbox", "console")]
+        if not sinks or unknown:
+            raise ValueError(f"REMIND_DEV_SENDER takes outbox and/or console, not {unknown or value!r}")
+        return ",".join(sinks)
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError("REMIND_LOG_FORMAT is text or json")
+        return value
+
+    @property
+    def public_base(self) -> str:
+        return self.public_url.rstrip("/")

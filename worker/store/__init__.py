@@ -1,0 +1,18 @@
+"""The SQL store: the source of truth. The only package that knows SQLAlchemy."""
+
+from .db import make_engine, normalize_url
+from .migrate import upgrade
+from .repo import (
+    CANCELLED,
+    CONFIRMED,
+    ESCALATED,
+    PENDING,
+    SETTLED,
+    Cursor,
+    NewDelivery,
+    NewTransaction,
+    Store,
+)
+
+__all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "NewDelivery",
+           "NewTransaction", "Store", "make_engine", "normalize_url", "upgrade"]

@@ -1,0 +1,257 @@
+"""Every read and write of the SQL store. The only module that builds SQL; knows no actor or sender.
+
+Concurrency rules, in one place:
+- claims use ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so two schedulers take disjoint rows;
+  on SQLite every transaction is ``BEGIN IMMEDIATE`` (see db.py): writers take turns.
+- a status change (confirm, cancel, escalate) happens under the transaction row's lock, and the
+  time it records is read after that lock is held, so timestamps follow the real order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .db import is_postgres
+from .tables import deliveries, transactions
+
+PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
+SETTLED = (CONFIRMED, CANCELLED, ESCALATED)
+
+
+@dataclass(frozen=True)
+class NewTransaction:
+    id: str
+    content: dict[str, Any]
+    customer_id: str
+    segment: str | None
+    risk_flag: bool
+    amount: Decimal
+    currency: str
+    schedule: str
+    schedule_version: str
+    created_at: datetime
+    expires_at: datetime | None
+    deadline: datetime
+    next_due_at: datetime
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    transaction_id: str
+    step: str
+    kind: str  # reminder | notice | webhook
+    channel: str
+    template: str | None
+    due_at: datetime
+    status: str  # queued | skipped
+    reason: str | None = None
+    variant: str = "default"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the scheduler leaves a transaction after a tick."""
+
+    id: str
+    handled_until: datetime | None
+    next_due_at: datetime | None
+    settle_status: str | None = None  # cancelled | escalated
+    settle_reason: str | None = None
+
+
+class Store:
+    def __init__(self, engine: Engine, *, clock=None) -> None:
+        self.engine = engine
+        self.pg = is_postgres(engine)
+        from datetime import UTC
+
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def _lock(self, stmt, *, skip_locked: bool = False, share: bool = False):
+        if not self.pg:
+            return stmt  # SQLite: BEGIN IMMEDIATE already serialises writers
+        return stmt.with_for_update(skip_locked=skip_locked, read=share)
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    def insert_transaction(self, tx: NewTransaction) -> dict[str, Any] | None:
+        """Insert; return None when created, or the stored row when the id exists already."""
+        now = self.clock()
+        try:
+            with self.begin() as conn:
+                conn.execute(insert(transactions).values(
+                    id=tx.id, status=PENDING, content=tx.content, customer_id=tx.customer_id,
+                    segment=tx.segment, risk_flag=tx.risk_flag, amount=tx.amount, currency=tx.currency,
+                    schedule=tx.schedule, schedule_version=tx.schedule_version, created_at=tx.created_at,
+                    expires_at=tx.expires_at, deadline=tx.deadline, registered_at=now,
+                    handled_until=None, next_due_at=tx.next_due_at,
+                ))
+            return None
+        except IntegrityError:
+            existing = self.get_transaction(tx.id)
+            if existing is None:
+                raise
+            return existing
+
+    def get_transaction(self, tx_id: str, conn: Connection | None = None) -> dict[str, Any] | None:
+        stmt = select(transactions).where(transactions.c.id == tx_id)
+        if conn is not None:
+            row = conn.execute(stmt).mappings().first()
+        else:
+            with self.engine.connect() as c:
+                row = c.execute(stmt).mappings().first()
+        return dict(row) if row else None
+
+    # -- status changes ---------------------------------------------------------------------
+
+    def settle(self, tx_id: str, status: str, reason: str | None, *, allowed_from: Sequence[str]) -> tuple[
+            str | None, dict[str, Any] | None]:
+        """Move a transaction to ``status`` if it is in ``allowed_from``.
+
+        Returns (previous status, row after). previous is None when no such transaction exists."""
+        with self.begin() as conn:
+            row = conn.execute(self._lock(select(transactions).where(transactions.c.id == tx_id))).mappings().first()
+            if row is None:
+                return None, None
+            previous = row["status"]
+            if previous in allowed_from:
+                now = self.clock()  # read after the lock: orders after any send that held it
+                stamp = {CONFIRMED: "confirmed_at", CANCELLED: "cancelled_at", ESCALATED: "escalated_at"}[status]
+                conn.execute(update(transactions).where(transactions.c.id == tx_id).values(
+                    status=status, next_due_at=None, status_reason=reason, **{stamp: now}))
+            after = conn.execute(select(transactions).where(transactions.c.id == tx_id)).mappings().first()
+            return previous, dict(after)
+
+    # -- scheduler --------------------------------------------------------------------------
+
+    def claim_due(self, conn: Connection, now: datetime, limit: int) -> list[dict[str, Any]]:
+        """Lock up to ``limit`` pending transactions whose next step is due; cost follows the due rows."""
+        stmt = (select(transactions)
+                .where(transactions.c.next_due_at <= now, transactions.c.status == PENDING)
+                .order_by(transactions.c.next_due_at)
+                .limit(limit))
+        return [dict(r) for r in conn.execute(self._lock(stmt, skip_locked=True)).mappings()]
+
+    def advance(self, conn: Connection, cursors: Iterable[Cursor], now: datetime) -> None:
+        """Write each claimed transaction's new cursor, settling the ones whose deadline passed."""
+        plain, settling = [], []
+        for c in cursors:
+            (settling if c.settle_status else plain).append(c)
+        if plain:
+            conn.execute(
+                update(transactions).where(transactions.c.id == _bind("b_id")).values(
+                    handled_until=_bind("b_handled"), next_due_at=_bind("b_next")),
+                [{"b_id": c.id, "b_handled": c.handled_until, "b_next": c.next_due_at} for c in plain],
+            )
+        for c in settling:
+            stamp = "cancelled_at" if c.settle_status == CANCELLED else "escalated_at"
+            conn.execute(update(transactions).where(
+                transactions.c.id == c.id, transactions.c.status == PENDING).values(
+                status=c.settle_status, status_reason=c.settle_reason, handled_until=c.handled_until,
+                next_due_at=None, **{stamp: now}))
+
+    def add_deliveries(self, conn: Connection, rows: Sequence[NewDelivery], now: datetime,
+                       lease: timedelta) -> list[int]:
+        """Insert deliveries; return the ids of the queued ones (to enqueue after commit)."""
+        if not rows:
+            return []
+        values = [{
+            "transaction_id": d.transaction_id, "step": d.step, "kind": d.kind, "channel": d.channel,
+            "template": d.template, "variant": d.variant, "due_at": d.due_at, "status": d.status,
+            "reason": d.reason, "attempts": 0, "updated_at": now,
+            "lease_until": now + lease if d.status == "queued" else None,
+            "enqueued_at": now if d.status == "queued" else None,
+        } for d in rows]
+        result = conn.execute(insert(deliveries).returning(deliveries.c.id, deliveries.c.status), values)
+        return [r.id for r in result if r.status == "queued"]
+
+    def claim_expired(self, conn: Connection, now: datetime, limit: int, lease: timedelta) -> tuple[
+            list[int], list[int]]:
+        """Deliveries whose lease ran out: queued ones are re-enqueued (the broker lost the message);
+        ones caught mid-send are failed, not resent, since the provider may already have them.
+
+        Returns (ids to enqueue again, ids failed)."""
+        stmt = (select(deliveries.c.id, deliveries.c.status)
+                .where(deliveries.c.lease_until <= now)
+                .order_by(deliveries.c.lease_until).limit(limit))
+        rows = conn.execute(self._lock(stmt, skip_locked=True)).all()
+        again = [r.id for r in rows if r.status == "queued"]
+        lost = [r.id for r in rows if r.status == "sending"]
+        stale = [r.id for r in rows if r.status not in ("queued", "sending")]
+        if again:
+            conn.execute(update(deliveries).where(deliveries.c.id.in_(again)).values(
+                lease_until=now + lease, enqueued_at=now, updated_at=now))
+        if lost:
+            conn.execute(update(deliveries).where(deliveries.c.id.in_(lost)).values(
+                status="failed", lease_until=None, updated_at=now,
+                reason="outcome unknown: the worker stopped during the send; not resent, to avoid a duplicate"))
+        if stale:
+            conn.execute(update(deliveries).where(deliveries.c.id.in_(stale)).values(lease_until=None))
+        return again, lost
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    def lock_delivery(self, conn: Connection, delivery_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Lock a delivery and share-lock its transaction; None when the delivery is not queued
+        (a duplicate message, or one that arrived after the work was done)."""
+        d = conn.execute(self._lock(select(deliveries).where(deliveries.c.id == delivery_id))).mappings().first()
+        if d is None or d["status"] != "queued":
+            return None
+        tx = conn.execute(self._lock(select(transactions).where(
+            transactions.c.id == d["transaction_id"]), share=True)).mappings().first()
+        return dict(d), dict(tx)
+
+    def update_delivery(self, conn: Connection | None, delivery_id: int, **values: Any) -> None:
+        values.setdefault("updated_at", self.clock())
+        stmt = update(deliveries).where(deliveries.c.id == delivery_id).values(**values)
+        if conn is not None:
+            conn.execute(stmt)
+        else:
+            with self.begin() as c:
+                c.execute(stmt)
+
+    def deliveries_of(self, tx_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(deliveries).where(deliveries.c.transaction_id == tx_id)
+                                .order_by(deliveries.c.due_at, deliveries.c.id)).mappings()
+            return [dict(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Transactions by status and deliveries by status, for `remind status` and metrics."""
+        with self.engine.connect() as conn:
+            tx = conn.execute(select(transactions.c.status, func.count()).group_by(transactions.c.status)).all()
+            dl = conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status)).all()
+        return {**{f"transactions_{s}": n for s, n in tx}, **{f"deliveries_{s}": n for s, n in dl}}
+
+    def unsettled(self, ids: Sequence[str]) -> list[str]:
+        """Of ``ids``, those still pending or with deliveries not finished."""
+        with self.engine.connect() as conn:
+            busy_tx = conn.execute(select(transactions.c.id).where(
+                transactions.c.id.in_(ids), transactions.c.status == PENDING)).scalars().all()
+            busy_dl = conn.execute(select(deliveries.c.transaction_id).where(
+                deliveries.c.transaction_id.in_(ids),
+                or_(deliveries.c.status == "queued", deliveries.c.status == "sending"))).scalars().all()
+        return sorted(set(busy_tx) | set(busy_dl))
+
+
+def _bind(name: str):
+    from sqlalchemy import bindparam
+
+    return bindparam(name)
+
+
+__all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "NewDelivery",
+           "NewTransaction", "Store", "and_"]

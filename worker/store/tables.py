@@ -1,0 +1,110 @@
+"""The SQL schema: the source of truth. Alembic migrations mirror this file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC in Python on every backend (SQLite stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use timezone-aware UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+transactions = Table(
+    "transactions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("content", JSON, nullable=False),
+    Column("customer_id", String(128), nullable=False, index=True),
+    Column("segment", String(32)),
+    Column("risk_flag", Boolean, nullable=False),
+    Column("amount", Numeric(24, 8), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("schedule", String(64), nullable=False),
+    Column("schedule_version", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime),
+    Column("deadline", UTCDateTime, nullable=False),
+    Column("registered_at", UTCDateTime, nullable=False),
+    # The scheduler's cursor: due time of the newest step handled, and when to look next.
+    Column("handled_until", UTCDateTime),
+    Column("next_due_at", UTCDateTime),
+    Column("confirmed_at", UTCDateTime),
+    Column("cancelled_at", UTCDateTime),
+    Column("escalated_at", UTCDateTime),
+    Column("status_reason", Text),
+    Index(
+        "ix_transactions_next_due_at",
+        "next_due_at",
+        postgresql_where="next_due_at IS NOT NULL",
+        sqlite_where="next_due_at IS NOT NULL",
+    ),
+)
+
+# One row per (transaction, step, channel): a reminder, a final notice, or the platform webhook.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("transaction_id", String(64), ForeignKey("transactions.id", ondelete="CASCADE"), nullable=False),
+    Column("step", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # reminder | notice | webhook
+    Column("channel", String(16), nullable=False),  # sms | email | push | webhook
+    Column("template", String(64)),
+    Column("variant", String(32), nullable=False),
+    Column("due_at", UTCDateTime, nullable=False),
+    Column("status", String(16), nullable=False),  # queued | sending | sent | delivered | failed | skipped
+    Column("reason", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_until", UTCDateTime),
+    Column("enqueued_at", UTCDateTime),
+    Column("started_at", UTCDateTime),
+    Column("sent_at", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("provider_id", String(128)),
+    UniqueConstraint("transaction_id", "step", "channel", name="uq_deliveries_tx_step_channel"),
+    Index(
+        "ix_deliveries_lease_until",
+        "lease_until",
+        postgresql_where="lease_until IS NOT NULL",
+        sqlite_where="lease_until IS NOT NULL",
+    ),
+)

@@ -1,0 +1,85 @@
+"""What `remind tx show` and `GET /v1/transactions/{id}` print: the transaction, its status, timeline."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from .ladder import Schedule, step_times
+from .masking import mask_recipient
+from .scheduler import CONTACT_FIELD
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def build(tx: dict[str, Any], deliveries: list[dict[str, Any]], schedule: Schedule | None) -> dict[str, Any]:
+    """One entry per delivery that exists, plus the steps still planned for a pending transaction."""
+    content = tx["content"]
+    entries = []
+    for d in deliveries:
+        recipient = None
+        if d["channel"] in CONTACT_FIELD:
+            value = content["customer"].get(CONTACT_FIELD[d["channel"]])
+            if isinstance(value, list):
+                value = value[0] if value else None
+            recipient = mask_recipient(d["channel"], value) if value else None
+        entries.append({
+            "step": d["step"], "kind": d["kind"], "channel": d["channel"], "template": d["template"],
+            "variant": d["variant"], "due_at": _iso(d["due_at"]), "sent_at": _iso(d["sent_at"]),
+            "status": {"queued": "planned", "sending": "planned"}.get(d["status"], d["status"]),
+            "state": d["status"], "attempts": d["attempts"], "reason": d["reason"], "recipient": recipient,
+        })
+    if tx["status"] == "pending" and schedule is not None:
+        seen = {d["step"] for d in deliveries}
+        for step, at in step_times(schedule, tx["created_at"], tx["deadline"]):
+            if step.id in seen or (tx["handled_until"] and at <= tx["handled_until"]):
+                continue
+            for channel in step.channels:
+                entries.append({"step": step.id, "kind": "reminder", "channel": channel,
+                                "template": step.template, "variant": "default", "due_at": _iso(at),
+                                "sent_at": None, "status": "planned", "state": "planned", "attempts": 0,
+                                "reason": None, "recipient": None})
+        final = schedule.final
+        entries.append({"step": final.action, "kind": "notice", "channel": ",".join(final.channels),
+                        "template": final.template, "variant": "default", "due_at": _iso(tx["deadline"]),
+                        "sent_at": None, "status": "planned", "state": "planned", "attempts": 0,
+                        "reason": final.reason, "recipient": None})
+    entries.sort(key=lambda e: (e["due_at"] or "", e["step"], e["channel"]))
+    return {
+        **content,
+        "status": tx["status"],
+        "status_reason": tx["status_reason"],
+        "schedule": tx["schedule"],
+        "schedule_version": tx["schedule_version"],
+        "deadline": _iso(tx["deadline"]),
+        "registered_at": _iso(tx["registered_at"]),
+        "next_due_at": _iso(tx["next_due_at"]),
+        "confirmed_at": _iso(tx["confirmed_at"]),
+        "cancelled_at": _iso(tx["cancelled_at"]),
+        "escalated_at": _iso(tx["escalated_at"]),
+        "timeline": entries,
+    }
+
+
+def to_text(view: dict[str, Any]) -> str:
+    """The same, for a person."""
+    c = view["customer"]
+    lines = [
+        f"{view['id']}  {view['status'].upper()}" + (f" ({view['status_reason']})" if view["status_reason"] else ""),
+        f"  customer   {c['name']} ({c['id']}), {c.get('locale')}, {c.get('timezone')}, segment "
+        f"{c.get('segment') or '-'}",
+        f"  amount     {view['amount']} {view['currency']} + fee {view['fee']} via {view['payment_method']}",
+        f"  schedule   {view['schedule']} (version {view['schedule_version']}), deadline {view['deadline']}",
+    ]
+    for key in ("confirmed_at", "cancelled_at", "escalated_at"):
+        if view[key]:
+            lines.append(f"  {key:<10} {view[key]}")
+    lines.append("  timeline")
+    for e in view["timeline"]:
+        when = e["sent_at"] or e["due_at"]
+        extra = f" — {e['reason']}" if e["reason"] else ""
+        lines.append(f"    {when}  {e['step']:<14} {e['channel']:<8} {e['status']:<9}"
+                     f"{' ' + e['recipient'] if e['recipient'] else ''}{extra}")
+    return "\n".join(lines)
