@@ -1,0 +1,30 @@
+"""The README's first command ends in `remind demo`: it must settle both transactions and exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def test_remind_demo_settles_both_transactions_and_writes_the_outbox(tmp_path):
+    remind = Path(sys.executable).parent / "remind"
+    assert remind.exists() or shutil.which("remind"), "the console script is installed with the package"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REMIND_", "DATABASE_URL", "REDIS_URL"))}
+    env["REMIND_TEMPLATES_DIR"] = str(ROOT / "templates")
+    done = subprocess.run([str(remind), "demo"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=70)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [json.loads(line) for line in (tmp_path / "outbox.jsonl").read_text().splitlines()]
+    confirms = [x for x in lines if x["transaction_id"].startswith("demo_confirms")]
+    ignores = [x for x in lines if x["transaction_id"].startswith("demo_ignores")]
+    assert [(x["step"], x["channel"]) for x in confirms] == [("nudge", "push")]
+    assert {x["channel"] for x in ignores} == {"sms", "email", "push"}
+    assert [x["step"] for x in ignores][-1] == "cancel"
+    assert "confirmed, 1 messages sent" in done.stdout and "cancelled, 8 messages sent" in done.stdout
+    assert "+8613800138000" not in done.stdout + done.stderr  # printed messages mask recipients

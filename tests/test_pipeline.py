@@ -1,0 +1,173 @@
+"""The whole pipeline (register → tick → broker → actor → render → send → record), on SQLite with the
+in-process broker and on PostgreSQL with the real Redis broker."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from conftest import T0, transaction
+
+from worker.errors import AlreadySettled
+
+
+def steps_sent(h, tx_id):
+    return [(line["step"], line["channel"]) for line in h.lines(tx_id)]
+
+
+def test_reminders_arrive_in_order_with_full_transparency_then_cancel(make_harness):
+    h = make_harness()
+    h.remind.register(transaction("tx_1"))
+    for minutes in (1, 15, 60, 120, 600, 1200, 1439, 1440, 1500):
+        h.at(minutes=minutes).tick()
+    # Channels of one step go out in parallel; steps themselves arrive in ladder order.
+    assert sorted(steps_sent(h, "tx_1")) == sorted([
+        ("nudge", "push"), ("reminder", "sms"), ("reminder", "push"), ("final_warning", "sms"),
+        ("final_warning", "email"), ("final_warning", "push"), ("cancel", "sms"), ("cancel", "email"),
+        ("cancel", "push")])
+    order = [line["step"] for line in h.lines("tx_1")]
+    assert order == sorted(order, key=["nudge", "reminder", "final_warning", "cancel"].index)
+    sms = next(line for line in h.lines("tx_1") if line["step"] == "reminder" and line["channel"] == "sms")
+    assert sms["recipient"] == "+8613800138000"
+    for shown in ("1,000.00", "12.50", "1,012.50", "Bank card ending 1234", "https://pay.example/c/"):
+        assert shown in sms["body"], shown
+    assert "2026年11月26日 17:00" in sms["body"]  # the deadline, in Asia/Shanghai
+    email = next(line for line in h.lines("tx_1") if line["channel"] == "email" and line["step"] == "final_warning")
+    assert email["subject"] and "<a" in email["html"] and "https://pay.example/c/" in email["html"]
+    view = h.remind.show("tx_1")
+    assert view["status"] == "cancelled" and view["status_reason"] == "not_confirmed"
+    assert view["cancelled_at"] == (T0 + timedelta(minutes=1440)).isoformat().replace("+00:00", "Z")
+    assert [e["status"] for e in view["timeline"]] == ["sent"] * 9
+
+
+def test_confirmation_stops_the_remaining_reminders(make_harness):
+    h = make_harness()
+    h.remind.register(transaction("tx_1"))
+    h.at(minutes=16).tick()
+    assert steps_sent(h, "tx_1") == [("nudge", "push")]
+    h.remind.confirm("tx_1")
+    for minutes in (130, 1300, 1500):
+        h.at(minutes=minutes).tick()
+    assert steps_sent(h, "tx_1") == [("nudge", "push")]
+    view = h.remind.show("tx_1")
+    assert view["status"] == "confirmed" and view["cancelled_at"] is None
+    assert h.remind.confirm("tx_1")["status"] == "confirmed"  # repeating is fine
+
+
+def test_confirmation_wins_over_a_message_already_queued(make_harness):
+    h = make_harness(start_worker=False)
+    h.remind.register(transaction("tx_1"))
+    result = h.remind.tick(T0 + timedelta(minutes=16))  # enqueued, not yet consumed
+    assert len(result.enqueued) == 1
+    h.remind.confirm("tx_1")
+    for delivery_id in result.enqueued:  # the actor runs now, after the confirmation
+        assert h.remind.deliver(delivery_id) == "skipped"
+    assert h.lines() == []
+    [entry] = [e for e in h.remind.show("tx_1")["timeline"] if e["step"] == "nudge"]
+    assert entry["status"] == "skipped" and "confirmed" in entry["reason"]
+
+
+def test_late_registration_sends_only_the_latest_due_reminder(make_harness):
+    h = make_harness()
+    h.remind.register(transaction("tx_1"))
+    h.at(hours=21).tick()  # nudge, reminder and final_warning are all due at once
+    assert sorted(steps_sent(h, "tx_1")) == [
+        ("final_warning", "email"), ("final_warning", "push"), ("final_warning", "sms")]
+    skipped = [e for e in h.remind.show("tx_1")["timeline"] if e["status"] == "skipped"]
+    assert {e["step"] for e in skipped} == {"nudge", "reminder"}
+    assert all("superseded" in e["reason"] for e in skipped)
+
+
+def test_a_passed_deadline_cancels_at_once_and_exactly_once(make_harness):
+    h = make_harness()
+    h.remind.register(transaction("tx_1", expires_at=(T0 + timedelta(hours=3)).isoformat()))
+    h.at(hours=5).tick()
+    h.at(hours=6).tick()
+    assert sorted(steps_sent(h, "tx_1")) == [("cancel", "email"), ("cancel", "push"), ("cancel", "sms")]
+    view = h.remind.show("tx_1")
+    assert view["status"] == "cancelled" and view["deadline"].startswith("2026-11-25T12:00")
+    with pytest.raises(AlreadySettled):
+        h.remind.confirm("tx_1")
+
+
+def test_a_dropped_broker_message_is_recovered_after_its_lease(make_harness):
+    h = make_harness(lease_seconds=30)
+    real_enqueue = h.remind.enqueue
+    h.remind.enqueue = lambda ids: None  # the broker loses every message of this tick
+    h.remind.register(transaction("tx_1"))
+    h.at(minutes=16).tick()
+    assert h.lines() == []
+    h.remind.enqueue = real_enqueue
+    h.at(minutes=16, seconds=10).tick()  # lease not yet expired: nothing again
+    assert h.lines() == []
+    result = h.at(minutes=17).tick()
+    assert result.recovered == 1
+    assert steps_sent(h, "tx_1") == [("nudge", "push")]
+
+
+def test_a_duplicate_message_sends_nothing_twice(make_harness):
+    h = make_harness()
+    real_enqueue = h.remind.enqueue
+    h.remind.enqueue = lambda ids: real_enqueue(ids + ids + ids)
+    for i in range(5):
+        h.remind.register(transaction(f"tx_{i}"))
+    h.at(minutes=130).tick()  # late: only "reminder" (sms + push) for each
+    lines = h.lines()
+    assert len(lines) == 10
+    assert len({(r["transaction_id"], r["step"], r["channel"]) for r in lines}) == 10
+
+
+def test_two_schedulers_never_double_send(make_harness):
+    a = make_harness()
+    b = make_harness(start_worker=False)
+    b.remind.enqueue = a.remind.enqueue  # both feed the same workers
+    for i in range(60):
+        a.remind.register(transaction(f"tx_{i:03}", created_at=(T0 + timedelta(seconds=i)).isoformat()))
+    for minutes in (16, 125, 1201, 1441):
+        now = T0 + timedelta(minutes=minutes)
+        a.clock.set(now)
+        b.clock.set(now)
+        barrier = threading.Barrier(2)
+
+        def run(h):
+            barrier.wait()
+            h.remind.tick(now)
+
+        threads = [threading.Thread(target=run, args=(h,)) for h in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        a.drain()
+    lines = a.lines()
+    keys = [(r["transaction_id"], r["step"], r["channel"]) for r in lines]
+    assert len(keys) == len(set(keys)) == 60 * 9
+
+
+def test_confirm_and_deadline_race_settles_each_transaction_once(make_harness):
+    h = make_harness()
+    ids = [f"tx_{i:03}" for i in range(40)]
+    for tx_id in ids:
+        h.remind.register(transaction(tx_id, expires_at=(T0 + timedelta(hours=1)).isoformat()))
+    h.clock.set(T0 + timedelta(hours=2))
+    outcomes = {}
+
+    def confirm_all():
+        for tx_id in ids:
+            try:
+                h.remind.confirm(tx_id)
+                outcomes[tx_id] = "confirmed"
+            except AlreadySettled:
+                outcomes[tx_id] = "cancelled"
+
+    t = threading.Thread(target=confirm_all)
+    t.start()
+    h.remind.tick(h.clock())
+    t.join()
+    h.drain()
+    for tx_id in ids:
+        view = h.remind.show(tx_id)
+        assert view["status"] == outcomes[tx_id]
+        notices = [line for line in h.lines(tx_id) if line["step"] == "cancel"]
+        assert len(notices) == (3 if view["status"] == "cancelled" else 0)
