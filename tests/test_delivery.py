@@ -115,3 +115,30 @@ def test_risk_transactions_escalate_instead_of_cancelling(make_harness, platform
     assert {line["step"] for line in h.lines()} == {"escalate"}
     assert received[-1]["payload"]["type"] == "transaction.escalated"
     assert h.remind.confirm("tx_1")["status"] == "confirmed"  # ops may still confirm after review
+
+
+def test_a_send_interrupted_by_a_dead_worker_is_failed_not_resent(make_harness):
+    h = make_harness(start_worker=False, lease_seconds=30)
+    h.remind.register(transaction())
+    [delivery_id] = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    # The worker got as far as marking the row "sending", then died before recording the outcome.
+    h.remind.store.update_delivery(None, delivery_id, status="sending", lease_until=T0 + timedelta(minutes=16,
+                                                                                                    seconds=30))
+    result = h.remind.tick(T0 + timedelta(minutes=17))
+    assert result.lost_in_send == 1 and result.enqueued == []
+    [entry] = [e for e in h.remind.show("tx_1")["timeline"] if e["step"] == "nudge"]
+    assert entry["status"] == "failed" and "outcome unknown" in entry["reason"]
+    assert h.remind.deliver(delivery_id) == "duplicate"  # a late message for it sends nothing
+
+
+def test_logs_never_carry_a_full_phone_email_or_token(make_harness, caplog):
+    caplog.set_level("DEBUG")
+    h = make_harness()
+    h.remind.register(transaction(expires_at=(T0 + timedelta(hours=21)).isoformat()))
+    for hours in (1, 3, 20.5, 22):
+        h.at(hours=hours).tick()
+    assert len(h.lines()) == 9
+    text = caplog.text
+    assert "sent cancel sms to +86*******8000" in text
+    for secret in ("+8613800138000", "li.wei@example.com", "fcm-token-1"):
+        assert secret not in text

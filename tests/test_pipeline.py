@@ -130,7 +130,7 @@ def test_two_schedulers_never_double_send(make_harness):
         b.clock.set(now)
         barrier = threading.Barrier(2)
 
-        def run(h):
+        def run(h, barrier=barrier, now=now):
             barrier.wait()
             h.remind.tick(now)
 

@@ -69,7 +69,8 @@ def build_messages(d: dict[str, Any], tx: dict[str, Any], templates: Templates, 
     data = {"confirm_url": link, "transaction_id": tx["id"]} if d["kind"] == "reminder" else {
         "transaction_id": tx["id"]}
     return [OutgoingMessage(tx["id"], d["step"], d["channel"], r, rendered.body, rendered.subject,
-                            rendered.html, d["variant"], data, idempotency_key=f"dl_{d['id']}")
+                            rendered.html, d["variant"], data, idempotency_key=f"dl_{d['id']}",
+                            expires_at=tx["deadline"] if d["kind"] == "reminder" else None)
             for r in recipients if r]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 
@@ -19,7 +20,8 @@ class OutgoingMessage:
     html: str | None = None
     variant: str = "default"
     data: dict[str, Any] = field(default_factory=dict)  # push data / webhook headers
-    idempotency_key: str = ""  # stable across retries of the same delivery
+    idempotency_key: str = ""  # stable across retries of the same delivery ("dl_<delivery id>")
+    expires_at: datetime | None = None  # the transaction's deadline: a reminder is useless after it
 
 
 class Sender(Protocol):

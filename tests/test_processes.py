@@ -1,0 +1,53 @@
+"""The production shape: `remind worker` (dramatiq's CLI, separate processes) consuming from Redis what
+a scheduler enqueued, against PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from conftest import ROOT, make_settings, transaction
+
+from worker.broker import bind, make_broker
+from worker.service import Remind
+
+
+def test_remind_worker_processes_deliver_what_the_scheduler_enqueued(tmp_path, postgres_url, redis_url):
+    from conftest import _reset
+
+    _reset(postgres_url)
+    namespace = f"remind-proc-{uuid.uuid4().hex}"
+    settings = make_settings(tmp_path, postgres_url, redis_url=redis_url, redis_namespace=namespace)
+    env = {**os.environ, "DATABASE_URL": postgres_url, "REDIS_URL": redis_url,
+           "REMIND_REDIS_NAMESPACE": namespace, "REMIND_OUTBOX": str(settings.outbox),
+           "REMIND_DEV_SENDER": "outbox", "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"),
+           "REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_PUBLIC_URL": "https://pay.example"}
+    remind = Remind.from_settings(settings)
+    bind(remind, make_broker(settings))
+    started = datetime.now(UTC) - timedelta(minutes=16)
+    for i in range(20):
+        remind.register(transaction(f"tx_p{i}", created_at=started.isoformat()))
+    assert len(remind.tick().enqueued) == 20
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "remind"), "worker", "-p", "2", "-t", "2"],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        lines: list[dict] = []
+        while time.monotonic() < deadline and len(lines) < 20:
+            time.sleep(0.5)
+            if settings.outbox.exists():
+                lines = [json.loads(x) for x in settings.outbox.read_text().splitlines()]
+        assert sorted(x["transaction_id"] for x in lines) == sorted(f"tx_p{i}" for i in range(20))
+        assert {x["step"] for x in lines} == {"nudge"}
+        assert all(e["status"] == "sent" for i in range(20) for e in remind.show(f"tx_p{i}")["timeline"]
+                   if e["step"] == "nudge")
+    finally:
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+    assert worker.returncode is not None, output
