@@ -51,3 +51,37 @@ def test_remind_worker_processes_deliver_what_the_scheduler_enqueued(tmp_path, p
         worker.terminate()
         output, _ = worker.communicate(timeout=30)
     assert worker.returncode is not None, output
+
+
+def test_remind_run_serves_the_api_over_http(tmp_path):
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REMIND_", "DATABASE_URL", "REDIS_URL"))}
+    env.update({"REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"),
+                "REMIND_API_TOKEN": "tok", "PORT": str(port), "REMIND_DEV_SENDER": "outbox"})
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "remind"), "run"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        headers = {"Authorization": "Bearer tok"}
+        created = httpx.post(f"{base}/v1/transactions", json=transaction("tx_run", created_at=None), headers=headers)
+        assert created.status_code == 201, created.text
+        shown = httpx.get(f"{base}/v1/transactions/tx_run", headers=headers).json()
+        assert shown["status"] == "pending" and shown["schedule"] == "default"
+        assert httpx.get(f"{base}/readyz").json()["checks"]["broker"] == "ok (in-process)"
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "serving HTTP on" in output

@@ -89,5 +89,4 @@ class InProcessWorker:
 
     def stop(self) -> None:
         self.worker.stop()
-        self.broker.emit_after("process_stop")
         self.broker.close()

@@ -41,8 +41,9 @@ def main(ctx: click.Context, json_logs: bool) -> None:
 
 
 @main.command()
-def run() -> None:
-    """Scheduler and workers in one process (the embedded default: SQLite and an in-process broker)."""
+@click.option("--port", type=int, default=None, help="HTTP port (default: PORT, else 8000).")
+def run(port: int | None) -> None:
+    """Scheduler, workers and the web app in one process (the embedded default: SQLite, in-process broker)."""
     from .runner import Embedded, wait_for_signal
     from .senders import describe
 
@@ -50,7 +51,7 @@ def run() -> None:
     click.echo(f"remind: database {remind.store.engine.url.render_as_string(hide_password=True)}, "
                f"broker {'redis' if remind.settings.redis_url else 'in-process'}, "
                f"senders {describe(remind.senders)}, tick every {remind.settings.tick_seconds}s", err=True)
-    engine = Embedded(remind).start()
+    engine = Embedded(remind, web=True, port=port).start()
     try:
         wait_for_signal()
     finally:
@@ -64,6 +65,15 @@ def demo() -> None:
 
     ok = run_demo(_settings(), lambda line: click.secho(f"▶ {line}", fg="cyan", err=False))
     sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="HTTP port (default: PORT, else 8000).")
+def web(port: int | None) -> None:
+    """The web app alone: the platform API, confirmation pages, health and metrics."""
+    from .runner import web_server
+
+    web_server(_remind(), port=port).run()
 
 
 @main.command()

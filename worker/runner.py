@@ -33,23 +33,45 @@ def _add_tick(scheduler, remind: Remind) -> None:
                       id="tick", max_instances=1, coalesce=True, misfire_grace_time=None)
 
 
-class Embedded:
-    """Scheduler and dramatiq workers in one process: `remind run` and `remind demo`."""
+def web_server(remind: Remind, host: str | None = None, port: int | None = None):
+    """A uvicorn server for the web app (not started)."""
+    import uvicorn
 
-    def __init__(self, remind: Remind) -> None:
+    from .web.app import create_app
+
+    config = uvicorn.Config(create_app(remind), host=host or remind.settings.host,
+                            port=remind.settings.port if port is None else port, log_level="warning",
+                            server_header=False, proxy_headers=True)
+    return uvicorn.Server(config)
+
+
+class Embedded:
+    """Scheduler, dramatiq workers and (optionally) the web app in one process: `remind run`, `remind demo`."""
+
+    def __init__(self, remind: Remind, *, web: bool = False, port: int | None = None) -> None:
         self.remind = remind
         self.broker = make_broker(remind.settings)
         self.actors = bind(remind, self.broker)
         self.worker = InProcessWorker(self.broker, threads=remind.settings.worker_threads)
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.server = web_server(remind, port=port) if web else None
+        self._web_thread: threading.Thread | None = None
 
     def start(self) -> Embedded:
         self.worker.start()
         _add_tick(self.scheduler, self.remind)
         self.scheduler.start()
+        if self.server is not None:
+            self.server.install_signal_handlers = lambda: None  # the main thread owns signals
+            self._web_thread = threading.Thread(target=self.server.run, name="web", daemon=True)
+            self._web_thread.start()
+            log.info("serving HTTP on http://%s:%s", self.server.config.host, self.server.config.port)
         return self
 
     def stop(self) -> None:
+        if self.server is not None and self._web_thread is not None:
+            self.server.should_exit = True
+            self._web_thread.join(timeout=10)
         self.scheduler.shutdown(wait=True)
         self.worker.stop()
 

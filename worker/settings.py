@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     queue_name: str = Field("remind", alias="REMIND_QUEUE")
     redis_namespace: str = Field("remind", alias="REMIND_REDIS_NAMESPACE")
     log_format: str = Field("text", alias="REMIND_LOG_FORMAT")
+    host: str = Field("127.0.0.1", alias="REMIND_HOST")
+    port: int = Field(8000, alias="PORT", ge=0, le=65535)
+    api_tokens: str = Field("", alias="REMIND_API_TOKEN")
+    max_body_bytes: int = Field(65536, alias="REMIND_MAX_BODY_BYTES", gt=0)
 
     @field_validator("dev_sender")
     @classmethod
@@ -53,3 +57,8 @@ class Settings(BaseSettings):
     @property
     def public_base(self) -> str:
         return self.public_url.rstrip("/")
+
+    @property
+    def api_token_list(self) -> list[str]:
+        """Several tokens may be valid at once, so a new one can be rolled out before the old is removed."""
+        return [t.strip() for t in self.api_tokens.split(",") if t.strip()]

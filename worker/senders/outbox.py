@@ -35,6 +35,8 @@ class OutboxSender:
         }
         if message.html is not None:
             line["html"] = message.html
+        if message.data:
+            line["data"] = message.data  # push data: the confirmation deep link
         data = (json.dumps(line, ensure_ascii=False) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:

@@ -12,7 +12,8 @@ from .repo import (
     NewDelivery,
     NewTransaction,
     Store,
+    metrics_snapshot,
 )
 
 __all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "NewDelivery",
-           "NewTransaction", "Store", "make_engine", "normalize_url", "upgrade"]
+           "NewTransaction", "Store", "make_engine", "metrics_snapshot", "normalize_url", "upgrade"]

@@ -253,5 +253,21 @@ def _bind(name: str):
     return bindparam(name)
 
 
-__all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "NewDelivery",
+__all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "NewDelivery", "metrics_snapshot",
            "NewTransaction", "Store", "and_"]
+
+
+def metrics_snapshot(store: Store, now: datetime) -> dict[str, Any]:
+    """Figures for /metrics, read from SQL so every process reports the same truth."""
+    with store.engine.connect() as conn:
+        tx = conn.execute(select(transactions.c.status, func.count()).group_by(transactions.c.status)).all()
+        dl = conn.execute(select(deliveries.c.channel, deliveries.c.status, func.count())
+                          .group_by(deliveries.c.channel, deliveries.c.status)).all()
+        due = conn.execute(select(func.count(), func.min(transactions.c.next_due_at)).where(
+            transactions.c.next_due_at <= now, transactions.c.status == PENDING)).one()
+    return {
+        "transactions": {s: n for s, n in tx},
+        "deliveries": {(c, s): n for c, s, n in dl},
+        "due_waiting": due[0] or 0,
+        "oldest_due": due[1],
+    }

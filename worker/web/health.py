@@ -1,0 +1,83 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import text
+
+from ..service import Remind
+from ..store import metrics_snapshot
+
+
+class StoreCollector:
+    """Collects at scrape time from SQL: correct however many scheduler and worker processes run."""
+
+    def __init__(self, remind: Remind) -> None:
+        self.remind = remind
+
+    def collect(self):
+        now = datetime.now(UTC)
+        snap = metrics_snapshot(self.remind.store, now)
+        tx = GaugeMetricFamily("remind_transactions", "Transactions by status", labels=["status"])
+        for status in ("pending", "confirmed", "cancelled", "escalated"):
+            tx.add_metric([status], snap["transactions"].get(status, 0))
+        yield tx
+        dl = GaugeMetricFamily("remind_deliveries", "Deliveries by channel and outcome", labels=["channel", "status"])
+        for (channel, status), n in sorted(snap["deliveries"].items()):
+            dl.add_metric([channel, status], n)
+        yield dl
+        yield GaugeMetricFamily("remind_due_steps_waiting", "Pending transactions whose next step is due",
+                                value=snap["due_waiting"])
+        lag = (now - snap["oldest_due"]).total_seconds() if snap["oldest_due"] else 0.0
+        yield GaugeMetricFamily("remind_scheduler_lag_seconds", "Now minus the oldest due step", value=lag)
+
+
+def _ready(remind: Remind) -> dict[str, str]:
+    checks = {}
+    try:
+        with remind.store.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - report, don't crash
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+    if remind.settings.redis_url:
+        try:
+            import redis
+
+            redis.Redis.from_url(remind.settings.redis_url, socket_timeout=2).ping()
+            checks["broker"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["broker"] = f"unreachable: {type(exc).__name__}"
+    else:
+        checks["broker"] = "ok (in-process)"
+    return checks
+
+
+def router(remind: Remind) -> APIRouter:
+    health = APIRouter(tags=["health"])
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(remind))
+
+    @health.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @health.get("/readyz", summary="The database and the broker are reachable",
+                responses={503: {"description": "A dependency is down"}})
+    async def readyz():
+        checks = await run_in_threadpool(_ready, remind)
+        ok = all(v.startswith("ok") for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    @health.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def metrics():
+        body = await run_in_threadpool(generate_latest, registry)
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
+
+    return health

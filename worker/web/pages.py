@@ -1,0 +1,128 @@
+"""The one-tap confirmation page. GET only shows; only the button's POST confirms, because mail
+scanners and link previews fetch GET links and must never confirm a payment."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from ..errors import AlreadySettled, NotFound
+from ..links import InvalidToken, read_token
+from ..render import facts_for
+from ..service import Remind
+
+_ENV = Environment(loader=FileSystemLoader(str(Path(__file__).parent)), autoescape=select_autoescape(["html"]))
+
+TEXT = {
+    "en": {
+        "lang": "en", "amount": "Amount", "fee": "Fee", "total": "Total", "method": "Payment method",
+        "arrival": "Expected arrival", "deadline": "Confirm before", "button": "Confirm this transfer",
+        "safety": "Only confirm a transfer you started yourself.",
+        "review": "Please check your transfer", "review_line": "Hi {name}, confirm the transfer below to send it.",
+        "done": "Transfer confirmed", "done_line": "Thank you, {name}. We are sending {total} now; it should "
+        "arrive around {arrival}. You will be notified when it does.",
+        "already": "Already confirmed", "already_line": "This transfer was confirmed before; nothing more to do.",
+        "cancelled": "This transfer was cancelled", "cancelled_line": "It was not confirmed in time, so no money "
+        "was moved. To send money, start a new transfer in the app.",
+        "escalated": "This transfer is under review", "escalated_line": "We are checking this transfer for your "
+        "security. Our team will contact you; no money has moved yet.",
+        "invalid": "This link is not valid", "invalid_line": "Please open the latest message we sent you, or "
+        "open the app.",
+        "expired": "This link has expired", "expired_line": "The time to confirm this transfer has passed. "
+        "Start a new transfer in the app if you still want to send money.",
+    },
+    "zh-CN": {
+        "lang": "zh-CN", "amount": "金额", "fee": "手续费", "total": "合计", "method": "付款方式",
+        "arrival": "预计到账", "deadline": "请在此时间前确认", "button": "确认这笔转账",
+        "safety": "请只确认您本人发起的转账。",
+        "review": "请核对您的转账", "review_line": "{name}，您好！请核对以下信息并确认转账。",
+        "done": "转账已确认",
+        "done_line": "谢谢您，{name}。我们正在转出 {total}，预计 {arrival} 到账，到账后会通知您。",
+        "already": "已确认", "already_line": "这笔转账此前已确认，无需再操作。",
+        "cancelled": "这笔转账已取消", "cancelled_line": "由于未在规定时间内确认，转账已取消，资金未被划转。"
+        "如需转账，请在 App 中重新发起。",
+        "escalated": "这笔转账正在审核",
+        "escalated_line": "为保障您的资金安全，这笔转账正在审核中，我们的团队会与您联系。资金尚未划转。",
+        "invalid": "链接无效",
+        "invalid_line": "请打开我们最新发送给您的消息，或直接打开 App。",
+        "expired": "链接已过期",
+        "expired_line": "确认时间已过。如仍需转账，请在 App 中重新发起。",
+    },
+}
+
+
+def _text(locale: str) -> dict[str, str]:
+    if locale in TEXT:
+        return TEXT[locale]
+    return TEXT["zh-CN"] if locale.lower().startswith("zh") else TEXT["en"]
+
+
+def _page(t: dict[str, str], title_key: str, line_key: str, status: int, *, facts=None, form=False,
+          tone: str = "ok", **fmt) -> HTMLResponse:
+    html = _ENV.get_template("page.html").render(
+        lang=t["lang"], t=t, title=t[title_key], lines=[t[line_key].format(**fmt)], facts=facts, form=form,
+        tone=tone)
+    return HTMLResponse(html, status_code=status)
+
+
+def router(remind: Remind) -> APIRouter:
+    pages = APIRouter(include_in_schema=False)
+
+    def load(token: str, request: Request):
+        lang = "zh-CN" if request.headers.get("accept-language", "").lower().startswith("zh") else "en"
+        try:
+            tx_id = read_token(remind.settings.secret_key, token)
+            view = remind.show(tx_id)
+        except InvalidToken as exc:
+            key = "expired" if exc.expired else "invalid"
+            return None, _page(_text(lang), key, f"{key}_line", 410 if exc.expired else 400, tone="bad")
+        except NotFound:
+            return None, _page(_text(lang), "invalid", "invalid_line", 404, tone="bad")
+        return view, None
+
+    def facts(view: dict) -> dict:
+        now = datetime.now(UTC)
+        return facts_for(view, now=now, deadline=datetime.fromisoformat(view["deadline"]), confirm_url="",
+                         restart_url="", step="page")
+
+    def settled_page(view: dict, t: dict[str, str]) -> HTMLResponse:
+        status = view["status"]
+        if status == "confirmed":
+            return _page(t, "already", "already_line", 200, facts=facts(view))
+        if status == "escalated":
+            return _page(t, "escalated", "escalated_line", 409, tone="bad")
+        return _page(t, "cancelled", "cancelled_line", 409, tone="bad")
+
+    @pages.get("/c/{token}", response_class=HTMLResponse)
+    async def show(token: str, request: Request):
+        view, page = await run_in_threadpool(load, token, request)
+        if page:
+            return page
+        t = _text(view["customer"].get("locale") or "en")
+        if view["status"] != "pending":
+            return settled_page(view, t)
+        f = facts(view)
+        return _page(t, "review", "review_line", 200, facts=f, form=True, name=view["customer"]["name"])
+
+    @pages.post("/c/{token}", response_class=HTMLResponse)
+    async def confirm(token: str, request: Request):
+        view, page = await run_in_threadpool(load, token, request)
+        if page:
+            return page
+        t = _text(view["customer"].get("locale") or "en")
+        if view["status"] == "confirmed":
+            return settled_page(view, t)
+        try:
+            await run_in_threadpool(remind.confirm, view["id"])
+        except AlreadySettled:
+            return settled_page(await run_in_threadpool(remind.show, view["id"]), t)
+        f = facts(view)
+        return _page(t, "done", "done_line", 200, facts=f, name=view["customer"]["name"], total=f["total"],
+                     arrival=f["arrival"])
+
+    return pages

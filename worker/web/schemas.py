@@ -1,0 +1,62 @@
+"""The API's documented shapes (OpenAPI); responses are validated against them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["pending", "confirmed", "cancelled", "escalated"]
+
+
+class TimelineEntry(BaseModel):
+    step: str
+    kind: str = Field(description="reminder, notice (cancel/escalate message) or webhook")
+    channel: str
+    template: str | None
+    variant: str
+    due_at: str | None
+    sent_at: str | None
+    status: Literal["planned", "sent", "delivered", "failed", "skipped"]
+    state: str = Field(description="the delivery's internal state (queued, sending, ...)")
+    attempts: int
+    reason: str | None
+    recipient: str | None = Field(description="masked")
+
+
+class TransactionView(BaseModel):
+    """The transaction as registered, its status and its timeline."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    status: Status
+    status_reason: str | None
+    schedule: str
+    schedule_version: str
+    deadline: str
+    confirmed_at: str | None
+    cancelled_at: str | None
+    escalated_at: str | None
+    timeline: list[TimelineEntry]
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+    problems: dict[str, str] | None = None
+    fields: list[str] | None = None
+    status: str | None = None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Not JSON"},
+    401: {"model": ErrorBody, "description": "Missing or wrong bearer token"},
+    404: {"model": ErrorBody, "description": "No such transaction"},
+    413: {"model": ErrorBody, "description": "Body too large"},
+    422: {"model": ErrorBody, "description": "Invalid fields, each named in `problems`"},
+}

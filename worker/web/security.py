@@ -1,0 +1,83 @@
+"""Bearer tokens compared in constant time, request bodies capped, security headers on every answer."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import HTTPException, Request
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
+PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; "
+            "base-uri 'none'")
+
+
+def check_bearer(request: Request, tokens: list[str]) -> None:
+    """401 unless the Authorization header carries one of ``tokens``; every candidate is compared."""
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if not tokens:
+        raise HTTPException(401, "the API is disabled: set REMIND_API_TOKEN", {"www-authenticate": "Bearer"})
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given.strip().encode(), token.encode())
+    if scheme.lower() != "bearer" or not ok:
+        raise HTTPException(401, "a valid bearer token is required", {"www-authenticate": "Bearer"})
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413, whether or not Content-Length tells the truth."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = JSONResponse({"error": "too_large", "detail": f"request bodies are limited to {self.limit} bytes"},
+                               status_code=413)
+        try:
+            if declared is not None and int(declared) > self.limit:
+                return await too_big(scope, receive, send)
+        except ValueError:
+            return await JSONResponse({"error": "bad_request", "detail": "invalid Content-Length"},
+                                      status_code=400)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class SecurityHeaders(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next):
+        response = await call_next(request)
+        for key, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        if response.headers.get("content-type", "").startswith("text/html"):
+            response.headers.setdefault("content-security-policy", PAGE_CSP)
+        return response
