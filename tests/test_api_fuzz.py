@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 
 import schemathesis
-from conftest import Clock, make_settings
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -14,6 +13,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from support import Clock, make_settings
 
 from worker.service import Remind
 from worker.web.app import create_app

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, transaction
+from support import ROOT, transaction
 
 from worker.cli import main
 

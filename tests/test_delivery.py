@@ -9,8 +9,8 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import T0, transaction
 from standardwebhooks.webhooks import Webhook
+from support import T0, transaction
 
 from worker.errors import PermanentSendError, TransientSendError
 from worker.senders import OutboxSender
@@ -48,23 +48,81 @@ def test_transient_failures_are_retried_then_succeed(make_harness, tmp_path):
     assert entry["status"] == "sent" and entry["attempts"] == 3
 
 
-def test_transient_failures_give_up_after_max_attempts_with_the_reason(make_harness, tmp_path):
+def entries(h, step, tx_id="tx_1"):
+    return {e["channel"]: e for e in h.remind.show(tx_id)["timeline"] if e["step"] == step}
+
+
+def test_transient_failures_give_up_after_max_attempts_then_fall_back(make_harness, tmp_path):
     flaky = Flaky(tmp_path / "outbox.jsonl", failures=99, error=TransientSendError)
-    h = make_harness(senders={"sms": flaky, "email": flaky, "push": flaky}, max_attempts=2)
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(senders={"sms": outbox, "email": outbox, "push": flaky}, max_attempts=2)
     h.remind.register(transaction())
     h.at(minutes=16).tick()
-    [entry] = [e for e in h.remind.show("tx_1")["timeline"] if e["step"] == "nudge"]
-    assert flaky.calls == 2 and entry["status"] == "failed"
-    assert entry["reason"] == "gave up after 2 attempts: provider said no"
+    nudge = entries(h, "nudge")
+    assert flaky.calls == 2 and nudge["push"]["status"] == "failed"
+    assert nudge["push"]["reason"] == "gave up after 2 attempts: provider said no; falling back to sms"
+    assert nudge["sms"]["status"] == "sent" and nudge["sms"]["reason"].startswith("fallback: push failed")
+    assert [(x["step"], x["channel"]) for x in h.lines()] == [("nudge", "sms")]
 
 
-def test_permanent_failures_are_not_retried(make_harness, tmp_path):
-    flaky = Flaky(tmp_path / "outbox.jsonl", failures=99, error=PermanentSendError)
-    h = make_harness(senders={"sms": flaky, "email": flaky, "push": flaky})
+class Refusing:
+    """A sender that refuses some recipients for good with a provider code, and sends to the rest."""
+
+    name = "refusing"
+
+    def __init__(self, outbox, refuse: set[str], code: str) -> None:
+        self.inner = OutboxSender(outbox)
+        self.refuse = refuse
+        self.code = code
+        self.calls: list[str] = []
+
+    def send(self, message):
+        self.calls.append(message.recipient)
+        if message.recipient in self.refuse:
+            raise PermanentSendError(f"provider code {self.code}", code=self.code)
+        return self.inner.send(message)
+
+
+def test_permanent_failures_are_not_retried_and_fall_back(make_harness, tmp_path):
+    push = Refusing(tmp_path / "outbox.jsonl", {"fcm-token-1"}, "INVALID_ARGUMENT")
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(senders={"sms": outbox, "email": outbox, "push": push})
     h.remind.register(transaction())
     h.at(minutes=16).tick()
-    [entry] = [e for e in h.remind.show("tx_1")["timeline"] if e["step"] == "nudge"]
-    assert flaky.calls == 1 and entry["status"] == "failed" and entry["reason"] == "provider said no"
+    nudge = entries(h, "nudge")
+    assert push.calls == ["fcm-token-1"]  # once: never retried
+    assert nudge["push"]["status"] == "failed" and nudge["push"]["reason"].endswith("falling back to sms")
+    assert nudge["sms"]["status"] == "sent"
+
+
+def test_an_sms_opt_out_stops_sms_for_later_steps(make_harness, tmp_path):
+    sms = Refusing(tmp_path / "outbox.jsonl", {"+8613800138000"}, "21610")
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(senders={"sms": sms, "email": outbox, "push": outbox})
+    h.remind.register(transaction())
+    later = (T0 + timedelta(hours=1)).isoformat()
+    h.remind.register(transaction("tx_2", created_at=later))  # the same customer's other transfer
+    for minutes in (16, 125, 1205):
+        h.at(minutes=minutes).tick()
+    assert len(sms.calls) == 1  # the first STOP answer; never asked again
+    reminder = entries(h, "reminder")
+    assert reminder["sms"]["status"] == "failed" and "21610" in reminder["sms"]["reason"]
+    final = entries(h, "final_warning")
+    assert final["sms"]["status"] == "skipped" and final["sms"]["reason"] == "the customer opted out of SMS"
+    assert final["email"]["status"] == "sent" and final["push"]["status"] == "sent"
+    other = entries(h, "reminder", "tx_2")
+    assert other["sms"]["status"] == "skipped" and other["email"]["reason"].startswith("instead of sms")
+
+
+def test_an_unregistered_push_token_is_dropped(make_harness, tmp_path):
+    push = Refusing(tmp_path / "outbox.jsonl", {"fcm-token-1"}, "UNREGISTERED")
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(senders={"sms": outbox, "email": outbox, "push": push})
+    h.remind.register(transaction(customer={"push_tokens": ["fcm-token-1", "fcm-token-2"]}))
+    h.at(minutes=16).tick()
+    h.at(minutes=125).tick()
+    assert push.calls == ["fcm-token-1", "fcm-token-2", "fcm-token-2"]
+    assert entries(h, "nudge")["push"]["status"] == "sent"
 
 
 @pytest.fixture
@@ -126,6 +184,8 @@ def test_a_send_interrupted_by_a_dead_worker_is_failed_not_resent(make_harness):
                                                                                                     seconds=30))
     result = h.remind.tick(T0 + timedelta(minutes=17))
     assert result.lost_in_send == 1 and result.enqueued == []
+    timeline = h.remind.show("tx_1")["timeline"]
+    assert len([e for e in timeline if e["step"] == "nudge"]) == 1, timeline
     [entry] = [e for e in h.remind.show("tx_1")["timeline"] if e["step"] == "nudge"]
     assert entry["status"] == "failed" and "outcome unknown" in entry["reason"]
     assert h.remind.deliver(delivery_id) == "duplicate"  # a late message for it sends nothing
@@ -142,3 +202,22 @@ def test_logs_never_carry_a_full_phone_email_or_token(make_harness, caplog):
     assert "sent cancel sms to +86*******8000" in text
     for secret in ("+8613800138000", "li.wei@example.com", "fcm-token-1"):
         assert secret not in text
+
+
+def test_a_reminder_no_channel_can_deliver_is_reported_to_the_platform(make_harness, platform, tmp_path):
+    url, received = platform
+    push = Refusing(tmp_path / "outbox.jsonl", {"only-token"}, "UNREGISTERED")
+    h = make_harness(senders={"sms": push, "email": push, "push": push}, platform_webhook_url=url,
+                     webhook_secret=SECRET)
+    h.remind.register(transaction(customer={"phone": None, "email": None, "push_tokens": ["only-token"]}))
+    h.at(minutes=16).tick()
+    events = [r["payload"] for r in received]
+    assert events, [(e["channel"], e["state"], e["reason"]) for e in h.remind.show("tx_1")["timeline"]]
+    assert all(e["type"] == "reminder.failed" for e in events)
+    assert events[-1]["data"]["step"] == "nudge" and events[-1]["data"]["id"] == "tx_1"
+    nudge = entries(h, "nudge")
+    assert nudge["push"]["reason"].endswith("no channel left for this step")
+    assert nudge["webhook"]["status"] == "sent"
+    h.at(minutes=125).tick()  # later steps: the token is gone, nothing to try
+    reminder = entries(h, "reminder")
+    assert reminder["push"]["status"] == "skipped" and reminder["sms"]["reason"] == "no phone number on file"

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from support import ROOT
 
 
 def test_remind_demo_settles_both_transactions_and_writes_the_outbox(tmp_path):

@@ -6,7 +6,7 @@ import json
 from decimal import Decimal
 
 import pytest
-from conftest import T0, make_settings, transaction
+from support import T0, make_settings, transaction
 
 from worker.errors import Conflict, InvalidInput
 from worker.ingest import parse_transaction

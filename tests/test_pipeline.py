@@ -7,7 +7,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from conftest import T0, transaction
+from support import T0, transaction
 
 from worker.errors import AlreadySettled
 
@@ -96,10 +96,10 @@ def test_a_dropped_broker_message_is_recovered_after_its_lease(make_harness):
     real_enqueue = h.remind.enqueue
     h.remind.enqueue = lambda ids: None  # the broker loses every message of this tick
     h.remind.register(transaction("tx_1"))
-    h.at(minutes=16).tick()
+    h.at(minutes=16).tick(settle=False)
     assert h.lines() == []
     h.remind.enqueue = real_enqueue
-    h.at(minutes=16, seconds=10).tick()  # lease not yet expired: nothing again
+    h.at(minutes=16, seconds=10).tick(settle=False)  # lease not yet expired: nothing again
     assert h.lines() == []
     result = h.at(minutes=17).tick()
     assert result.recovered == 1

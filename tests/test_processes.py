@@ -12,16 +12,16 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from conftest import ROOT, make_settings, transaction
+from support import ROOT, make_settings, transaction
 
 from worker.broker import bind, make_broker
 from worker.service import Remind
 
 
 def test_remind_worker_processes_deliver_what_the_scheduler_enqueued(tmp_path, postgres_url, redis_url):
-    from conftest import _reset
+    from support import reset_database
 
-    _reset(postgres_url)
+    reset_database(postgres_url)
     namespace = f"remind-proc-{uuid.uuid4().hex}"
     settings = make_settings(tmp_path, postgres_url, redis_url=redis_url, redis_namespace=namespace)
     env = {**os.environ, "DATABASE_URL": postgres_url, "REDIS_URL": redis_url,

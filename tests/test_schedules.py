@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_settings
+from support import ROOT, make_settings
 
 from worker.errors import ConfigError
 from worker.ladder import load_dir

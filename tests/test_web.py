@@ -7,8 +7,8 @@ import re
 from datetime import timedelta
 
 import pytest
-from conftest import T0, Clock, make_settings, transaction
 from starlette.testclient import TestClient
+from support import T0, Clock, make_settings, transaction
 
 from worker.broker import InProcessWorker, bind, make_broker
 from worker.links import make_token

@@ -11,15 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from .contacts import all_pairs, choose
 from .ladder import Decision, Registry, Schedule, decide
 from .store import CANCELLED, Cursor, NewDelivery, Store
 
 log = logging.getLogger("remind.scheduler")
-
-CONTACT_FIELD = {"sms": "phone", "email": "email", "push": "push_tokens"}
-NO_CONTACT = {"sms": "no phone number on file", "email": "no email address on file",
-              "push": "no push token on file"}
-
 
 @dataclass
 class TickResult:
@@ -34,20 +30,15 @@ class TickResult:
         return bool(self.claimed or self.enqueued or self.recovered or self.lost_in_send)
 
 
-def _channel_rows(content: dict, tx_id: str, step: str, kind: str, template: str, channels: Sequence[str],
-                  due_at: datetime, *, status: str = "queued", reason: str | None = None) -> list[NewDelivery]:
-    rows = []
-    customer = content["customer"]
-    for channel in channels:
-        if status == "queued" and not customer.get(CONTACT_FIELD[channel]):
-            rows.append(NewDelivery(tx_id, step, kind, channel, template, due_at, "skipped", NO_CONTACT[channel]))
-        else:
-            rows.append(NewDelivery(tx_id, step, kind, channel, template, due_at, status, reason))
-    return rows
+def _rows(content: dict, tx_id: str, step: str, kind: str, template: str, channels: Sequence[str],
+          fallback: Sequence[str], due_at: datetime, suppressed: set[tuple[str, str]]) -> list[NewDelivery]:
+    """One row per channel the step uses; an unusable channel is skipped and replaced by a fallback."""
+    return [NewDelivery(tx_id, step, kind, c.channel, template, due_at, "queued" if c.send else "skipped", c.reason)
+            for c in choose(channels, fallback, content["customer"], suppressed)]
 
 
-def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: bool) -> tuple[
-        Decision, Cursor, list[NewDelivery]]:
+def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: bool,
+                     suppressed: set[tuple[str, str]] = frozenset()) -> tuple[Decision, Cursor, list[NewDelivery]]:
     """The rows one claimed transaction produces now; pure apart from reading ``row``."""
     d = decide(schedule, created_at=row["created_at"], deadline=row["deadline"],
                handled_until=row["handled_until"], now=now)
@@ -55,19 +46,20 @@ def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: b
     created = row["created_at"]
     rows: list[NewDelivery] = []
     for step in d.skip:
-        rows += _channel_rows(content, tx_id, step.id, "reminder", step.template, step.channels,
-                              created + step.after, status="skipped", reason=d.skip_reason)
+        rows += [NewDelivery(tx_id, step.id, "reminder", channel, step.template, created + step.after, "skipped",
+                             d.skip_reason) for channel in step.channels]
     if d.send is not None:
-        rows += _channel_rows(content, tx_id, d.send.id, "reminder", d.send.template, d.send.channels,
-                              created + d.send.after)
+        rows += _rows(content, tx_id, d.send.id, "reminder", d.send.template, d.send.channels,
+                      schedule.fallback_for(d.send.id), created + d.send.after, suppressed)
     settle_status = settle_reason = None
     if d.settle:
         final = schedule.final
         settle_status, settle_reason = final.status, final.reason
-        rows += _channel_rows(content, tx_id, final.action, "notice", final.template, final.channels,
-                              row["deadline"])
+        rows += _rows(content, tx_id, final.action, "notice", final.template, final.channels,
+                      schedule.fallback_for(final.action), row["deadline"], suppressed)
         if webhook:
-            rows.append(NewDelivery(tx_id, final.action, "webhook", "webhook", None, row["deadline"], "queued"))
+            rows.append(NewDelivery(tx_id, final.action, "webhook", "webhook", f"transaction.{final.status}",
+                                    row["deadline"], "queued"))
     cursor = Cursor(tx_id, d.handled_until, d.next_due_at, settle_status, settle_reason)
     return d, cursor, rows
 
@@ -99,10 +91,12 @@ class Scheduler:
             now_ = now or self.store.clock()
             with self.store.begin() as conn:
                 claimed = self.store.claim_due(conn, now_, self.batch_size)
+                suppressed = self.store.suppressed(conn, [p for row in claimed
+                                                          for p in all_pairs(row["content"]["customer"])])
                 cursors, rows = [], []
                 for row in claimed:
                     decision, cursor, new = plan_transaction(row, self._schedule_for(row), now_,
-                                                             webhook=self.webhook)
+                                                             webhook=self.webhook, suppressed=suppressed)
                     cursors.append(cursor)
                     rows += new
                     result.skipped += sum(1 for r in new if r.status == "skipped")

@@ -18,6 +18,7 @@ from .delivery import Deliverer, DeliveryOptions
 from .errors import AlreadySettled, ConfigError, Conflict, NotFound
 from .ingest import Transaction, differing_fields, parse_transaction
 from .ladder import Registry, load_dir
+from .outcomes import Outcomes
 from .render import Templates
 from .scheduler import Scheduler, TickResult
 from .senders import Sender, senders_from_settings
@@ -55,11 +56,15 @@ class Remind:
         self._config_lock = threading.Lock()
         self.senders = senders
         self.enqueue: Callable[[list[int]], None] = _no_broker
+        self.outcomes = Outcomes(store, lambda: self._registry, lambda ids: self.enqueue(ids),
+                                 webhook=bool(settings.platform_webhook_url),
+                                 lease=timedelta(seconds=settings.lease_seconds))
         self.deliverer = Deliverer(store, lambda: self._templates, senders, DeliveryOptions(
             public_base=settings.public_base, secret_key=settings.secret_key,
             restart_url=settings.restart_url or settings.public_base + "/",
             webhook_url=settings.platform_webhook_url, lease=timedelta(seconds=settings.lease_seconds),
-            max_attempts=settings.max_attempts, webhook_max_attempts=settings.webhook_max_attempts))
+            max_attempts=settings.max_attempts, webhook_max_attempts=settings.webhook_max_attempts),
+            self.outcomes)
         self.scheduler = Scheduler(store, lambda: self._registry, lambda ids: self.enqueue(ids),
                                    batch_size=settings.batch_size,
                                    lease=timedelta(seconds=settings.lease_seconds),
@@ -74,7 +79,8 @@ class Remind:
         if migrate:
             upgrade(engine)
         store = Store(engine, clock=clock)
-        return cls(settings, store, registry, templates, senders or senders_from_settings(settings))
+        chosen = {**senders_from_settings(settings), **(senders or {})}
+        return cls(settings, store, registry, templates, chosen)
 
     # -- configuration ------------------------------------------------------------------------
 

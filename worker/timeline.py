@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from .contacts import CONTACT_FIELD
 from .ladder import Schedule, step_times
 from .masking import mask_recipient
-from .scheduler import CONTACT_FIELD
 
 
 def _iso(value: datetime | None) -> str | None:

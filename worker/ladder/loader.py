@@ -18,7 +18,7 @@ from .durations import parse_duration
 from .model import CHANNELS, Final, Match, Schedule, Step
 
 _TOP_KEYS = {"name", "match", "priority", "steps", "cancel", "escalate", "description"}
-_STEP_KEYS = {"id", "after", "channels", "template"}
+_STEP_KEYS = {"id", "after", "channels", "template", "fallback"}
 _FINAL_KEYS = {"after", "template", "reason", "channels"}
 _MATCH_KEYS = {"segment", "risk_flag", "amount", "currency"}
 _AMOUNT_KEYS = {"min", "max"}
@@ -158,6 +158,7 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
                 doc.error(path + (key,), "required")
         after = _duration(doc, path + ("after",), item.get("after"))
         channels = _channels(doc, path + ("channels",), item.get("channels"))
+        fallback = _channels(doc, path + ("fallback",), item["fallback"]) if "fallback" in item else None
         template = item.get("template")
         if "template" in item and (not isinstance(template, str) or not template):
             doc.error(path + ("template",), "the name of a template folder")
@@ -170,11 +171,11 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
             doc.error(path + ("after",), f"steps must come later and later: {item.get('after')} is not after "
                       f"the previous step")
         if check_template and template:
-            for channel in channels:
+            for channel in (*channels, *(fallback or ())):
                 for problem in check_template(template, channel):
                     doc.error(path + ("template",), problem)
         if after is not None and template:
-            steps.append(Step(id=step_id, after=after, channels=channels, template=template))
+            steps.append(Step(id=step_id, after=after, channels=channels, template=template, fallback=fallback))
 
     has_cancel, has_escalate = "cancel" in raw, "escalate" in raw
     if has_cancel == has_escalate:
@@ -205,8 +206,15 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
         return None
     final = Final(action=action, after=after, template=str(template), reason=str(reason), channels=channels)
     version = hashlib.sha256(doc.path.read_bytes()).hexdigest()[:12]
-    return Schedule(name=name, match=match, priority=priority, steps=tuple(steps), final=final,
-                    version=version, source=str(doc.path))
+    schedule = Schedule(name=name, match=match, priority=priority, steps=tuple(steps), final=final,
+                        version=version, source=str(doc.path))
+    if check_template:  # a step may fall back to another channel: its template must exist there too
+        for i, step in enumerate(schedule.steps):
+            for channel in schedule.fallback_for(step.id):
+                if channel not in step.channels and step.fallback is None:
+                    for problem in check_template(step.template, channel):
+                        doc.error(("steps", i, "template"), f"{problem} (used when falling back)")
+    return None if doc.problems else schedule
 
 
 def load_file(path: Path, check_template: TemplateCheck | None = None) -> Schedule:

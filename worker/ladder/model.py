@@ -17,6 +17,7 @@ class Step:
     after: timedelta
     channels: tuple[str, ...]
     template: str
+    fallback: tuple[str, ...] | None = None  # None: the schedule's other channels
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,12 @@ class Schedule:
 
     def step(self, step_id: str) -> Step | None:
         return next((s for s in self.steps if s.id == step_id), None)
+
+    def fallback_for(self, step_id: str) -> tuple[str, ...]:
+        """Channels to try when one of the step's channels cannot be used: the step's own
+        ``fallback:`` list, else every channel the schedule uses, in the order sms, email, push."""
+        step = self.step(step_id)
+        if step is not None and step.fallback is not None:
+            return step.fallback
+        used = {c for s in self.steps for c in s.channels} | set(self.final.channels)
+        return tuple(c for c in CHANNELS if c in used)

@@ -9,6 +9,7 @@ Concurrency rules, in one place:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, upda
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_postgres
-from .tables import deliveries, transactions
+from .tables import deliveries, suppressions, transactions
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
 SETTLED = (CONFIRMED, CANCELLED, ESCALATED)
@@ -222,6 +223,66 @@ class Store:
         else:
             with self.begin() as c:
                 c.execute(stmt)
+
+    def get_delivery(self, conn: Connection, delivery_id: int) -> dict[str, Any] | None:
+        row = conn.execute(select(deliveries).where(deliveries.c.id == delivery_id)).mappings().first()
+        return dict(row) if row else None
+
+    def delivery_by_provider_id(self, provider_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(deliveries).where(deliveries.c.provider_id == provider_id)).mappings().first()
+        return dict(row) if row else None
+
+    def lock_transaction(self, conn: Connection, tx_id: str) -> dict[str, Any] | None:
+        """Serialises every decision about one transaction (fallback, settle, confirm)."""
+        row = conn.execute(self._lock(select(transactions).where(transactions.c.id == tx_id))).mappings().first()
+        return dict(row) if row else None
+
+    def step_deliveries(self, conn: Connection, tx_id: str, step: str) -> list[dict[str, Any]]:
+        rows = conn.execute(select(deliveries).where(deliveries.c.transaction_id == tx_id,
+                                                     deliveries.c.step == step)).mappings()
+        return [dict(r) for r in rows]
+
+    # -- suppressions -------------------------------------------------------------------------
+
+    @staticmethod
+    def address_hash(channel: str, address: str) -> str:
+        return hashlib.sha256(f"{channel}:{address.strip().lower()}".encode()).hexdigest()
+
+    def suppress(self, conn: Connection | None, channel: str, address: str, customer_id: str | None,
+                 reason: str) -> bool:
+        """Never use this address on this channel again; False when it already was suppressed."""
+        if conn is None:
+            with self.begin() as c:
+                return self.suppress(c, channel, address, customer_id, reason)
+        key = self.address_hash(channel, address)
+        exists = conn.execute(select(suppressions.c.reason).where(
+            suppressions.c.channel == channel, suppressions.c.address_hash == key)).first()
+        if exists:
+            return False
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(suppressions).values(channel=channel, address_hash=key, customer_id=customer_id,
+                                                         reason=reason, created_at=self.clock()))
+        except IntegrityError:
+            return False
+        return True
+
+    def unsuppress(self, channel: str, address: str) -> None:
+        from sqlalchemy import delete
+
+        with self.begin() as conn:
+            conn.execute(delete(suppressions).where(suppressions.c.channel == channel,
+                                                    suppressions.c.address_hash == self.address_hash(channel, address)))
+
+    def suppressed(self, conn: Connection, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (channel, address) pairs are suppressed, in one query."""
+        by_hash = {self.address_hash(c, a): (c, a) for c, a in pairs}
+        if not by_hash:
+            return set()
+        found = conn.execute(select(suppressions.c.address_hash).where(
+            suppressions.c.address_hash.in_(list(by_hash)))).scalars().all()
+        return {by_hash[h] for h in found}
 
     def deliveries_of(self, tx_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

@@ -99,7 +99,7 @@ deliveries = Table(
     Column("started_at", UTCDateTime),
     Column("sent_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False),
-    Column("provider_id", String(128)),
+    Column("provider_id", String(128), index=True),
     UniqueConstraint("transaction_id", "step", "channel", name="uq_deliveries_tx_step_channel"),
     Index(
         "ix_deliveries_lease_until",
@@ -107,4 +107,17 @@ deliveries = Table(
         postgresql_where="lease_until IS NOT NULL",
         sqlite_where="lease_until IS NOT NULL",
     ),
+)
+
+# Addresses that must not be used: an SMS STOP, an email unsubscribe or spam report, a push token
+# the provider reports unregistered. Keyed by a hash of (channel, address), so it holds across
+# transactions and outlives them.
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("channel", String(16), primary_key=True),
+    Column("address_hash", String(64), primary_key=True),
+    Column("customer_id", String(128)),
+    Column("reason", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
 )
