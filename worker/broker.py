@@ -7,16 +7,18 @@ otherwise dramatiq's in-memory broker, consumed by worker threads in the same pr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dramatiq
 from dramatiq import Broker, Worker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Retries
+from dramatiq.rate_limits import WindowRateLimiter
 
 from .errors import TransientSendError
 from .service import Remind
-from .settings import Settings
+from .settings import Settings, parse_rate
 
 log = logging.getLogger("remind.broker")
 
@@ -41,6 +43,36 @@ def make_broker(settings: Settings) -> Broker:
     return broker
 
 
+def make_throttle(settings: Settings) -> Callable[[str], bool] | None:
+    """Provider rate limits shared by every worker process (dramatiq's WindowRateLimiter on Redis)."""
+    rates = {"sms": settings.rate_sms, "email": settings.rate_email, "push": settings.rate_push}
+    if not any(rates.values()):
+        return None
+    if settings.redis_url:
+        from dramatiq.rate_limits.backends import RedisBackend
+
+        backend = RedisBackend(url=settings.redis_url)
+    else:
+        from dramatiq.rate_limits.backends import StubBackend
+
+        backend = StubBackend()
+    limiters = {}
+    for channel, rate in rates.items():
+        if rate:
+            limit, window = parse_rate(rate)
+            key = f"{settings.redis_namespace}:rate:{channel}"
+            limiters[channel] = WindowRateLimiter(backend, key, limit=limit, window=window)
+
+    def throttle(channel: str) -> bool:
+        limiter = limiters.get(channel)
+        if limiter is None:
+            return True
+        with limiter.acquire(raise_on_failure=False) as acquired:
+            return acquired
+
+    return throttle
+
+
 @dataclass
 class Actors:
     broker: Broker
@@ -51,6 +83,7 @@ class Actors:
 def bind(remind: Remind, broker: Broker) -> Actors:
     """Declare the actors on ``broker`` and point the service's enqueue at them."""
     queue = remind.settings.queue_name
+    remind.deliverer.throttle = make_throttle(remind.settings)
 
     def deliver(delivery_id: int) -> None:
         try:

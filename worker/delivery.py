@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -84,10 +85,16 @@ class Deliverer:
         self.senders = senders
         self.opts = opts
         self.outcomes = outcomes
+        #: Set by the broker wiring: throttle(channel) -> False when the provider's rate limit is reached.
+        self.throttle: Callable[[str], bool] | None = None
 
     def deliver(self, delivery_id: int) -> str:
         """Send one delivery; returns the outcome. Raises TransientSendError after recording it,
         so the caller (the actor) retries with backoff."""
+        if self.throttle is not None:
+            channel = self.store.delivery_channel(delivery_id)
+            if channel is not None and not self.throttle(channel):
+                raise TransientSendError(f"{channel} rate limit reached", retry_after=0.5 + random.random())
         with self.store.begin() as conn:
             locked = self.store.lock_delivery(conn, delivery_id)
             if locked is None:

@@ -7,6 +7,20 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .ladder.durations import parse_duration
+
+
+def parse_rate(text: str) -> tuple[int, int]:
+    """``"10/1s"`` -> (10 messages, per 1 second window); windows are whole seconds."""
+    count, _, window = text.partition("/")
+    try:
+        n, seconds = int(count), int(parse_duration(window or "1s").total_seconds())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a rate such as 10/1s or 600/1m") from None
+    if n < 1 or seconds < 1:
+        raise ValueError(f"{text!r}: at least 1 message per at least 1 second")
+    return n, seconds
+
 
 class Settings(BaseSettings):
     """Every knob the service has. Field names map to upper-case environment variables."""
@@ -33,6 +47,9 @@ class Settings(BaseSettings):
     queue_name: str = Field("remind", alias="REMIND_QUEUE")
     redis_namespace: str = Field("remind", alias="REMIND_REDIS_NAMESPACE")
     log_format: str = Field("text", alias="REMIND_LOG_FORMAT")
+    rate_sms: str | None = Field(None, alias="REMIND_RATE_SMS")
+    rate_email: str | None = Field(None, alias="REMIND_RATE_EMAIL")
+    rate_push: str | None = Field(None, alias="REMIND_RATE_PUSH")
     host: str = Field("127.0.0.1", alias="REMIND_HOST")
     port: int = Field(8000, alias="PORT", ge=0, le=65535)
     api_tokens: str = Field("", alias="REMIND_API_TOKEN")
@@ -46,6 +63,13 @@ class Settings(BaseSettings):
         if not sinks or unknown:
             raise ValueError(f"REMIND_DEV_SENDER takes outbox and/or console, not {unknown or value!r}")
         return ",".join(sinks)
+
+    @field_validator("rate_sms", "rate_email", "rate_push")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value:
+            parse_rate(value)
+        return value or None
 
     @field_validator("log_format")
     @classmethod

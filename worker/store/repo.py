@@ -228,6 +228,10 @@ class Store:
         row = conn.execute(select(deliveries).where(deliveries.c.id == delivery_id)).mappings().first()
         return dict(row) if row else None
 
+    def delivery_channel(self, delivery_id: int) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(deliveries.c.channel).where(deliveries.c.id == delivery_id)).scalar()
+
     def delivery_by_provider_id(self, provider_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(deliveries).where(deliveries.c.provider_id == provider_id)).mappings().first()

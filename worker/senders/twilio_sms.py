@@ -1,0 +1,166 @@
+"""SMS through Twilio Programmable Messaging, with the official ``twilio`` SDK.
+
+The SDK has no base-URL setting and rewrites hosts itself from TWILIO_EDGE / TWILIO_REGION, so edge and
+region are cleared and every request goes through ``_HttpClient``, which points it at ``base_url``.
+A reminder never arrives after its deadline: ``ValidityPeriod`` is the whole seconds left until
+``expires_at`` (Twilio drops a message still queued then), and one whose deadline has passed is not sent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response
+from twilio.rest import Client
+
+from ..errors import PermanentSendError, SendError, TransientSendError
+from ..masking import mask_phone
+from .base import OutgoingMessage
+
+#: Twilio's accepted ``ValidityPeriod``, in seconds.
+MIN_VALIDITY, MAX_VALIDITY = 1, 36_000
+#: Twilio's "too many requests" code (HTTP 429).
+RATE_LIMITED = 20429
+#: What the codes the pipeline acts on mean, in our words (Twilio's own messages quote the number).
+REFUSALS = {
+    21211: "not a valid phone number",
+    21610: "the recipient has opted out (replied STOP)",
+    21614: "not a mobile number",
+    20003: "Twilio refused the account SID / auth token",
+}
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class _HttpClient(TwilioHttpClient):
+    """Sends every request to ``base_url`` (scheme, host and path prefix), and keeps each thread's last
+    response headers, since ``TwilioRestException`` carries none (Retry-After)."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        target = urlsplit(base_url)
+        if target.scheme not in ("http", "https") or not target.netloc:
+            raise ValueError(f"base_url must be an http(s) URL, not {base_url!r}")
+        self._target = (target.scheme, target.netloc, target.path.rstrip("/"))
+        if self.session is not None:  # the SDK sizes only its https pool
+            self.session.mount("http://", HTTPAdapter(pool_maxsize=min(32, (os.cpu_count() or 1) + 4)))
+        self._local = threading.local()
+
+    def request(self, method: str, url: str, params: dict[str, object] | None = None,
+                data: dict[str, object] | None = None, headers: dict[str, str] | None = None,
+                auth: tuple[str, str] | None = None, timeout: float | None = None,
+                allow_redirects: bool = False) -> Response:
+        scheme, netloc, prefix = self._target
+        parts = urlsplit(url)
+        url = urlunsplit((scheme, netloc, prefix + parts.path, parts.query, parts.fragment))
+        self._local.headers = {}
+        response = super().request(method, url, params=params, data=data, headers=headers, auth=auth,
+                                   timeout=timeout, allow_redirects=allow_redirects)
+        self._local.headers = response.headers or {}
+        return response
+
+    def last_headers(self) -> Mapping[str, str]:
+        return getattr(self._local, "headers", None) or {}
+
+
+class TwilioSender:
+    """Sends each SMS with ``client.messages.create``; returns the Message SID.
+
+    Parameters:
+        account_sid, auth_token: the account's credentials (HTTP basic auth).
+        messaging_service_sid, from_number: the sender, at least one; both are passed when both are set
+            (Twilio then uses that number from the service's pool).
+        status_callback: the URL Twilio posts delivery status to.
+        base_url: where the REST API is (a fake in tests); honoured for every request.
+        timeout: seconds to wait for Twilio (connect and each read).
+        clock: the time ``expires_at`` is measured against (default: now in UTC).
+    """
+
+    name = "twilio"
+
+    def __init__(self, account_sid: str, auth_token: str, *, messaging_service_sid: str | None = None,
+                 from_number: str | None = None, status_callback: str | None = None,
+                 base_url: str = "https://api.twilio.com", timeout: float = 10.0,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        if not (messaging_service_sid or from_number):
+            raise ValueError("TwilioSender needs a messaging_service_sid or a from_number")
+        if not (account_sid and auth_token):
+            raise ValueError("TwilioSender needs an account SID and an auth token")
+        self.messaging_service_sid = messaging_service_sid
+        self.from_number = from_number
+        self.status_callback = status_callback
+        self.timeout = timeout
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._http = _HttpClient(base_url, timeout)
+        self.client = Client(account_sid, auth_token, http_client=self._http)
+        self.client.edge = None  # else TWILIO_EDGE / TWILIO_REGION from the environment rewrite every host
+        self.client.region = None
+
+    def validity_period(self, message: OutgoingMessage) -> int | None:
+        """Whole seconds until the deadline, at most Twilio's 36000; PermanentSendError when none are left."""
+        if message.expires_at is None:
+            return None
+        left = math.floor((message.expires_at - self.clock()).total_seconds())
+        if left < MIN_VALIDITY:
+            raise PermanentSendError("not sent: the reminder's deadline has passed")
+        return min(left, MAX_VALIDITY)
+
+    def send(self, message: OutgoingMessage) -> str | None:
+        params: dict[str, Any] = {"to": message.recipient, "body": message.body}
+        if self.messaging_service_sid:
+            params["messaging_service_sid"] = self.messaging_service_sid
+        if self.from_number:
+            params["from_"] = self.from_number
+        if self.status_callback:
+            params["status_callback"] = self.status_callback
+        validity = self.validity_period(message)
+        if validity is not None:
+            params["validity_period"] = validity
+        try:
+            created = self.client.messages.create(**params)
+        except (TwilioRestException, TwilioServiceException) as exc:
+            raise self._classify(exc.status, exc.code, message.recipient) from None
+        except requests.Timeout:
+            raise TransientSendError(f"Twilio did not answer within {self.timeout:g} s") from None
+        except requests.RequestException as exc:
+            raise TransientSendError(f"Twilio not reached: {type(exc).__name__}") from None
+        return created.sid
+
+    def _classify(self, status: int | None, code: int | None, to: str) -> SendError:
+        status = int(status or 0)
+        code_text = str(code if code is not None else status)
+        wait = retry_after(self._http.last_headers().get("Retry-After"))
+        if code == RATE_LIMITED or status == 429:
+            return TransientSendError(f"Twilio rate limit (HTTP {status}, code {code_text})", retry_after=wait,
+                                      code=code_text)
+        if status >= 500 or status == 0:
+            return TransientSendError(f"Twilio answered HTTP {status} (code {code_text})", retry_after=wait,
+                                      code=code_text)
+        what = REFUSALS.get(code or 0, f"HTTP {status}")
+        return PermanentSendError(f"Twilio refused the SMS to {mask_phone(to)}: {what} (code {code_text})",
+                                  code=code_text)
