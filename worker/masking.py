@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def mask_phone(phone: str) -> str:
     """+8613800138000 -> +86*******8000"""
@@ -30,3 +32,13 @@ def mask_recipient(channel: str, recipient: str) -> str:
     if channel == "webhook":
         return recipient.split("?")[0]
     return mask_token(recipient)
+
+
+_EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_PHONE_RE = re.compile(r"\+\d{8,15}")
+
+
+def mask_text(text: str) -> str:
+    """Mask every email address and E.164 number inside free text, such as a provider's error."""
+    text = _EMAIL_RE.sub(lambda m: mask_email(m.group(0)), text)
+    return _PHONE_RE.sub(lambda m: mask_phone(m.group(0)), text)

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from .contacts import addresses, all_pairs, choose
 from .ladder import Registry
+from .masking import mask_text
 from .store import CANCELLED, ESCALATED, PENDING, NewDelivery, Store
 
 log = logging.getLogger("remind.outcomes")
@@ -40,6 +41,7 @@ class Outcomes:
         """Record a permanent failure and fall back to the next usable channel of the schedule.
 
         Returns the fallback channel, or None when there was none."""
+        reason = mask_text(reason)  # provider errors may quote the address
         new_ids: list[int] = []
         alt: str | None = None
         with self.store.begin() as conn:
