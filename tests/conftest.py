@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid  # noqa: F401
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from fakes import FcmFake, SendGridFake, TwilioFake
 from sqlalchemy import text
 from support import PG_ADMIN_URL, REDIS_URL, Clock, Harness, make_settings, reset_database, unavailable
 
@@ -80,3 +83,42 @@ def make_harness(tmp_path, backend) -> Iterator[Callable[..., Harness]]:
         else:
             h.extra[0].close()
         h.remind.store.engine.dispose()
+
+
+# -- provider fakes (tests/fakes): real HTTP servers on 127.0.0.1 that check requests like the APIs do --
+
+#: Long enough to outlast every client timeout the tests set; ``stop()`` releases held requests at once.
+HANG_SECONDS = 5.0
+
+
+@pytest.fixture
+def twilio_fake() -> Iterator[TwilioFake]:
+    """Twilio's Messages API; ``account_sid``, ``auth_token``, ``messaging_service_sid``, ``from_number``."""
+    with TwilioFake(hang_seconds=HANG_SECONDS) as fake:
+        yield fake
+    assert not fake.errors, f"the fake itself failed: {fake.errors}"
+
+
+@pytest.fixture
+def sendgrid_fake() -> Iterator[SendGridFake]:
+    """SendGrid's Mail Send; ``api_key``."""
+    with SendGridFake(hang_seconds=HANG_SECONDS) as fake:
+        yield fake
+    assert not fake.errors, f"the fake itself failed: {fake.errors}"
+
+
+@pytest.fixture
+def fcm_fake(tmp_path: Path) -> Iterator[FcmFake]:
+    """FCM HTTP v1 and its token endpoint; ``project_id``, ``credentials_file`` (a fresh service account)."""
+    with FcmFake(hang_seconds=HANG_SECONDS) as fake:
+        fake.write_credentials(tmp_path / "fcm-service-account.json")
+        yield fake
+    assert not fake.errors, f"the fake itself failed: {fake.errors}"
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,9 +1,12 @@
 """Entry module for dramatiq's own worker CLI (`remind worker` runs `dramatiq worker.dramatiq_app`)."""
 
+import logging
+
 import dramatiq
 
 from .broker import bind, make_broker
 from .logs import setup
+from .senders import describe
 from .service import Remind
 from .settings import Settings
 
@@ -13,3 +16,4 @@ remind = Remind.from_settings(settings, migrate=False)
 broker = make_broker(settings)
 dramatiq.set_broker(broker)
 actors = bind(remind, broker)
+logging.getLogger("remind").info("worker ready: broker redis, senders %s", describe(remind.senders))

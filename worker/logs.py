@@ -30,5 +30,8 @@ def setup(fmt: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("dramatiq", "apscheduler", "httpx", "alembic", "dramatiq.worker.WorkerThread"):
+    # twilio.http_client logs request URLs at INFO and python_http_client whole payloads at DEBUG:
+    # both may carry phone numbers or addresses, so they stay at WARNING.
+    for noisy in ("dramatiq", "apscheduler", "httpx", "alembic", "twilio", "python_http_client", "urllib3",
+                  "google"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -21,7 +21,7 @@ from .ladder import Registry, load_dir
 from .outcomes import Outcomes
 from .render import Templates
 from .scheduler import Scheduler, TickResult
-from .senders import Sender, senders_from_settings
+from .senders import Sender, describe, senders_from_settings
 from .settings import Settings
 from .store import CANCELLED, CONFIRMED, ESCALATED, PENDING, NewTransaction, Store, make_engine, upgrade
 from .timeline import build as build_timeline
@@ -79,7 +79,8 @@ class Remind:
         if migrate:
             upgrade(engine)
         store = Store(engine, clock=clock)
-        chosen = {**senders_from_settings(settings), **(senders or {})}
+        chosen = {**senders_from_settings(settings, clock=store.clock), **(senders or {})}
+        log.debug("senders: %s", describe(chosen))
         return cls(settings, store, registry, templates, chosen)
 
     # -- configuration ------------------------------------------------------------------------

@@ -24,17 +24,41 @@ def _dev_sender(settings: Settings) -> Sender:
     return sinks[0] if len(sinks) == 1 else FanOut(sinks)
 
 
-def senders_from_settings(settings: Settings) -> Mapping[str, Sender]:
-    """The sender for each channel: a real provider when its credentials are set, else the dev sink."""
+def senders_from_settings(settings: Settings, *, clock=None) -> Mapping[str, Sender]:
+    """The sender for each channel: a real provider when its credentials are set, else the dev sink.
+
+    The SDKs are imported only for the providers in use."""
     dev = _dev_sender(settings)
     chosen: dict[str, Sender] = {"sms": dev, "email": dev, "push": dev}
+    timeout = settings.provider_timeout
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        from .twilio_sms import TwilioSender
+
+        chosen["sms"] = TwilioSender(
+            settings.twilio_account_sid, settings.twilio_auth_token,
+            messaging_service_sid=settings.twilio_messaging_service_sid, from_number=settings.twilio_from_number,
+            status_callback=f"{settings.public_base}/webhooks/twilio/status", base_url=settings.twilio_api_base_url,
+            timeout=timeout, clock=clock)
+    if settings.sendgrid_api_key:
+        from .sendgrid_email import SendGridSender
+
+        if not settings.sendgrid_from_email:
+            raise ValueError("SENDGRID_FROM_EMAIL is required with SENDGRID_API_KEY")
+        chosen["email"] = SendGridSender(settings.sendgrid_api_key, settings.sendgrid_from_email,
+                                         base_url=settings.sendgrid_api_base_url, timeout=timeout)
+    if settings.fcm_project_id and settings.fcm_credentials_file:
+        from .fcm_push import FcmSender
+
+        chosen["push"] = FcmSender(settings.fcm_project_id, settings.fcm_credentials_file,
+                                   base_url=settings.fcm_api_base_url, timeout=timeout)
     if settings.platform_webhook_url:
         secret = settings.webhook_secret or ""
         if not secret.startswith("whsec_"):
             raise ValueError("REMIND_WEBHOOK_SECRET (whsec_...) is required with REMIND_PLATFORM_WEBHOOK_URL")
-        chosen["webhook"] = WebhookSender(secret)
+        chosen["webhook"] = WebhookSender(secret, timeout=timeout)
     return chosen
 
 
 def describe(senders: Mapping[str, Sender]) -> str:
+    """One line for the start-up log: which sender each channel uses."""
     return ", ".join(f"{channel}={sender.name}" for channel, sender in senders.items())

@@ -1,0 +1,191 @@
+"""SendGridSender drives the real sendgrid SDK against the local SendGrid fake, which validates each request
+with openapi-core against SendGrid's OpenAPI document."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from worker.errors import PermanentSendError, TransientSendError
+from worker.senders.base import OutgoingMessage
+from worker.senders.sendgrid_email import SendGridSender, retry_after
+
+EMAIL = "li.wei@example.com"
+FROM = "Pay Example <noreply@pay.example>"
+
+
+def email(**overrides) -> OutgoingMessage:
+    values = dict(transaction_id="tx_1", step="20h", channel="email", recipient=EMAIL,
+                  body="Li Wei, please confirm your transfer: https://pay.example/c/abc",
+                  subject="Please confirm your transfer", html="<p>Li Wei, please <a href='#'>confirm</a></p>",
+                  idempotency_key="dl_42")
+    values.update(overrides)
+    return OutgoingMessage(**values)
+
+
+def sender(fake, **overrides) -> SendGridSender:
+    options = dict(base_url=fake.base_url, timeout=2.0)
+    options.update(overrides)
+    return SendGridSender(fake.api_key, FROM, **options)
+
+
+def test_sends_subject_both_bodies_and_custom_args(sendgrid_fake):
+    message_id = sender(sendgrid_fake).send(email())
+
+    (m,) = sendgrid_fake.messages
+    assert message_id == m.message_id and len(message_id) >= 16
+    assert m.to == [EMAIL] and m.from_email == "noreply@pay.example" and m.from_name == "Pay Example"
+    assert m.subject == "Please confirm your transfer"
+    assert m.text == email().body and m.html == email().html
+    assert [c["type"] for c in m.mail["content"]] == ["text/plain", "text/html"]
+    assert m.custom_args == {"delivery_key": "dl_42", "transaction_id": "tx_1", "step": "20h"}
+    assert sendgrid_fake.rejected == []
+
+
+def test_plain_text_only_when_there_is_no_html(sendgrid_fake):
+    sender(sendgrid_fake).send(email(html=None))
+    (m,) = sendgrid_fake.messages
+    assert m.html is None and [c["type"] for c in m.mail["content"]] == ["text/plain"]
+
+
+@pytest.mark.parametrize(("kind", "error"), [
+    ("400", PermanentSendError), ("401", PermanentSendError), ("403", PermanentSendError),
+    ("413", PermanentSendError), ("429", TransientSendError), ("500", TransientSendError),
+    ("503", TransientSendError),
+])
+def test_failures_are_classified_with_the_http_status_as_code(sendgrid_fake, kind, error):
+    sendgrid_fake.fail_next(1, kind)
+
+    with pytest.raises(error) as caught:
+        sender(sendgrid_fake).send(email())
+
+    assert type(caught.value) is error and caught.value.code == kind
+    assert EMAIL not in caught.value.reason and sendgrid_fake.api_key not in caught.value.reason
+    if error is PermanentSendError:
+        assert "l***@e***.com" in caught.value.reason
+
+
+def test_a_bad_request_names_the_fields(sendgrid_fake):
+    sendgrid_fake.fail_next(1, "400")
+    with pytest.raises(PermanentSendError, match=r"HTTP 400 \(personalizations.0.to.0.email\)"):
+        sender(sendgrid_fake).send(email())
+
+
+@pytest.mark.parametrize("address", ["li.wei.example.com", "li.wei@", "li@wei@example.com"])
+def test_an_invalid_address_is_refused_without_quoting_it(sendgrid_fake, address):
+    with pytest.raises(PermanentSendError) as caught:
+        sender(sendgrid_fake).send(email(recipient=address))
+    assert caught.value.code is None and address not in caught.value.reason
+    assert sendgrid_fake.requests == 0
+
+
+def test_rate_limit_honours_retry_after(sendgrid_fake):
+    sendgrid_fake.fail_next(1, "429")
+    with pytest.raises(TransientSendError) as caught:
+        sender(sendgrid_fake).send(email())
+    assert caught.value.retry_after == sendgrid_fake.rate_limit_retry_after
+
+    sendgrid_fake.fail_next(1, "429", retry_after=45)
+    with pytest.raises(TransientSendError) as caught:
+        sender(sendgrid_fake).send(email())
+    assert caught.value.retry_after == 45
+
+
+def test_retry_after_falls_back_to_the_rate_limit_reset():
+    assert retry_after({"Retry-After": "7"}) == 7
+    assert 3 <= retry_after({"X-RateLimit-Reset": str(int(time.time()) + 5)}) <= 5
+    assert retry_after({}) is None
+
+
+def test_a_timeout_is_transient_and_bounded_by_the_timeout(sendgrid_fake):
+    sendgrid_fake.fail_next(1, "timeout")
+    s = sender(sendgrid_fake, timeout=0.5)
+
+    started = time.monotonic()
+    with pytest.raises(TransientSendError, match="did not answer within 0.5 s"):
+        s.send(email())
+    assert time.monotonic() - started < 1.5
+
+    assert s.send(email()) == sendgrid_fake.messages[-1].message_id
+
+
+def test_a_lost_response_is_transient_though_the_provider_has_the_message(sendgrid_fake):
+    sendgrid_fake.fail_next(1, "lost_response")
+    with pytest.raises(TransientSendError, match="did not answer"):
+        sender(sendgrid_fake, timeout=0.5).send(email())
+    assert len(sendgrid_fake.messages) == 1  # a retry would send it twice: the provider has no idempotency key
+
+
+def test_a_dropped_connection_or_no_server_is_transient(sendgrid_fake, closed_port):
+    sendgrid_fake.fail_next(1, "disconnect")
+    with pytest.raises(TransientSendError, match="not reached"):
+        sender(sendgrid_fake).send(email())
+    with pytest.raises(TransientSendError, match="not reached: ConnectionRefusedError"):
+        sender(sendgrid_fake, base_url=f"http://127.0.0.1:{closed_port}").send(email())
+
+
+def test_the_base_url_is_used(sendgrid_fake):
+    sender(sendgrid_fake, base_url=sendgrid_fake.base_url + "/").send(email())
+    assert sendgrid_fake.requests == 1 and len(sendgrid_fake.messages) == 1
+
+
+def test_a_wrong_api_key_is_permanent_and_not_echoed(sendgrid_fake):
+    s = SendGridSender("SG.not-the-key", FROM, base_url=sendgrid_fake.base_url)
+    with pytest.raises(PermanentSendError) as caught:
+        s.send(email())
+    assert caught.value.code == "401" and "not-the-key" not in caught.value.reason
+
+
+def test_fail_rate_times_out_some_requests(sendgrid_fake):
+    sendgrid_fake.fail_rate(p_5xx=0.0, p_timeout=1.0, seed=1)
+    with pytest.raises(TransientSendError, match="did not answer"):
+        sender(sendgrid_fake, timeout=0.3).send(email())
+
+
+# The fake itself answers as SendGrid does.
+
+def post(fake, body, *, key=None, headers=None) -> requests.Response:
+    auth = {"Authorization": f"Bearer {key or fake.api_key}"} if key != "" else {}
+    return requests.post(f"{fake.base_url}/v3/mail/send", json=body, headers={**auth, **(headers or {})}, timeout=5)
+
+
+def mail(**overrides) -> dict:
+    body = {"personalizations": [{"to": [{"email": EMAIL}]}], "from": {"email": "noreply@pay.example"},
+            "subject": "Hi", "content": [{"type": "text/plain", "value": "hello"}]}
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (mail(**{"from": None}), "from"),
+    (mail(personalizations=None), "personalizations"),
+    (mail(custom_args={"delivery_key": "dl_1"}), "custom_args"),  # the document types it as a string
+    (mail(subject=None), "subject"),
+    (mail(content=None), "content"),
+    (mail(content=[{"type": "text/html", "value": "<p>x</p>"}, {"type": "text/plain", "value": "x"}]), "content"),
+    (mail(personalizations=[{"to": []}]), "personalizations.0.to"),
+    (mail(personalizations=[{"to": [{"name": "Li"}]}]), "personalizations.0.to.0.email"),
+    (mail(personalizations=[{"to": [{"email": "li.wei.example.com"}]}]), "personalizations.0.to.0.email"),
+    (mail(personalizations=[{"to": [{"email": EMAIL}], "custom_args": {"n": 1}}]),
+     "personalizations.0.custom_args.n"),
+])
+def test_the_fake_refuses_what_sendgrid_refuses(sendgrid_fake, body, field):
+    response = post(sendgrid_fake, body)
+    assert response.status_code == 400
+    errors = response.json()["errors"]
+    assert field in [e["field"] for e in errors] and all({"message", "field", "help"} <= set(e) for e in errors)
+    assert sendgrid_fake.messages == []
+
+
+def test_the_fake_wants_a_bearer_key_and_json(sendgrid_fake):
+    assert post(sendgrid_fake, mail(), key="").status_code == 401
+    assert post(sendgrid_fake, mail(), key="SG.wrong").json()["errors"][0]["message"].startswith("The provided")
+    raw = requests.post(f"{sendgrid_fake.base_url}/v3/mail/send", data="x=1", timeout=5,
+                        headers={"Authorization": f"Bearer {sendgrid_fake.api_key}",
+                                 "Content-Type": "application/x-www-form-urlencoded"})
+    assert raw.status_code == 400
+    assert requests.get(f"{sendgrid_fake.base_url}/v3/mail/send", timeout=5).status_code == 405
+    accepted = post(sendgrid_fake, mail())
+    assert accepted.status_code == 202 and accepted.content == b"" and accepted.headers["X-Message-Id"]
