@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from worker.ladder import Final, Match, Schedule, Step, decide, format_duration, parse_duration
+from worker.ladder import (
+    Final,
+    Match,
+    QuietHours,
+    Schedule,
+    Step,
+    Variant,
+    choose_variant,
+    decide,
+    format_duration,
+    parse_duration,
+    slots,
+)
 
 T0 = datetime(2026, 11, 25, 9, tzinfo=UTC)
 LADDER = Schedule(
@@ -37,27 +51,94 @@ def at(**kw):
 
 def test_nothing_due_before_the_first_step():
     d = decide(LADDER, created_at=T0, deadline=at(hours=24), handled_until=None, now=at(minutes=14))
-    assert d.send is None and not d.skip and not d.settle and d.next_due_at == at(minutes=15)
+    assert not d.send and not d.skip and not d.settle and d.next_due_at == at(minutes=15)
 
 
 def test_one_due_step_is_sent_and_the_cursor_moves_to_the_next():
     d = decide(LADDER, created_at=T0, deadline=at(hours=24), handled_until=None, now=at(minutes=16))
-    assert d.send.id == "a" and d.handled_until == at(minutes=15) and d.next_due_at == at(hours=2)
+    assert [x.step.id for x in d.send] == ["a"] and d.handled_until == at(minutes=15) and d.next_due_at == at(hours=2)
 
 
 def test_several_due_steps_send_only_the_latest_and_skip_the_rest():
     d = decide(LADDER, created_at=T0, deadline=at(hours=24), handled_until=None, now=at(hours=21))
-    assert d.send.id == "c" and [s.id for s in d.skip] == ["a", "b"] and "superseded" in d.skip_reason
+    assert [x.step.id for x in d.send] == ["c"] and [x.step.id for x in d.skip] == ["a", "b"]
+    assert "superseded" in d.skip_reason
     assert d.next_due_at == at(hours=24)
 
 
 def test_a_passed_deadline_settles_and_skips_what_was_waiting():
     d = decide(LADDER, created_at=T0, deadline=at(hours=24), handled_until=at(minutes=15), now=at(hours=25))
-    assert d.settle and d.send is None and [s.id for s in d.skip] == ["b", "c"] and d.next_due_at is None
+    assert d.settle and not d.send and [x.step.id for x in d.skip] == ["b", "c"] and d.next_due_at is None
 
 
 def test_an_earlier_expires_at_drops_steps_after_it():
     deadline = LADDER.deadline(T0, at(hours=3))
     assert deadline == at(hours=3)
     d = decide(LADDER, created_at=T0, deadline=deadline, handled_until=at(hours=2), now=at(hours=2, minutes=1))
-    assert d.send is None and d.next_due_at == at(hours=3)
+    assert not d.send and d.next_due_at == at(hours=3)
+
+
+# -- quiet hours ------------------------------------------------------------------------------------
+
+QUIET = QuietHours(time(22), time(8))
+NIGHT = replace(LADDER, quiet_hours=QUIET,
+                steps=(Step("a", timedelta(minutes=15), ("push", "email"), "nudge"),
+                       Step("b", timedelta(hours=2), ("sms",), "reminder"),
+                       Step("c", timedelta(hours=6), ("sms", "email"), "final_warning")),
+                final=Final("cancel", timedelta(hours=7), "cancelled", "not_confirmed", ("sms",)))
+
+
+def local(text: str, zone: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=ZoneInfo(zone)).astimezone(UTC)
+
+
+def test_sms_and_push_inside_quiet_hours_wait_for_the_morning_across_midnight_email_does_not():
+    created = local("2026-11-25T21:50", "Asia/Shanghai")  # the nudge falls at 22:05, inside
+    got = {(x.step.id, x.channels): x.at for x in slots(NIGHT, created, created + timedelta(hours=30),
+                                                         "Asia/Shanghai")}
+    morning = local("2026-11-26T08:00", "Asia/Shanghai")
+    assert got == {("a", ("email",)): created + timedelta(minutes=15),  # email is not held
+                   ("a", ("push",)): morning, ("b", ("sms",)): morning,
+                   ("c", ("email",)): created + timedelta(hours=6), ("c", ("sms",)): morning}
+
+
+def test_quiet_hours_follow_a_dst_change_in_the_customers_zone():
+    # Europe/Berlin leaves summer time in the night of 2026-10-25: 08:00 local is 07:00 UTC, not 06:00.
+    created = local("2026-10-24T23:00", "Europe/Berlin")
+    held = next(x for x in slots(NIGHT, created, created + timedelta(hours=30), "Europe/Berlin") if x.step.id == "b")
+    assert held.at == datetime(2026, 10, 25, 7, 0, tzinfo=UTC)
+    # and the night it enters summer time (2026-03-29): 08:00 CEST is 06:00 UTC
+    created = local("2026-03-28T23:00", "Europe/Berlin")
+    held = next(x for x in slots(NIGHT, created, created + timedelta(hours=30), "Europe/Berlin") if x.step.id == "b")
+    assert held.at == datetime(2026, 3, 29, 6, 0, tzinfo=UTC)
+
+
+def test_a_final_warning_is_never_held_past_the_deadline_it_goes_before_quiet_hours():
+    created = local("2026-11-25T16:30", "Asia/Shanghai")  # final warning at 22:30, deadline 23:30
+    deadline = created + timedelta(hours=7)
+    final = [x for x in slots(NIGHT, created, deadline, "Asia/Shanghai") if x.step.id == "c"]
+    assert {x.channels: x.at for x in final} == {
+        ("sms",): local("2026-11-25T21:59", "Asia/Shanghai"),  # the last moment before 22:00
+        ("email",): created + timedelta(hours=6)}
+    assert "before quiet hours" in next(x.note for x in final if x.channels == ("sms",))
+
+
+def test_a_final_warning_already_inside_quiet_hours_goes_at_once():
+    created = local("2026-11-25T22:10", "Asia/Shanghai")  # the whole ladder runs inside the night
+    ladder = replace(NIGHT, steps=(Step("c", timedelta(hours=1, minutes=30), ("sms",), "final_warning"),),
+                     final=Final("cancel", timedelta(hours=2), "cancelled", "x", ("sms",)))
+    [final] = slots(ladder, created, created + timedelta(hours=2), "Asia/Shanghai")
+    assert final.at == created + timedelta(hours=1, minutes=30) and "not held" in final.note
+
+
+# -- A/B variants ------------------------------------------------------------------------------------
+
+def test_variants_are_chosen_deterministically_and_by_weight():
+    step = Step("b", timedelta(hours=2), ("sms",), "reminder",
+                variants=(Variant("short", "reminder_short", 1), Variant("long", "reminder", 3)))
+    picks = [choose_variant(step, f"tx_{i}") for i in range(4000)]
+    assert picks == [choose_variant(step, f"tx_{i}") for i in range(4000)]  # stable
+    share = sum(1 for name, _ in picks if name == "short") / len(picks)
+    assert 0.22 < share < 0.28
+    assert dict(picks)["short"] == "reminder_short"
+    assert choose_variant(LADDER.steps[0], "tx_1") == ("default", "nudge")

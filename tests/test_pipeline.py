@@ -171,3 +171,36 @@ def test_confirm_and_deadline_race_settles_each_transaction_once(make_harness):
         assert view["status"] == outcomes[tx_id]
         notices = [line for line in h.lines(tx_id) if line["step"] == "cancel"]
         assert len(notices) == (3 if view["status"] == "cancelled" else 0)
+
+
+def test_quiet_hours_and_variants_through_the_scheduler(make_harness, tmp_path):
+    import shutil
+
+    from support import ROOT
+
+    folder = tmp_path / "sched"
+    folder.mkdir()
+    shutil.copy(ROOT / "schedules" / "default.yaml", folder / "default.yaml")
+    text = (folder / "default.yaml").read_text().replace(
+        "    template: reminder\n",
+        "    template: reminder\n    variants:\n      - {name: plain, template: reminder, weight: 1}\n"
+        "      - {name: nudgy, template: nudge, weight: 1}\n")
+    (folder / "default.yaml").write_text(text)
+    h = make_harness(schedules_dir=folder)
+    # 13:30 UTC is 21:30 in Shanghai: the 2h reminder (23:30) waits for 08:00; the nudge (21:45) does not
+    start = T0 + timedelta(hours=4, minutes=30)
+    for i in range(20):
+        h.remind.register(transaction(f"tx_{i:02}", created_at=start.isoformat()))
+    h.clock.set(start + timedelta(hours=2, minutes=5))
+    h.tick()
+    assert {line["step"] for line in h.lines()} == {"nudge"}
+    planned = [e for e in h.remind.show("tx_00")["timeline"] if e["step"] == "reminder"]
+    assert planned[0]["due_at"] == "2026-11-26T00:00:00Z" and "quiet hours" in planned[0]["reason"]
+    h.clock.set(T0 + timedelta(hours=15, minutes=1))  # 08:01 in Shanghai
+    h.tick()
+    reminders = [line for line in h.lines() if line["step"] == "reminder"]
+    assert len(reminders) == 40  # SMS + push for each, now
+    variants = {line["transaction_id"]: line["variant"] for line in reminders}
+    assert set(variants.values()) == {"plain", "nudgy"}
+    again = {e["step"]: e["variant"] for e in h.remind.show("tx_03")["timeline"]}
+    assert again["reminder"] == variants["tx_03"]

@@ -71,9 +71,11 @@ def demo() -> None:
 @click.option("--port", type=int, default=None, help="HTTP port (default: PORT, else 8000).")
 def web(port: int | None) -> None:
     """The web app alone: the platform API, confirmation pages, health and metrics."""
-    from .runner import web_server
+    from .runner import watch_config, web_server
 
-    web_server(_remind(), port=port).run()
+    remind = _remind()
+    watch_config(remind)
+    web_server(remind, port=port).run()
 
 
 @main.command()
@@ -144,6 +146,42 @@ def schedules_check() -> None:
         click.echo(f"ok  {s.name} (priority {s.priority}): {ladder}; {s.final.action} at "
                    f"{format_duration(s.final.after)}")
     click.echo(f"templates: {', '.join(templates.locales)}")
+    from .preview import sms_budget_warnings
+
+    for warning in sms_budget_warnings(templates, settings.sms_segment_budget, settings):
+        click.echo(f"warning: {warning}", err=True)
+
+
+@schedules.command("preview")
+@click.argument("name")
+@click.option("--tx", "tx_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="A transaction JSON file (- for stdin); default: the sample transaction, created now.")
+@click.option("--locale", default=None, help="Render in this locale instead of the customer's (e.g. en, zh-CN).")
+@click.option("--json", "as_json", is_flag=True, help="The preview as JSON.")
+def schedules_preview(name: str, tx_file, locale: str | None, as_json: bool) -> None:
+    """What schedule NAME would send: each step's time in the customer's zone, channel, text, SMS segments."""
+    from .preview import preview, to_text
+    from .service import load_config
+
+    settings = _settings()
+    try:
+        config = load_config(settings)
+    except ConfigError as exc:
+        raise click.ClickException("invalid configuration:\n" + "\n".join(exc.problems)) from None
+    payload = None
+    if tx_file is not None:
+        try:
+            payload = json.loads(tx_file.read(), parse_float=Decimal)
+        except json.JSONDecodeError as exc:
+            raise click.ClickException(f"not valid JSON: {exc}") from None
+    try:
+        result = preview(config, name, payload, locale, settings=settings)
+    except KeyError:
+        raise click.ClickException(f"no schedule {name!r}; there are: "
+                                   f"{', '.join(s.name for s in config[0])}") from None
+    except InvalidInput as exc:
+        _fail(exc)
+    click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False) if as_json else to_text(result))
 
 
 @main.group()
@@ -219,6 +257,21 @@ def tx_show(tx_id: str, as_json: bool) -> None:
     except NotFound as exc:
         _fail(exc)
     click.echo(json.dumps(view, indent=2, ensure_ascii=False) if as_json else to_text(view))
+
+
+@main.command()
+@click.option("--since", default=None, help="Transactions created since: an ISO date/time or a duration (7d).")
+@click.option("--schedule", default=None, help="Only this schedule.")
+@click.option("--json", "as_json", is_flag=True, help="The same JSON as GET /v1/stats.")
+def stats(since: str | None, schedule: str | None, as_json: bool) -> None:
+    """The confirmation funnel per schedule, step and variant (definitions: docs/stats.md)."""
+    from .stats import funnel, to_text
+
+    try:
+        data = funnel(_remind().store, since=since, schedule=schedule)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False) if as_json else to_text(data))
 
 
 if __name__ == "__main__":  # pragma: no cover

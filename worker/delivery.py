@@ -21,6 +21,7 @@ from .masking import mask_recipient
 from .outcomes import Outcomes
 from .render import Templates, facts_for
 from .senders import OutgoingMessage, Sender
+from .sms import segments
 from .store import CANCELLED, ESCALATED, PENDING, Store
 
 log = logging.getLogger("remind.delivery")
@@ -171,7 +172,9 @@ class Deliverer:
             return "failed"
         now = self.store.clock()
         keep = d["reason"] if d["reason"] and not d["reason"].startswith("retrying") else None
+        billed = sum(segments(m.body).segments for m in messages) if d["channel"] == "sms" else None
         self.store.update_delivery(None, d["id"], status="sent", sent_at=now, lease_until=None, reason=keep,
+                                   segments=billed,
                                    provider_id=next((p for p in provider_ids if p), None))
         log.info("sent %s %s to %s · %s", d["step"], d["channel"],
                  ", ".join(mask_recipient(m.channel, m.recipient) for m in messages) or "-", d["transaction_id"])

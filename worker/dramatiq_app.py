@@ -6,6 +6,7 @@ import dramatiq
 
 from .broker import bind, make_broker
 from .logs import setup
+from .runner import watch_config
 from .senders import describe
 from .service import Remind
 from .settings import Settings
@@ -16,4 +17,5 @@ remind = Remind.from_settings(settings, migrate=False)
 broker = make_broker(settings)
 dramatiq.set_broker(broker)
 actors = bind(remind, broker)
+watch_config(remind)
 logging.getLogger("remind").info("worker ready: broker redis, senders %s", describe(remind.senders))

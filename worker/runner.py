@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
@@ -26,11 +27,37 @@ def _tick(remind: Remind) -> None:
                  result.claimed, len(result.enqueued), result.skipped, result.settled, result.recovered)
 
 
+def _reload(remind: Remind, reschedule: bool) -> None:
+    try:
+        remind.reload_if_changed(reschedule=reschedule)
+    except Exception:  # a reload must never stop the process
+        log.exception("configuration reload crashed; keeping the last good one")
+
+
 def _add_tick(scheduler, remind: Remind) -> None:
     # Each process keeps its tick in memory (APScheduler 3 cannot share a job store between
     # processes); the database claim is what coordinates several schedulers.
     scheduler.add_job(_tick, "interval", args=[remind], seconds=remind.settings.tick_seconds,
                       id="tick", max_instances=1, coalesce=True, misfire_grace_time=None)
+    if remind.settings.reload_seconds:
+        scheduler.add_job(_reload, "interval", args=[remind, True], seconds=remind.settings.reload_seconds,
+                          id="reload", max_instances=1, coalesce=True, misfire_grace_time=None)
+
+
+def watch_config(remind: Remind) -> threading.Thread | None:
+    """Hot reload for processes without a scheduler (web, dramatiq workers): a daemon thread."""
+    interval = remind.settings.reload_seconds
+    if not interval:
+        return None
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            _reload(remind, False)
+
+    thread = threading.Thread(target=loop, name="config-reload", daemon=True)
+    thread.start()
+    return thread
 
 
 def web_server(remind: Remind, host: str | None = None, port: int | None = None):

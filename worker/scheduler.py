@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .contacts import all_pairs, choose
-from .ladder import Decision, Registry, Schedule, decide
+from .ladder import Decision, Registry, Schedule, choose_variant, decide
 from .store import CANCELLED, Cursor, NewDelivery, Store
 
 log = logging.getLogger("remind.scheduler")
@@ -31,26 +31,30 @@ class TickResult:
 
 
 def _rows(content: dict, tx_id: str, step: str, kind: str, template: str, channels: Sequence[str],
-          fallback: Sequence[str], due_at: datetime, suppressed: set[tuple[str, str]]) -> list[NewDelivery]:
-    """One row per channel the step uses; an unusable channel is skipped and replaced by a fallback."""
-    return [NewDelivery(tx_id, step, kind, c.channel, template, due_at, "queued" if c.send else "skipped", c.reason)
+          fallback: Sequence[str], due_at: datetime, suppressed: set[tuple[str, str]], *, variant: str = "default",
+          note: str | None = None) -> list[NewDelivery]:
+    """One row per channel; an unusable channel is skipped and replaced by a usable fallback channel."""
+    return [NewDelivery(tx_id, step, kind, c.channel, template, due_at, "queued" if c.send else "skipped",
+                        c.reason if c.reason or not note else note, variant)
             for c in choose(channels, fallback, content["customer"], suppressed)]
 
 
 def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: bool,
                      suppressed: set[tuple[str, str]] = frozenset()) -> tuple[Decision, Cursor, list[NewDelivery]]:
     """The rows one claimed transaction produces now; pure apart from reading ``row``."""
+    content = row["content"]
     d = decide(schedule, created_at=row["created_at"], deadline=row["deadline"],
-               handled_until=row["handled_until"], now=now)
-    tx_id, content = row["id"], row["content"]
-    created = row["created_at"]
+               handled_until=row["handled_until"], now=now, zone=content["customer"].get("timezone") or "UTC")
+    tx_id = row["id"]
     rows: list[NewDelivery] = []
-    for step in d.skip:
-        rows += [NewDelivery(tx_id, step.id, "reminder", channel, step.template, created + step.after, "skipped",
-                             d.skip_reason) for channel in step.channels]
-    if d.send is not None:
-        rows += _rows(content, tx_id, d.send.id, "reminder", d.send.template, d.send.channels,
-                      schedule.fallback_for(d.send.id), created + d.send.after, suppressed)
+    for slot in d.skip:
+        variant, template = choose_variant(slot.step, tx_id)
+        rows += [NewDelivery(tx_id, slot.step.id, "reminder", channel, template, slot.at, "skipped", d.skip_reason,
+                             variant) for channel in slot.channels]
+    for slot in d.send:
+        variant, template = choose_variant(slot.step, tx_id)
+        rows += _rows(content, tx_id, slot.step.id, "reminder", template, slot.channels,
+                      schedule.fallback_for(slot.step.id), slot.at, suppressed, variant=variant, note=slot.note)
     settle_status = settle_reason = None
     if d.settle:
         final = schedule.final
@@ -60,7 +64,7 @@ def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: b
         if webhook:
             rows.append(NewDelivery(tx_id, final.action, "webhook", "webhook", f"transaction.{final.status}",
                                     row["deadline"], "queued"))
-    cursor = Cursor(tx_id, d.handled_until, d.next_due_at, settle_status, settle_reason)
+    cursor = Cursor(tx_id, d.handled_until, d.next_due_at, settle_status, settle_reason, schedule.version)
     return d, cursor, rows
 
 

@@ -12,12 +12,13 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from .delivery import Deliverer, DeliveryOptions
 from .errors import AlreadySettled, ConfigError, Conflict, NotFound
 from .ingest import Transaction, differing_fields, parse_transaction
-from .ladder import Registry, load_dir
+from .ladder import Registry, load_dir, slots
 from .outcomes import Outcomes
 from .render import Templates
 from .scheduler import Scheduler, TickResult
@@ -54,6 +55,8 @@ class Remind:
         self._registry = registry
         self._templates = templates
         self._config_lock = threading.Lock()
+        #: What the last hot reload did, for /readyz and /metrics.
+        self.config_state: dict[str, Any] = {"ok": True, "error": None, "failures": 0, "at": None, "signature": None}
         self.senders = senders
         self.enqueue: Callable[[list[int]], None] = _no_broker
         self.outcomes = Outcomes(store, lambda: self._registry, lambda ids: self.enqueue(ids),
@@ -65,6 +68,7 @@ class Remind:
             webhook_url=settings.platform_webhook_url, lease=timedelta(seconds=settings.lease_seconds),
             max_attempts=settings.max_attempts, webhook_max_attempts=settings.webhook_max_attempts),
             self.outcomes)
+        self.config_state["signature"] = self._config_signature()
         self.scheduler = Scheduler(store, lambda: self._registry, lambda ids: self.enqueue(ids),
                                    batch_size=settings.batch_size,
                                    lease=timedelta(seconds=settings.lease_seconds),
@@ -99,6 +103,41 @@ class Remind:
         with self._config_lock:
             self._registry, self._templates = registry, templates
 
+    def _config_signature(self) -> tuple:
+        files = []
+        for folder in (self.settings.schedules_dir, self.settings.templates_dir):
+            for path in sorted(Path(folder).rglob("*")):
+                if path.is_file():
+                    stat = path.stat()
+                    files.append((str(path), stat.st_mtime_ns, stat.st_size))
+        return tuple(files)
+
+    def reload_if_changed(self, *, reschedule: bool = False) -> bool | None:
+        """Hot reload: None when nothing changed, True when the new files are in use, False when they
+        were refused (logged with file, line and field; the last good configuration stays).
+
+        ``reschedule`` (schedulers only): transactions on an edited schedule are looked at on the next
+        tick, so steps the edit added follow the new ladder; steps already past stay past."""
+        signature = self._config_signature()
+        if signature == self.config_state["signature"]:
+            return None
+        self.config_state["signature"] = signature
+        before = {s.name: s.version for s in self._registry}
+        try:
+            self.reload()
+        except ConfigError as exc:
+            self.config_state.update(ok=False, error=exc.problems[0], failures=self.config_state["failures"] + 1,
+                                     at=self.store.clock())
+            log.error("configuration reload refused; keeping the last good one:\n  %s", "\n  ".join(exc.problems))
+            return False
+        changed = [s.name for s in self._registry if before.get(s.name) != s.version]
+        self.config_state.update(ok=True, error=None, at=self.store.clock())
+        log.info("configuration reloaded; changed schedules: %s", ", ".join(changed) or "none")
+        if reschedule and changed:
+            touched = self.store.reschedule(changed, self.store.clock())
+            log.info("%d pending transactions will follow the edited ladders from now on", touched)
+        return True
+
     # -- the platform's calls -------------------------------------------------------------------
 
     def register(self, payload: Mapping[str, Any] | Transaction, *, now: datetime | None = None) -> Registration:
@@ -110,7 +149,7 @@ class Remind:
         schedule = self._registry.choose(segment=tx.customer.segment, risk_flag=tx.risk_flag,
                                          amount=tx.amount, currency=tx.currency)
         deadline = schedule.deadline(tx.created_at, tx.expires_at)
-        first = [tx.created_at + s.after for s in schedule.steps if tx.created_at + s.after < deadline]
+        first = [s.at for s in slots(schedule, tx.created_at, deadline, tx.customer.timezone)]
         existing = self.store.insert_transaction(NewTransaction(
             id=tx.id, content=content, customer_id=tx.customer.id, segment=tx.customer.segment,
             risk_flag=tx.risk_flag, amount=tx.amount, currency=tx.currency, schedule=schedule.name,

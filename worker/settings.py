@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     outbox: Path = Field(Path("outbox.jsonl"), alias="REMIND_OUTBOX")
     dev_sender: str = Field("outbox,console", alias="REMIND_DEV_SENDER")
     tick_seconds: float = Field(5.0, alias="REMIND_TICK_SECONDS", gt=0)
+    reload_seconds: float = Field(2.0, alias="REMIND_RELOAD_SECONDS", ge=0)  # 0: no hot reload
     lease_seconds: float = Field(300.0, alias="REMIND_LEASE_SECONDS", gt=0)
     batch_size: int = Field(1000, alias="REMIND_BATCH_SIZE", gt=0)
     max_attempts: int = Field(8, alias="REMIND_MAX_ATTEMPTS", gt=0)
@@ -68,6 +69,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, alias="PORT", ge=0, le=65535)
     api_tokens: str = Field("", alias="REMIND_API_TOKEN")
     max_body_bytes: int = Field(65536, alias="REMIND_MAX_BODY_BYTES", gt=0)
+    sms_segment_budget: int = Field(3, alias="REMIND_SMS_SEGMENT_BUDGET", gt=0)  # `schedules check` warns above
 
     @field_validator("dev_sender")
     @classmethod

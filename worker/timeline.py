@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from .contacts import CONTACT_FIELD
-from .ladder import Schedule, step_times
+from .ladder import Schedule, choose_variant, slots
 from .masking import mask_recipient
 
 
@@ -32,15 +32,19 @@ def build(tx: dict[str, Any], deliveries: list[dict[str, Any]], schedule: Schedu
             "state": d["status"], "attempts": d["attempts"], "reason": d["reason"], "recipient": recipient,
         })
     if tx["status"] == "pending" and schedule is not None:
-        seen = {d["step"] for d in deliveries}
-        for step, at in step_times(schedule, tx["created_at"], tx["deadline"]):
-            if step.id in seen or (tx["handled_until"] and at <= tx["handled_until"]):
+        seen = {(d["step"], d["channel"]) for d in deliveries}
+        zone = content["customer"].get("timezone") or "UTC"
+        for slot in slots(schedule, tx["created_at"], tx["deadline"], zone):
+            if tx["handled_until"] and slot.at <= tx["handled_until"]:
                 continue
-            for channel in step.channels:
-                entries.append({"step": step.id, "kind": "reminder", "channel": channel,
-                                "template": step.template, "variant": "default", "due_at": _iso(at),
+            variant, template = choose_variant(slot.step, tx["id"])
+            for channel in slot.channels:
+                if (slot.step.id, channel) in seen:
+                    continue
+                entries.append({"step": slot.step.id, "kind": "reminder", "channel": channel,
+                                "template": template, "variant": variant, "due_at": _iso(slot.at),
                                 "sent_at": None, "status": "planned", "state": "planned", "attempts": 0,
-                                "reason": None, "recipient": None})
+                                "reason": slot.note, "recipient": None})
         final = schedule.final
         entries.append({"step": final.action, "kind": "notice", "channel": ",".join(final.channels),
                         "template": final.template, "variant": "default", "due_at": _iso(tx["deadline"]),

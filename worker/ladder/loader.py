@@ -6,7 +6,9 @@ A load is all or nothing: the caller keeps its last good registry when this rais
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,14 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .durations import parse_duration
-from .model import CHANNELS, Final, Match, Schedule, Step
+from .durations import format_duration, parse_duration
+from .model import CHANNELS, Final, Match, Schedule, Step, Variant
+from .quiet import QuietHours, parse_clock
 
-_TOP_KEYS = {"name", "match", "priority", "steps", "cancel", "escalate", "description"}
-_STEP_KEYS = {"id", "after", "channels", "template", "fallback"}
+_TOP_KEYS = {"name", "match", "priority", "steps", "cancel", "escalate", "description", "quiet_hours"}
+_STEP_KEYS = {"id", "after", "channels", "template", "fallback", "variants"}
+_VARIANT_KEYS = {"name", "template", "weight"}
+_QUIET_KEYS = {"start", "end", "channels"}
 _FINAL_KEYS = {"after", "template", "reason", "channels"}
 _MATCH_KEYS = {"segment", "risk_flag", "amount", "currency"}
 _AMOUNT_KEYS = {"min", "max"}
@@ -126,6 +131,55 @@ def _match(doc: _Doc, raw: Any) -> Match:
     return Match(segments=segments, risk_flag=risk, amount_min=lo, amount_max=hi, currencies=currencies)
 
 
+def _variants(doc: _Doc, path: tuple[Any, ...], raw: Any) -> tuple[Variant, ...]:
+    if not isinstance(raw, list) or not raw:
+        doc.error(path, "a list of {name, template, weight}")
+        return ()
+    out: list[Variant] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            doc.error(path + (i,), "a mapping with name, template and weight")
+            continue
+        _unknown_keys(doc, path + (i,), item, _VARIANT_KEYS)
+        name, template, weight = item.get("name"), item.get("template"), item.get("weight", 1)
+        if not isinstance(name, str) or not name:
+            doc.error(path + (i, "name"), "required: the variant's name, recorded on each delivery")
+            continue
+        if not isinstance(template, str) or not template:
+            doc.error(path + (i, "template"), "required: the name of a template folder")
+            continue
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            doc.error(path + (i, "weight"), "a whole number of at least 1")
+            continue
+        if any(v.name == name for v in out):
+            doc.error(path + (i, "name"), f"variant {name!r} is listed twice")
+            continue
+        out.append(Variant(name, template, weight))
+    return tuple(out)
+
+
+def _quiet(doc: _Doc, raw: Any) -> QuietHours | None:
+    path = ("quiet_hours",)
+    if not isinstance(raw, dict):
+        doc.error(path, "a mapping with start, end and optional channels")
+        return None
+    _unknown_keys(doc, path, raw, _QUIET_KEYS)
+    times = {}
+    for key in ("start", "end"):
+        try:
+            times[key] = parse_clock(raw.get(key))
+        except ValueError as exc:
+            doc.error(path + (key,), str(exc))
+    if len(times) < 2:
+        return None
+    start, end = times["start"], times["end"]
+    if start == end:
+        doc.error(path + ("end",), "the same as start: quiet hours would be empty")
+        return None
+    channels = _channels(doc, path + ("channels",), raw.get("channels"), default=("sms", "push"))
+    return QuietHours(start, end, channels)
+
+
 def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
     raw = doc.data
     if not isinstance(raw, dict):
@@ -153,9 +207,12 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
             doc.error(path, "a mapping with after, channels and template")
             continue
         _unknown_keys(doc, path, item, _STEP_KEYS)
-        for key in ("after", "channels", "template"):
+        for key in ("after", "channels") + (() if "variants" in item else ("template",)):
             if key not in item:
                 doc.error(path + (key,), "required")
+        variants = _variants(doc, path + ("variants",), item.get("variants")) if "variants" in item else ()
+        if variants and "template" not in item:
+            item = {**item, "template": variants[0].template}
         after = _duration(doc, path + ("after",), item.get("after"))
         channels = _channels(doc, path + ("channels",), item.get("channels"))
         fallback = _channels(doc, path + ("fallback",), item["fallback"]) if "fallback" in item else None
@@ -174,8 +231,13 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
             for channel in (*channels, *(fallback or ())):
                 for problem in check_template(template, channel):
                     doc.error(path + ("template",), problem)
+                for j, variant in enumerate(variants):
+                    if variant.template != template:
+                        for problem in check_template(variant.template, channel):
+                            doc.error(path + ("variants", j, "template"), problem)
         if after is not None and template:
-            steps.append(Step(id=step_id, after=after, channels=channels, template=template, fallback=fallback))
+            steps.append(Step(id=step_id, after=after, channels=channels, template=template, fallback=fallback,
+                              variants=variants))
 
     has_cancel, has_escalate = "cancel" in raw, "escalate" in raw
     if has_cancel == has_escalate:
@@ -197,6 +259,8 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
     if after is not None and steps and after <= steps[-1].after:
         doc.error(path + ("after",), f"the {action} step must come after the last reminder "
                   f"({steps[-1].id!r} at {raw_steps[len(steps) - 1].get('after')})")
+    elif after is not None and steps:
+        _check_final_gap(doc, action, steps[-1], after)
     if check_template and isinstance(template, str):
         for channel in channels:
             for problem in check_template(template, channel):
@@ -206,8 +270,9 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
         return None
     final = Final(action=action, after=after, template=str(template), reason=str(reason), channels=channels)
     version = hashlib.sha256(doc.path.read_bytes()).hexdigest()[:12]
+    quiet = _quiet(doc, raw["quiet_hours"]) if "quiet_hours" in raw else None
     schedule = Schedule(name=name, match=match, priority=priority, steps=tuple(steps), final=final,
-                        version=version, source=str(doc.path))
+                        version=version, source=str(doc.path), quiet_hours=quiet)
     if check_template:  # a step may fall back to another channel: its template must exist there too
         for i, step in enumerate(schedule.steps):
             for channel in schedule.fallback_for(step.id):
@@ -215,6 +280,32 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
                     for problem in check_template(step.template, channel):
                         doc.error(("steps", i, "template"), f"{problem} (used when falling back)")
     return None if doc.problems else schedule
+
+
+# -- the final-gap rule ---------------------------------------------------------------------------
+# The final step must not overtake the last reminder: that message (often the "last reminder before
+# we cancel") needs time to arrive, through a few retries, and to be acted on. See docs/schedules.md.
+
+#: The floor: SMS and email delivery plus a few retries (backoff grows to 5 minutes) fit in it.
+MIN_FINAL_GAP = timedelta(minutes=5)
+#: The gap grows with the ladder: at least this share of the last reminder's offset.
+FINAL_GAP_SHARE = 0.10
+#: Second-scale ladders (the demo, tests) cannot wait 5 minutes: the floor is capped at this share.
+SHORT_LADDER_SHARE = 0.25
+
+
+def min_final_gap(last_after: timedelta) -> timedelta:
+    """max(10% of the last offset, min(5 minutes, 25% of it)), rounded up to whole seconds."""
+    need = max(last_after * FINAL_GAP_SHARE, min(MIN_FINAL_GAP, last_after * SHORT_LADDER_SHARE))
+    return timedelta(seconds=math.ceil(need.total_seconds()))
+
+
+def _check_final_gap(doc: _Doc, action: str, last: Step, after: timedelta) -> None:
+    need = min_final_gap(last.after)
+    if after - last.after < need:
+        doc.error((action, "after"), f"the {action} step comes {format_duration(after - last.after)} after the "
+                  f"last reminder ({last.id!r} at {format_duration(last.after)}), too soon for it to arrive: "
+                  f"leave at least {format_duration(need)} (at {format_duration(last.after + need)} or later)")
 
 
 def load_file(path: Path, check_template: TemplateCheck | None = None) -> Schedule:

@@ -6,7 +6,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from .quiet import QuietHours
+
 CHANNELS = ("sms", "email", "push")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One wording of a step for A/B tests; chosen by weight, deterministically per transaction."""
+
+    name: str
+    template: str
+    weight: int
 
 
 @dataclass(frozen=True)
@@ -18,6 +29,7 @@ class Step:
     channels: tuple[str, ...]
     template: str
     fallback: tuple[str, ...] | None = None  # None: the schedule's other channels
+    variants: tuple[Variant, ...] = ()  # empty: ``template`` for everyone
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ class Schedule:
     final: Final
     version: str
     source: str = field(default="", compare=False)
+    quiet_hours: QuietHours | None = None
 
     def deadline(self, created_at: datetime, expires_at: datetime | None) -> datetime:
         """The final step's time: the schedule's own, or ``expires_at`` when that is earlier."""

@@ -1,30 +1,95 @@
-"""When is each step due, and what does a tick do now: the late-step rule lives here, and only here.
+"""When is each step sent, and what does a tick do now. The late-step rule, quiet hours and A/B
+variants are decided here, and only here.
 
 Pure functions of the ladder and the clock: no SQL, no broker, no I/O.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from .model import Schedule, Step
+
+#: How long before quiet hours a final warning goes out when holding it would pass the deadline.
+BEFORE_QUIET = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Some channels of one step, and when they go out (after any quiet-hours shift)."""
+
+    step: Step
+    index: int  # the step's place in the ladder
+    channels: tuple[str, ...]
+    at: datetime
+    note: str | None = None  # why ``at`` differs from the ladder's own time
 
 
 @dataclass(frozen=True)
 class Decision:
     """What one tick does for one pending transaction."""
 
-    send: Step | None  # the reminder that goes out now
-    skip: tuple[Step, ...]  # due reminders recorded as skipped (late-step rule)
+    send: tuple[Slot, ...]  # what goes out now: slots of one step
+    skip: tuple[Slot, ...]  # due slots recorded as skipped (late-step rule)
     skip_reason: str
     settle: bool  # the deadline has passed: cancel or escalate now
-    handled_until: datetime | None  # due time of the newest step handled so far
+    handled_until: datetime | None  # time of the newest slot handled so far
     next_due_at: datetime | None  # when this transaction next needs the scheduler
 
 
+def choose_variant(step: Step, transaction_id: str) -> tuple[str, str]:
+    """(variant name, template): deterministic from the transaction id, weighted."""
+    if not step.variants:
+        return "default", step.template
+    total = sum(v.weight for v in step.variants)
+    point = int.from_bytes(hashlib.sha256(f"{step.id}:{transaction_id}".encode()).digest()[:8], "big") % total
+    for variant in step.variants:
+        if point < variant.weight:
+            return variant.name, variant.template
+        point -= variant.weight
+    raise AssertionError("unreachable: weights are positive")
+
+
+def slots(schedule: Schedule, created_at: datetime, deadline: datetime, zone: str | ZoneInfo = "UTC") -> list[Slot]:
+    """Every reminder slot before the deadline, in sending order.
+
+    Quiet hours hold the schedule's quiet channels to the end of the quiet period. The last reminder
+    (the final warning) is never held past the deadline: it goes out just before quiet hours begin
+    instead, or at its own time when that moment has already passed."""
+    tz = zone if isinstance(zone, ZoneInfo) else ZoneInfo(zone)
+    quiet = schedule.quiet_hours
+    out: list[Slot] = []
+    last = len(schedule.steps) - 1
+    for index, step in enumerate(schedule.steps):
+        due = created_at + step.after
+        period = quiet.period(due, tz) if quiet else None
+        held = tuple(c for c in step.channels if quiet and c in quiet.channels)
+        if period is None or not held:
+            out.append(Slot(step, index, step.channels, due))
+            continue
+        start, end = period
+        local_end = end.astimezone(tz).strftime("%H:%M")
+        at, note = end, f"held for quiet hours until {local_end} ({tz.key})"
+        if end >= deadline and index == last:
+            earlier = start - BEFORE_QUIET
+            previous = out[-1].at if out else created_at
+            if earlier > previous and earlier > created_at:
+                at, note = earlier, f"final warning sent before quiet hours begin ({tz.key})"
+            else:
+                at, note = due, "final warning not held: quiet hours would pass the deadline"
+        free = tuple(c for c in step.channels if c not in held)
+        if free:
+            out.append(Slot(step, index, free, due))
+        out.append(Slot(step, index, held, at, note))
+    out = [s for s in out if s.at < deadline]
+    return sorted(out, key=lambda s: (s.at, s.index))
+
+
 def step_times(schedule: Schedule, created_at: datetime, deadline: datetime) -> list[tuple[Step, datetime]]:
-    """Each reminder with its due time; steps at or past the deadline are dropped."""
+    """Each reminder with the ladder's own time (no quiet hours); steps at or past the deadline dropped."""
     return [(s, created_at + s.after) for s in schedule.steps if created_at + s.after < deadline]
 
 
@@ -35,31 +100,28 @@ def decide(
     deadline: datetime,
     handled_until: datetime | None,
     now: datetime,
+    zone: str | ZoneInfo = "UTC",
 ) -> Decision:
-    """Apply the late-step rule: of the reminders due now, only the latest goes out; a passed
-    deadline settles at once and skips whatever reminders were still waiting."""
-    timeline = step_times(schedule, created_at, deadline)
-    waiting = [(s, t) for s, t in timeline if handled_until is None or t > handled_until]
-    due = [(s, t) for s, t in waiting if t <= now]
+    """Apply the late-step rule: of the slots due now, only the latest step's go out; a passed
+    deadline settles at once and skips whatever was still waiting."""
+    waiting = [s for s in slots(schedule, created_at, deadline, zone) if handled_until is None or s.at > handled_until]
+    due = [s for s in waiting if s.at <= now]
     if deadline <= now:
-        return Decision(
-            send=None,
-            skip=tuple(s for s, _ in due),
-            skip_reason="late: the deadline passed before this step was sent",
-            settle=True,
-            handled_until=deadline,
-            next_due_at=None,
-        )
+        return Decision((), tuple(due), "late: the deadline passed before this step was sent", True, deadline, None)
     if not due:
-        nxt = waiting[0][1] if waiting else deadline
-        return Decision(None, (), "", False, handled_until, nxt)
-    send, send_at = due[-1]
-    later = [t for _, t in waiting if t > send_at]
+        return Decision((), (), "", False, handled_until, waiting[0].at if waiting else deadline)
+    latest = max(s.index for s in due)
+    send = tuple(s for s in due if s.index == latest)
+    handled = max(s.at for s in due)
+    later = [s.at for s in waiting if s.at > handled]
     return Decision(
         send=send,
-        skip=tuple(s for s, _ in due[:-1]),
-        skip_reason=f"late: superseded by the later step {send.id!r}, sent instead",
+        skip=tuple(s for s in due if s.index != latest),
+        skip_reason=f"late: superseded by the later step {send[0].step.id!r}, sent instead",
         settle=False,
-        handled_until=send_at,
+        handled_until=handled,
         next_due_at=later[0] if later else deadline,
     )
+
+
+__all__ = ["BEFORE_QUIET", "UTC", "Decision", "Slot", "choose_variant", "decide", "slots", "step_times"]

@@ -12,8 +12,9 @@ from .repo import (
     NewDelivery,
     NewTransaction,
     Store,
+    funnel_rows,
     metrics_snapshot,
 )
 
 __all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "NewDelivery",
-           "NewTransaction", "Store", "make_engine", "metrics_snapshot", "normalize_url", "upgrade"]
+           "NewTransaction", "Store", "funnel_rows", "make_engine", "metrics_snapshot", "normalize_url", "upgrade"]

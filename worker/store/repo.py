@@ -66,6 +66,7 @@ class Cursor:
     next_due_at: datetime | None
     settle_status: str | None = None  # cancelled | escalated
     settle_reason: str | None = None
+    schedule_version: str | None = None  # the ladder version this tick followed
 
 
 class Store:
@@ -154,15 +155,24 @@ class Store:
         if plain:
             conn.execute(
                 update(transactions).where(transactions.c.id == _bind("b_id")).values(
-                    handled_until=_bind("b_handled"), next_due_at=_bind("b_next")),
-                [{"b_id": c.id, "b_handled": c.handled_until, "b_next": c.next_due_at} for c in plain],
+                    handled_until=_bind("b_handled"), next_due_at=_bind("b_next"), schedule_version=_bind("b_ver")),
+                [{"b_id": c.id, "b_handled": c.handled_until, "b_next": c.next_due_at,
+                  "b_ver": c.schedule_version} for c in plain],
             )
         for c in settling:
             stamp = "cancelled_at" if c.settle_status == CANCELLED else "escalated_at"
             conn.execute(update(transactions).where(
                 transactions.c.id == c.id, transactions.c.status == PENDING).values(
                 status=c.settle_status, status_reason=c.settle_reason, handled_until=c.handled_until,
-                next_due_at=None, **{stamp: now}))
+                next_due_at=None, schedule_version=c.schedule_version, **{stamp: now}))
+
+    def reschedule(self, schedules: Sequence[str], now: datetime) -> int:
+        """Make the next tick look again at pending transactions on these schedules (after an edit)."""
+        with self.begin() as conn:
+            result = conn.execute(update(transactions).where(
+                transactions.c.schedule.in_(list(schedules)), transactions.c.status == PENDING,
+                transactions.c.next_due_at > now).values(next_due_at=now))
+            return result.rowcount or 0
 
     def add_deliveries(self, conn: Connection, rows: Sequence[NewDelivery], now: datetime,
                        lease: timedelta) -> list[int]:
@@ -182,19 +192,21 @@ class Store:
     def claim_expired(self, conn: Connection, now: datetime, limit: int, lease: timedelta) -> tuple[
             list[int], list[int]]:
         """Deliveries whose lease ran out: queued ones are re-enqueued (the broker lost the message);
-        ones caught mid-send are failed, not resent, since the provider may already have them.
+        ones caught mid-send are failed, not resent, since the provider may already have them (except
+        webhooks to the platform, which are at-least-once and deduplicated by webhook-id).
 
         Returns (ids to enqueue again, ids failed)."""
-        stmt = (select(deliveries.c.id, deliveries.c.status)
+        stmt = (select(deliveries.c.id, deliveries.c.status, deliveries.c.kind)
                 .where(deliveries.c.lease_until <= now)
                 .order_by(deliveries.c.lease_until).limit(limit))
         rows = conn.execute(self._lock(stmt, skip_locked=True)).all()
-        again = [r.id for r in rows if r.status == "queued"]
-        lost = [r.id for r in rows if r.status == "sending"]
+        # Webhooks are at-least-once: the platform deduplicates on webhook-id, so resend those.
+        again = [r.id for r in rows if r.status == "queued" or (r.status == "sending" and r.kind == "webhook")]
+        lost = [r.id for r in rows if r.status == "sending" and r.kind != "webhook"]
         stale = [r.id for r in rows if r.status not in ("queued", "sending")]
         if again:
             conn.execute(update(deliveries).where(deliveries.c.id.in_(again)).values(
-                lease_until=now + lease, enqueued_at=now, updated_at=now))
+                status="queued", lease_until=now + lease, enqueued_at=now, updated_at=now))
         if lost:
             conn.execute(update(deliveries).where(deliveries.c.id.in_(lost)).values(
                 status="failed", lease_until=None, updated_at=now,
@@ -336,3 +348,28 @@ def metrics_snapshot(store: Store, now: datetime) -> dict[str, Any]:
         "due_waiting": due[0] or 0,
         "oldest_due": due[1],
     }
+
+
+def funnel_rows(store: Store, since: datetime | None, schedule: str | None) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows for worker.stats: the transactions in scope, and their reminders that went out, grouped
+    per (transaction, step, variant, channel) with the count, earliest ``sent_at`` and, when the
+    table has a ``segments`` column, its sum. Two queries; the attribution is done in Python."""
+    scope = []
+    if since is not None:
+        scope.append(transactions.c.created_at >= since)
+    if schedule is not None:
+        scope.append(transactions.c.schedule == schedule)
+    tx_cols = [transactions.c[n] for n in ("id", "schedule", "status", "created_at", "confirmed_at",
+                                           "cancelled_at", "escalated_at")]
+    d = deliveries.c
+    keys = [d.transaction_id, d.step, d.variant, d.channel]
+    figures = [func.count().label("messages"), func.min(d.sent_at).label("first_sent")]
+    if "segments" in d:
+        figures.append(func.sum(d["segments"]).label("segments"))
+    dl = (select(*keys, *figures).select_from(deliveries.join(transactions))
+          .where(d.kind == "reminder", d.status.in_(("sent", "delivered")), *scope).group_by(*keys))
+    with store.engine.connect() as conn:
+        txs = [dict(r) for r in conn.execute(select(*tx_cols).where(*scope)).mappings()]
+        dls = [dict(r) for r in conn.execute(dl).mappings()]
+    return txs, dls

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..service import Remind
-from . import api, health, pages, provider_hooks
+from . import api, health, ops, pages, provider_hooks
 from .security import BodyLimit, SecurityHeaders
 
 log = logging.getLogger("remind.web")
@@ -42,6 +42,7 @@ def create_app(remind: Remind) -> FastAPI:
     app.include_router(pages.router(remind))
     app.include_router(health.router(remind))
     app.include_router(provider_hooks.router(remind))
+    app.include_router(ops.router(remind))
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import text
 
 from ..service import Remind
@@ -36,6 +36,11 @@ class StoreCollector:
                                 value=snap["due_waiting"])
         lag = (now - snap["oldest_due"]).total_seconds() if snap["oldest_due"] else 0.0
         yield GaugeMetricFamily("remind_scheduler_lag_seconds", "Now minus the oldest due step", value=lag)
+        state = self.remind.config_state
+        yield CounterMetricFamily("remind_config_reload_failures", "Hot reloads refused (this process)",
+                                  value=state["failures"])
+        yield GaugeMetricFamily("remind_config_ok", "1 when the last hot reload was accepted (this process)",
+                                value=1 if state["ok"] else 0)
 
 
 def _ready(remind: Remind) -> dict[str, str]:
@@ -56,6 +61,9 @@ def _ready(remind: Remind) -> dict[str, str]:
             checks["broker"] = f"unreachable: {type(exc).__name__}"
     else:
         checks["broker"] = "ok (in-process)"
+    state = remind.config_state
+    # A refused reload does not make the process unready (it runs on the last good files), but it shows.
+    checks["config"] = "ok" if state["ok"] else f"ok (last good kept; reload refused: {state['error']})"
     return checks
 
 

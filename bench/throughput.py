@@ -1,0 +1,560 @@
+"""Delivery throughput on the real Redis broker, the senders pointed at local fake providers that answer at once.
+
+    .venv/bin/python bench/throughput.py            # ~5-8 minutes: 3000 transactions (9000 deliveries)
+    .venv/bin/python bench/throughput.py --small    # under a minute
+
+What one run does, for 1 and then 2 worker processes (``--processes``), on a fresh Redis namespace each time:
+
+1. registers N transactions in PostgreSQL (``Remind.register``, a throw-away database ``remind_bench_tp``),
+   created 20 h 1 min ago on the shipped ``default`` schedule, so the final warning (SMS + email + push:
+   three deliveries each; the two earlier steps are recorded skipped by the late-step rule) is due now;
+   customers alternate zh-CN/CNY and en/USD, in time zones where it is daytime (quiet hours hold nothing);
+2. ticks once (``Remind.tick`` with ``worker.broker.bind`` on a RedisBroker): the deliveries are inserted and
+   one message per delivery is enqueued;
+3. starts ``remind worker --processes P --threads T`` with the senders pointed at the Twilio, SendGrid and
+   FCM fakes (tests/fakes, each in its own process: bench/_fakes_server.py) and polls PostgreSQL every
+   0.1 s until no delivery is queued or sending. Every delivery goes the whole way: lock the row, re-check
+   the transaction, read suppressions, render (Jinja + Babel), sign the link, call the provider's SDK,
+   record ``sent``.
+
+The no-op ceiling: the same number of messages (at least ``--noop-min``) for an actor with an empty body
+(bench/_noop_app.py, on ``worker.broker.make_broker``: the same RedisBroker and middleware), consumed by
+``dramatiq`` with the same processes and threads; a message counts as done when the broker acknowledges
+it (its id leaves the queue's ``.msgs`` hash in Redis), polled every 0.01 s.
+
+Rates: the headline is the steady rate between 10 % and 90 % of the messages done (start-up of the worker
+processes and the last stragglers excluded, the same for both); the whole-run rate (first message started
+to last done) is printed beside it. The CPU each part used over the steady window is printed in cores
+(1.00 = one core busy): the workers, the fakes, PostgreSQL, Redis, this process and anything else on the
+machine (the machine has 2 cores, shared by all of them).
+
+Then a profile: one more 1-process run with py-spy attached to the worker process, first sampling only
+the thread holding the GIL (where the CPU goes), then every thread inside a delivery, waiting or not
+(where a delivery's wall time goes). And a sequential in-process calibration of the same Deliverer
+(not timed against the others): SQL statements, transactions and pool check-outs per delivery, and the
+time spent rendering, signing, sending and in the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness as h  # noqa: E402
+
+DB_NAME = "remind_bench_tp"
+NOOP_QUEUE = "bench-noop"
+
+
+# -- the pipeline -----------------------------------------------------------------------------------------
+
+class Pipeline:
+    def __init__(self, args, workdir: Path, fakes: h.Fakes, database_url: str) -> None:
+        from worker.store import make_engine
+
+        self.args = args
+        self.workdir = workdir
+        self.fakes = fakes
+        self.database_url = database_url
+        self.engine = make_engine(database_url)
+        self.namespaces: list[str] = []
+
+    def env(self, namespace: str) -> dict[str, str]:
+        return h.remind_env(self.database_url, namespace, self.workdir, self.fakes.env(),
+                            REMIND_WORKER_THREADS=str(self.args.threads))
+
+    def prepare(self, n_tx: int, label: str):
+        """Register ``n_tx`` transactions whose final warning is due, tick once; returns (env, figures)."""
+        from worker.broker import bind, make_broker
+        from worker.service import Remind
+
+        h.truncate(self.engine)
+        namespace = h.new_namespace("remind-bench-tp")
+        self.namespaces.append(namespace)
+        env = self.env(namespace)
+        remind = Remind.from_settings(h.settings_from_env(env), migrate=False)
+        broker = make_broker(remind.settings)
+        bind(remind, broker)
+        now = datetime.now(UTC)
+        zones = h.daytime_zones(now)
+        created = now - timedelta(hours=20, minutes=1)
+        run = label + os.urandom(3).hex()
+        t0 = time.monotonic()
+        for i in range(n_tx):
+            remind.register(h.transaction(i, run, created_at=created, zones=zones))
+        register_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        result = remind.tick()
+        tick_s = time.monotonic() - t0
+        with self.engine.connect() as conn:
+            from sqlalchemy import text
+
+            mix = dict(conn.execute(text("SELECT channel, count(*) FROM deliveries WHERE status = 'queued' "
+                                         "GROUP BY channel ORDER BY channel")).all())
+        broker.close()
+        remind.store.engine.dispose()
+        figures = {"register_s": register_s, "tick_s": tick_s, "enqueued": len(result.enqueued), "mix": mix,
+                   "claimed": result.claimed, "zones": zones}
+        return env, figures
+
+    def poll(self):
+        import psycopg
+
+        conn = psycopg.connect(self.database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+
+        def counts() -> tuple[int, int, int, int]:
+            return conn.execute(
+                "SELECT count(*) FILTER (WHERE status IN ('sent', 'delivered')), "
+                "count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'queued'), "
+                "count(*) FILTER (WHERE status = 'sending') FROM deliveries").fetchone()
+
+        return conn, counts
+
+    def run(self, processes: int, n_tx: int, *, profile: dict | None = None) -> dict:
+        label = f"{processes}p" + ("prof" if profile else "")
+        h.log(f"[pipeline {label}] registering {n_tx} transactions and ticking ...")
+        env, fig = self.prepare(n_tx, label)
+        n = fig["enqueued"]
+        h.log(f"[pipeline {label}] registered in {fig['register_s']:.1f}s, tick enqueued {n} in "
+              f"{fig['tick_s']:.2f}s ({fig['mix']}); starting `remind worker -p {processes} -t {self.args.threads}`")
+        conn, counts = self.poll()
+        log_path = self.workdir / f"worker-{label}.log"
+        proc = h.launch([str(h.BIN / "remind"), "worker", "--processes", str(processes),
+                         "--threads", str(self.args.threads)], env, log_path)
+        fig.update(self._watch(proc, n, counts, profile=profile, label=label))
+        workers = h.worker_processes(proc.pid)
+        fig["worker_hwm_mb"] = max((h.vm_hwm_mb(p) for p in workers), default=0.0)
+        fig["main_hwm_mb"] = h.vm_hwm_mb(proc.pid)
+        h.stop(proc)
+        fig["sent"], fig["failed"], queued, sending = counts()
+        fig["db_rate"] = self._db_rate(conn)
+        conn.close()
+        text_log = log_path.read_text(errors="replace")
+        fig["log_errors"] = sum(1 for line in text_log.splitlines() if " ERROR " in line or "Traceback" in line)
+        fig["log_warnings"] = sum(1 for line in text_log.splitlines() if " WARNING " in line)
+        fig["log"] = str(log_path)
+        return fig
+
+    @staticmethod
+    def _db_rate(conn) -> float:
+        first, last, n = conn.execute("SELECT min(started_at), max(sent_at), count(*) FROM deliveries "
+                                      "WHERE status IN ('sent', 'delivered')").fetchone()
+        if not n or first is None or last is None or last <= first:
+            return 0.0
+        return n / (last - first).total_seconds()
+
+    def _groups(self, proc) -> dict[str, list[int]]:
+        return {"workers": [proc.pid, *h.descendants(proc.pid)], "fakes": self.fakes.pids,
+                "postgres": h.postgres_pids(DB_NAME), "redis": h.redis_server_pids(), "bench": [os.getpid()]}
+
+    def _watch(self, proc, n: int, counts, *, profile: dict | None, label: str) -> dict:
+        """Poll until every enqueued delivery is sent or failed; the steady window is 10 %..90 % done."""
+        launched = time.monotonic()
+        first = t10 = t90 = None
+        d10 = d90 = 0
+        meter = h.CpuMeter()
+        last_change, last_done = launched, -1
+        profiler: threading.Thread | None = None
+        while True:
+            sent, failed, queued, sending = counts()
+            now = time.monotonic()
+            done = sent + failed
+            if first is None and queued < n:
+                first = now
+                if profile is not None:
+                    profiler = threading.Thread(target=self._profile, args=(proc, profile), daemon=True)
+                    profiler.start()
+            if t10 is None and done >= 0.1 * n:
+                t10, d10 = now, done
+                meter.start = meter.snapshot(self._groups(proc))
+            if t90 is None and done >= 0.9 * n:
+                t90, d90 = now, done
+                meter.end = meter.snapshot(self._groups(proc))
+            if done != last_done:
+                last_change, last_done = now, done
+            if queued == 0 and sending == 0:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"[pipeline {label}] the worker exited with {proc.returncode}; see its log")
+            if now - last_change > self.args.stall:
+                raise RuntimeError(f"[pipeline {label}] no progress for {self.args.stall:.0f}s at {done}/{n}")
+            time.sleep(0.1)
+        end = time.monotonic()
+        if profiler is not None:
+            profiler.join()
+        out = {"startup_s": (first or end) - launched, "total_s": end - (first or end)}
+        out["rate"] = (d90 - d10) / (t90 - t10) if t90 and t10 and t90 > t10 else float("nan")
+        out["run_rate"] = n / out["total_s"] if out["total_s"] > 0 else float("nan")
+        out["cores"] = meter.report() if meter.start and meter.end else {}
+        return out
+
+    def _profile(self, proc, profile: dict) -> None:
+        """py-spy on the (single) worker process: CPU (GIL holder) first, then wall (all threads, idle too)."""
+        deadline = time.monotonic() + 30
+        workers: list[int] = []
+        while not workers and time.monotonic() < deadline:
+            workers = h.worker_processes(proc.pid)
+            time.sleep(0.05)
+        if not workers:
+            profile["error"] = "no worker process found"
+            return
+        pid = workers[0]
+        for name, extra in (("cpu", ["--gil"]), ("wall", ["--idle"])):
+            out = Path(profile["dir"]) / f"pyspy-{name}.txt"
+            cmd = [str(h.BIN / "py-spy"), "record", "--pid", str(pid), "--rate", str(profile["rate"]),
+                   "--duration", str(profile["seconds"]), "--nonblocking", "--format", "raw", "-o", str(out), *extra]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0 or not out.exists():
+                profile["error"] = f"py-spy {name}: {run.stderr.strip()[-400:]}"
+                return
+            profile[name] = str(out)
+        h.log(f"[profile] py-spy samples written to {profile['dir']}")
+
+
+# -- the no-op ceiling --------------------------------------------------------------------------------------
+
+def run_noop(args, workdir: Path, database_url: str, processes: int, n: int, namespaces: list[str]) -> dict:
+    import dramatiq
+    import redis
+
+    from worker.broker import make_broker
+
+    namespace = h.new_namespace("remind-bench-noop")
+    namespaces.append(namespace)
+    env = h.remind_env(database_url, namespace, workdir, {})
+    broker = make_broker(h.settings_from_env(env))
+    actor = dramatiq.Actor(lambda i: None, broker=broker, actor_name="bench.noop", queue_name=NOOP_QUEUE,
+                           priority=0, options={})
+    h.log(f"[noop {processes}p] enqueueing {n} messages ...")
+    t0 = time.monotonic()
+    for i in range(n):
+        actor.send(i)
+    enqueue_s = time.monotonic() - t0
+    broker.close()
+    client = redis.Redis.from_url(h.REDIS_URL)
+    msgs = f"{namespace}:{NOOP_QUEUE}.msgs"
+    assert client.hlen(msgs) == n, "the no-op messages did not all reach Redis"
+    log_path = workdir / f"noop-{processes}p.log"
+    proc = h.launch([str(h.BIN / "dramatiq"), "_noop_app", "--path", str(h.ROOT / "bench"), "--processes",
+                     str(processes), "--threads", str(args.threads), "--queues", NOOP_QUEUE], env, log_path)
+    launched = time.monotonic()
+    first = t10 = t90 = None
+    d10 = d90 = 0
+    meter = h.CpuMeter()
+    last_change, last_done = launched, -1
+    while True:
+        left = client.hlen(msgs)
+        now = time.monotonic()
+        done = n - left
+        if first is None and done > 0:
+            first = now
+        groups = {"workers": [proc.pid, *h.descendants(proc.pid)], "redis": h.redis_server_pids(),
+                  "bench": [os.getpid()]}
+        if t10 is None and done >= 0.1 * n:
+            t10, d10 = now, done
+            meter.start = meter.snapshot(groups)
+        if t90 is None and done >= 0.9 * n:
+            t90, d90 = now, done
+            meter.end = meter.snapshot(groups)
+        if done != last_done:
+            last_change, last_done = now, done
+        if left == 0:
+            break
+        if proc.poll() is not None:
+            raise RuntimeError(f"[noop {processes}p] dramatiq exited with {proc.returncode}; see {log_path}")
+        if now - last_change > args.stall:
+            raise RuntimeError(f"[noop {processes}p] no progress for {args.stall:.0f}s at {done}/{n}")
+        time.sleep(0.01)
+    end = time.monotonic()
+    workers = h.worker_processes(proc.pid)
+    hwm = max((h.vm_hwm_mb(p) for p in workers), default=0.0)
+    h.stop(proc)
+    client.close()
+    total = end - (first or end)
+    return {"n": n, "enqueue_s": enqueue_s, "startup_s": (first or end) - launched, "total_s": total,
+            "rate": (d90 - d10) / (t90 - t10) if t90 and t10 and t90 > t10 else float("nan"),
+            "run_rate": n / total if total > 0 else float("nan"), "worker_hwm_mb": hwm,
+            "cores": meter.report() if meter.start and meter.end else {}}
+
+
+# -- in-process calibration: what one delivery costs, sequentially ------------------------------------------
+
+def calibrate(pipeline: Pipeline, n_tx: int) -> dict:
+    """The real Deliverer in this process, one delivery at a time, with SQL counted and each part timed."""
+    from sqlalchemy import event
+
+    import worker.delivery as delivery_mod
+    from worker.service import Remind
+
+    h.truncate(pipeline.engine)
+    env = pipeline.env(h.new_namespace("remind-bench-cal"))
+    remind = Remind.from_settings(h.settings_from_env(env), migrate=False)
+    ids: list[int] = []
+    remind.enqueue = ids.extend
+    now = datetime.now(UTC)
+    zones = h.daytime_zones(now)
+    for i in range(n_tx):
+        remind.register(h.transaction(i, "cal" + os.urandom(3).hex(), created_at=now - timedelta(hours=20, minutes=1),
+                                      zones=zones))
+    remind.tick()
+    engine = remind.store.engine
+    counts = Counter()
+    spent = defaultdict(float)
+    event.listen(engine, "before_cursor_execute", lambda *a, **k: counts.update(["statements"]))
+    event.listen(engine, "begin", lambda *a: counts.update(["transactions"]))
+    event.listen(engine.pool, "checkout", lambda *a: counts.update(["checkouts"]))
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return wrapper
+
+    saved = {name: getattr(delivery_mod, name) for name in ("facts_for", "confirm_url")}
+    delivery_mod.facts_for = timed("facts (Babel)", saved["facts_for"])
+    delivery_mod.confirm_url = timed("link (itsdangerous)", saved["confirm_url"])
+    templates = remind.templates
+    templates.render = timed("templates (Jinja)", templates.render)
+    for channel, sender in remind.senders.items():
+        sender.send = timed(f"send {channel} ({sender.name})", sender.send)
+    try:
+        warm, rest = ids[:6], ids[6:]
+        for delivery_id in warm:  # connections, the FCM access token, template caches
+            remind.deliver(delivery_id)
+        counts.clear()
+        spent.clear()
+        t0 = time.perf_counter()
+        outcomes = Counter(remind.deliver(d) for d in rest)
+        total = time.perf_counter() - t0
+    finally:
+        for name, fn in saved.items():
+            setattr(delivery_mod, name, fn)
+        engine.dispose()
+    k = len(rest)
+    per = {name: 1000 * s / k for name, s in spent.items()}
+    per["SQL + the rest"] = 1000 * total / k - sum(per.values())
+    return {"deliveries": k, "outcomes": dict(outcomes), "ms_per_delivery": 1000 * total / k, "ms": per,
+            "per_delivery": {name: c / k for name, c in counts.items()}}
+
+
+# -- py-spy summaries --------------------------------------------------------------------------------------
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def _frames(stack: str) -> list[tuple[str, str]]:
+    out = []
+    for part in stack.split(";"):
+        m = _FRAME.match(part.strip())
+        out.append((m["func"], m["file"]) if m else (part.strip(), ""))
+    return out
+
+
+def _lib(path: str) -> str:
+    p = path.replace("\\", "/")
+    for name in ("sqlalchemy", "psycopg", "jinja2", "babel", "twilio", "sendgrid", "python_http_client", "google",
+                 "requests", "urllib3", "dramatiq", "redis", "itsdangerous", "json", "logging", "http", "ssl",
+                 "socket", "email", "cryptography", "zoneinfo", "threading", "queue", "selectors", "re", "pydantic"):
+        if f"/{name}/" in p or p.startswith(f"{name}/") or p.endswith(f"/{name}.py") or p == f"{name}.py":
+            return name
+    return "other"
+
+
+def _stage(frames: list[tuple[str, str]]) -> str:
+    """Which part of the work a sample belongs to: the innermost frame in worker/ decides, else the library."""
+    files = [f for _, f in frames]
+    if any(_lib(f) == "logging" for f in files):
+        return "logging"
+    for func, path in reversed(frames):
+        p = path.replace("\\", "/")
+        if "worker/" not in p or "site-packages/dramatiq" in p:
+            continue
+        if p.endswith("render.py"):
+            inner = [_lib(f) for f in files[files.index(path):]]
+            if func in ("facts_for", "money", "when", "relative", "babel_locale", "_plain_spaces"):
+                return "render: Babel facts"
+            return "render: Jinja templates" if "babel" not in inner else "render: Babel facts"
+        if p.endswith("links.py"):
+            return "confirm link (itsdangerous)"
+        if "/senders/twilio" in p:
+            return "send: Twilio SDK + HTTP"
+        if "/senders/sendgrid" in p:
+            return "send: SendGrid SDK + HTTP"
+        if "/senders/fcm" in p:
+            return "send: FCM google-auth + HTTP"
+        if "/store/" in p:
+            return "SQL (SQLAlchemy + psycopg)"
+        if p.endswith("runner.py") or (p.endswith("service.py") and "config" in func):
+            return "config reload watcher"
+        return "delivery logic (worker/ Python)"
+    libs = {_lib(f) for f in files}
+    if "dramatiq" in libs or "redis" in libs:
+        return "dramatiq + redis client (no actor)"
+    return "other (threading, interpreter)"
+
+
+def summarize(path: str, *, only_delivery: bool) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
+    stages, leaves, total = Counter(), Counter(), 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = _frames(stack)
+        if only_delivery and not any(func == "deliver" and "delivery.py" in f for func, f in frames):
+            continue
+        n = int(count)
+        total += n
+        stages[_stage(frames)] += n
+        func, f = frames[-1]
+        leaves[f"{func} ({_lib(f) if _lib(f) != 'other' else f.rsplit('/', 1)[-1]})"] += n
+    if not total:
+        return 0, [], []
+    return total, [(k, 100 * v / total) for k, v in stages.most_common()], \
+        [(k, 100 * v / total) for k, v in leaves.most_common(12)]
+
+
+# -- main -----------------------------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Delivery throughput against the no-op Dramatiq ceiling.")
+    parser.add_argument("--small", action="store_true", help="a quick run (under a minute)")
+    parser.add_argument("--tx", type=int, default=None, help="transactions per run (3 deliveries each); "
+                                                             "default 3000, --small 200")
+    parser.add_argument("--processes", default="1,2", help="worker process counts to run (default 1,2)")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8, the "
+                                                               "service's default)")
+    parser.add_argument("--noop-min", type=int, default=None, help="at least this many no-op messages "
+                                                                   "(default 20000, --small 5000)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile and calibration")
+    parser.add_argument("--profile-seconds", type=float, default=None, help="per py-spy pass (default 10, small 3)")
+    parser.add_argument("--stall", type=float, default=60.0, help="give up after this long without progress")
+    parser.add_argument("--out", type=Path, default=None, help="keep logs and profiles here (default: a temp dir)")
+    args = parser.parse_args()
+    n_tx = args.tx or (200 if args.small else 3000)
+    noop_min = args.noop_min or (5000 if args.small else 20000)
+    prof_s = args.profile_seconds or (3.0 if args.small else 10.0)
+    counts = [int(p) for p in args.processes.split(",")]
+    workdir = args.out or Path(tempfile.mkdtemp(prefix="remind-bench-tp-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    h.log(f"[setup] database {DB_NAME}, fakes, logs in {workdir}")
+    database_url = h.create_database(DB_NAME)
+    fakes = h.Fakes(workdir).start()
+    pipeline = None
+    results: dict[int, dict] = {}
+    noop: dict[int, dict] = {}
+    profile: dict = {}
+    cal: dict = {}
+    noop_namespaces: list[str] = []
+    try:
+        from worker.store import make_engine, upgrade
+
+        engine = make_engine(database_url)
+        upgrade(engine)
+        engine.dispose()
+        pipeline = Pipeline(args, workdir, fakes, database_url)
+        for p in counts:
+            results[p] = pipeline.run(p, n_tx)
+            r = results[p]
+            h.log(f"[pipeline {p}p] {r['rate']:.0f}/s steady, {r['run_rate']:.0f}/s whole run, "
+                  f"{r['sent']} sent, {r['failed']} failed")
+        n_noop = max(noop_min, max(r["enqueued"] for r in results.values()))
+        for p in counts:
+            noop[p] = run_noop(args, workdir, database_url, p, n_noop, noop_namespaces)
+            h.log(f"[noop {p}p] {noop[p]['rate']:.0f}/s steady, {noop[p]['run_rate']:.0f}/s whole run")
+        if not args.no_profile:
+            rate1 = results[counts[0]]["rate"] if math.isfinite(results[counts[0]]["rate"]) else 100
+            prof_tx = max(60, int(rate1 * (2 * prof_s + 4) / 3))
+            profile = {"dir": str(workdir), "seconds": prof_s, "rate": 200}
+            profile["run"] = pipeline.run(1, prof_tx, profile=profile)
+            cal = calibrate(pipeline, 40 if args.small else 120)
+    finally:
+        summary = fakes.stop()
+        if pipeline is not None:
+            pipeline.engine.dispose()
+            for ns in pipeline.namespaces:
+                h.drop_namespace(ns)
+        for ns in noop_namespaces:
+            h.drop_namespace(ns)
+        h.drop_database(DB_NAME)
+
+    # -- report --------------------------------------------------------------------------------------------
+    print(f"throughput: {n_tx} transactions a run, final warning due: 3 deliveries each (sms/twilio, "
+          f"email/sendgrid, push/fcm); {args.threads} threads per worker process; {os.cpu_count()} cores")
+    for p in counts:
+        r = results[p]
+        print(f"pipeline {p}p: {r['rate']:.1f} deliveries/s steady (10-90 %), {r['run_rate']:.1f}/s whole run "
+              f"({r['enqueued']} in {r['total_s']:.1f}s after {r['startup_s']:.1f}s start-up), "
+              f"{r['db_rate']:.1f}/s from the rows' started_at..sent_at; {r['sent']} sent, {r['failed']} failed; "
+              f"mix {r['mix']}; worker peak RSS {r['worker_hwm_mb']:.0f} MiB; log errors {r['log_errors']}, "
+              f"warnings {r['log_warnings']}")
+        print(f"  setup: register {r['register_s'] / r['claimed'] * 1000:.1f} ms/transaction, tick (claim, plan, "
+              f"insert, enqueue) {r['tick_s']:.2f}s for {r['enqueued']} deliveries")
+        print(f"  cores over the steady window: {h.cores_line(r['cores'])}")
+    for p in counts:
+        r = noop[p]
+        print(f"noop {p}p: {r['rate']:.1f} messages/s steady, {r['run_rate']:.1f}/s whole run ({r['n']} in "
+              f"{r['total_s']:.2f}s; enqueue took {r['enqueue_s']:.1f}s); worker peak RSS {r['worker_hwm_mb']:.0f} MiB")
+        print(f"  cores over the steady window: {h.cores_line(r['cores'])}")
+    for p in counts:
+        print(f"ratio {p}p: pipeline / no-op = {results[p]['rate'] / noop[p]['rate']:.3f} (target >= 0.5)")
+    print(f"fakes: {summary}")
+    problems = fakes.problems()
+    if problems:
+        print("WARNING: the fakes refused requests or failed: " + "; ".join(problems))
+    if profile:
+        if profile.get("error"):
+            print(f"profile: {profile['error']}")
+        for name, title, only in (("cpu", "CPU (samples of the thread holding the GIL)", False),
+                                  ("wall", "wall time of threads inside deliver() (waiting included)", True)):
+            if name not in profile:
+                continue
+            total, stages, leaves = summarize(profile[name], only_delivery=only)
+            print(f"profile {title}, {total} samples, 1 worker process, {args.threads} threads:")
+            for k, v in stages:
+                if v >= 0.5:
+                    print(f"  {v:5.1f}%  {k}")
+            print("  hottest leaf functions: " + ", ".join(f"{k} {v:.1f}%" for k, v in leaves[:8]))
+        pr = profile.get("run")
+        if pr:
+            print(f"  (profiled run: {pr['rate']:.1f} deliveries/s under py-spy --nonblocking; raw stacks in "
+                  f"{profile['dir']}/pyspy-cpu.txt and pyspy-wall.txt)")
+    if cal:
+        per = cal["per_delivery"]
+        print(f"calibration, one delivery at a time in this process ({cal['deliveries']} deliveries, "
+              f"{cal['outcomes']}): {cal['ms_per_delivery']:.2f} ms each = "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(cal["ms"].items(), key=lambda kv: -kv[1])))
+        print(f"  SQL per delivery: {per.get('statements', 0):.1f} statements in {per.get('transactions', 0):.1f} "
+              f"transactions (each adds a BEGIN and a COMMIT round trip) on {per.get('checkouts', 0):.1f} pool "
+              f"check-outs (each a pre-ping SELECT 1)")
+    print(f"logs and profiles: {workdir}")
+    hwm = max(r["worker_hwm_mb"] for r in results.values())
+    figures = {}
+    for p in counts:
+        figures[f"pipeline_{p}p_per_s"] = f"{results[p]['rate']:.1f}"
+    for p in counts:
+        figures[f"noop_{p}p_per_s"] = f"{noop[p]['rate']:.1f}"
+    for p in counts:
+        figures[f"ratio_{p}p"] = f"{results[p]['rate'] / noop[p]['rate']:.3f}"
+    figures["worker_peak_rss_mb"] = f"{hwm:.0f}"
+    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

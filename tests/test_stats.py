@@ -1,0 +1,229 @@
+"""The confirmation funnel on a data set with known answers, driven through the real pipeline on
+both backends, and the same figures through `remind stats` and GET /v1/stats."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from click.testing import CliRunner
+from starlette.testclient import TestClient
+from support import ROOT, T0, Harness, transaction
+
+from worker.cli import main
+from worker.stats import funnel, parse_since, summarize, wilson
+from worker.web.app import create_app
+
+TOKEN = "stats-token"
+
+SCHEDULES = {
+    "funnel.yaml": """
+name: funnel
+match: {}
+priority: 100
+steps:
+  - {after: 15m, channels: [push], template: nudge}
+  - {after: 2h, channels: [sms, push], template: reminder}
+  - {after: 20h, channels: [sms, email, push], template: final_warning}
+cancel: {after: 24h, template: cancelled, reason: not_confirmed, channels: [sms, email, push]}
+""",
+    "review.yaml": """
+name: review
+match: {risk_flag: true}
+priority: 10
+steps:
+  - {after: 5m, channels: [sms, push], template: verify}
+  - {after: 1h, channels: [sms, email, push], template: final_warning}
+escalate: {after: 2h, template: escalated, reason: risk_review, channels: [sms, email]}
+""",
+}
+
+
+def build_dataset(make_harness, tmp_path) -> Harness:
+    """On `funnel`: 10 transactions reached by the nudge; 3 confirm after it (5m, 15m, 60m later), 2 after
+    the reminder (10m, 60m later), 1 is cancelled by the platform after the reminder, 4 are cancelled at
+    the deadline after the final warning. Plus one confirmed before any reminder, one created three days
+    ago (cancelled at once, nothing sent), and one risk-flagged transaction on `review` that escalates."""
+    folder = tmp_path / "schedules"
+    folder.mkdir()
+    for name, text in SCHEDULES.items():
+        (folder / name).write_text(text)
+    h = make_harness(schedules_dir=folder, api_tokens=TOKEN)
+    r = h.remind
+    for i in range(10):
+        r.register(transaction(f"d{i}"))
+    r.register(transaction("d_early"))
+    r.register(transaction("d_old", created_at=(T0 - timedelta(days=3)).isoformat()))
+    r.register(transaction("r1", risk_flag=True))
+    h.at(minutes=1)
+    r.confirm("d_early")
+    h.at(minutes=5).tick()
+    h.at(minutes=15).tick()
+    for tx_id, minutes in (("d0", 20), ("d1", 30)):
+        h.at(minutes=minutes)
+        r.confirm(tx_id)
+    h.at(hours=1).tick()
+    h.at(minutes=75)
+    r.confirm("d2")
+    h.at(hours=2).tick()
+    h.at(minutes=130)
+    r.confirm("d3")
+    h.at(hours=3)
+    r.confirm("d4")
+    r.cancel("d5", "customer asked support")
+    h.at(hours=20).tick()
+    h.at(hours=24).tick()
+    return h
+
+
+@pytest.fixture
+def dataset(make_harness, tmp_path) -> Harness:
+    return build_dataset(make_harness, tmp_path)
+
+
+def by_step(schedule: dict) -> dict[str, dict]:
+    return {f"{s['step']}/{s['variant']}": s for s in schedule["steps"]}
+
+
+def test_wilson_matches_the_hand_computed_interval():
+    # k=3, n=10, z=1.95996: centre = (0.3 + z²/20) / (1 + z²/10) = 0.49207/1.38415 = 0.35550,
+    # half = z/1.38415 · sqrt(0.021 + z²/400) = 1.41600 · 0.17494 = 0.24772 -> [0.108, 0.603]
+    w = wilson(3, 10)
+    assert (round(w["low"], 3), round(w["high"], 3)) == (0.108, 0.603) and w["value"] == 0.3
+    assert wilson(0, 0) == {"value": None, "low": None, "high": None}
+    assert round(wilson(0, 4)["low"], 3) == 0.0 and round(wilson(0, 4)["high"], 3) == 0.490
+
+
+def test_funnel_figures_on_a_known_data_set(dataset):
+    stats = funnel(dataset.remind.store, now=T0 + timedelta(days=1))
+    assert [s["schedule"] for s in stats["schedules"]] == ["funnel", "review"]
+    f, review = stats["schedules"]
+    assert {k: f[k] for k in ("transactions", "confirmed", "cancelled", "escalated", "pending",
+                              "confirmed_before_first_step")} == {
+        "transactions": 12, "confirmed": 6, "cancelled": 6, "escalated": 0, "pending": 0,
+        "confirmed_before_first_step": 1}
+    # 6/12: centre 0.5, half = 1.95996/1.32013 · sqrt(0.25/12 + 3.84146/576) = 1.48468 · 0.16584 = 0.24622
+    assert f["confirmation_rate"]["value"] == 0.5
+    assert (round(f["confirmation_rate"]["low"], 3), round(f["confirmation_rate"]["high"], 3)) == (0.254, 0.746)
+    # from created_at: 1m, 20m, 30m, 75m, 130m, 180m -> median (30m + 75m) / 2
+    assert f["median_time_to_confirm_seconds"] == 3150
+    assert {b["bucket"]: b["count"] for b in f["time_to_confirm_histogram"]} == {
+        "<5m": 1, "5m-15m": 0, "15m-1h": 2, "1h-4h": 3, "4h-12h": 0, "12h-24h": 0, ">=24h": 0}
+
+    steps = by_step(f)
+    assert list(steps) == ["nudge/default", "reminder/default", "final_warning/default"]
+    nudge, reminder, final = steps.values()
+    assert (nudge["reached"], nudge["confirmed_after"], nudge["cancelled"]) == (10, 3, 0)
+    assert nudge["median_time_to_confirm_seconds"] == 900  # 5m, 15m, 60m
+    assert nudge["messages"] == {"push": 10} and nudge["sms_messages"] == 0
+    assert (reminder["reached"], reminder["confirmed_after"], reminder["cancelled"]) == (7, 2, 1)
+    assert reminder["median_time_to_confirm_seconds"] == 2100  # 10m, 60m
+    assert reminder["messages"] == {"sms": 7, "push": 7} and reminder["sms_messages"] == 7
+    # 2/7: centre = (0.28571 + 0.27439) / 1.54878 = 0.36164; half = 1.26549 · 0.22080 = 0.27942
+    r = reminder["confirmation_rate"]
+    assert (round(r["low"], 3), round(r["high"], 3)) == (0.082, 0.641)
+    assert (final["reached"], final["confirmed_after"], final["cancelled"]) == (4, 0, 4)
+    assert final["median_time_to_confirm_seconds"] is None and final["confirmation_rate"]["value"] == 0
+    assert final["messages"] == {"sms": 4, "email": 4, "push": 4}
+    # segments as billed: counted from the SMS bodies the outbox received, per step
+    from worker.sms import segments
+
+    on_funnel = {x["transaction_id"] for x in dataset.lines()
+                 if dataset.remind.show(x["transaction_id"])["schedule"] == "funnel"}
+    for name, step in (("nudge", nudge), ("reminder", reminder), ("final_warning", final)):
+        bodies = [x["body"] for x in dataset.lines() if x["channel"] == "sms" and x["step"] == name
+                  and x["transaction_id"] in on_funnel]
+        assert step["sms_segments"] == (sum(segments(b).segments for b in bodies) if bodies else None), name
+
+    assert (review["transactions"], review["escalated"], review["confirmation_rate"]["value"]) == (1, 1, 0)
+    rs = by_step(review)
+    assert list(rs) == ["verify/default", "final_warning/default"]
+    assert (rs["verify/default"]["escalated"], rs["final_warning/default"]["escalated"]) == (0, 1)
+    assert rs["verify/default"]["messages"] == {"sms": 1, "push": 1}
+
+
+def test_since_and_schedule_filters(dataset):
+    store, now = dataset.remind.store, T0 + timedelta(days=1)
+    for since in ("2026-11-24", "2d", "2026-11-25T08:00:00+00:00"):
+        f = funnel(store, since=since, now=now)["schedules"][0]
+        assert (f["schedule"], f["transactions"], f["cancelled"]) == ("funnel", 11, 5)  # without d_old
+        # 6/11: centre = (0.54545 + 0.17462) / 1.34922 = 0.53369; half = 1.45266 · 0.17457 = 0.25360
+        rate = f["confirmation_rate"]
+        assert (round(rate["low"], 3), round(rate["high"], 3)) == (0.280, 0.787)
+    assert funnel(store, since="1h", now=now)["schedules"] == []
+    only = funnel(store, schedule="review", now=now)
+    assert only["schedule"] == "review" and [s["schedule"] for s in only["schedules"]] == ["review"]
+    assert funnel(store, schedule="nope", now=now)["schedules"] == []
+    with pytest.raises(ValueError):
+        parse_since("last tuesday", now)
+    assert parse_since("2026-11-24", now).isoformat() == "2026-11-24T00:00:00+00:00"
+
+
+def test_attribution_boundaries_variants_and_segments():
+    """Pure: a confirmation exactly at the next step's first send belongs to the next step; variants
+    are counted apart; segments are summed when the store has them."""
+    def at(minutes: int):
+        return T0 + timedelta(minutes=minutes)
+
+    def row(tx: str, step: str, variant: str, channel: str, minutes: int, seg: int | None = None) -> dict:
+        return {"transaction_id": tx, "step": step, "variant": variant, "channel": channel, "messages": 1,
+                "first_sent": at(minutes), "segments": seg}
+
+    txs = [{"id": i, "schedule": "s", "status": st, "created_at": T0, "confirmed_at": c, "cancelled_at": None,
+            "escalated_at": None} for i, st, c in (("a", "confirmed", at(60)), ("b", "confirmed", at(40)),
+                                                   ("c", "cancelled", None), ("d", "pending", None))]
+    dls = [row("a", "one", "A", "sms", 15, seg=2), row("a", "one", "A", "push", 16),
+           row("a", "two", "default", "sms", 60, seg=1), row("b", "one", "B", "sms", 15, seg=3),
+           row("c", "one", "A", "push", 15), row("d", "one", "B", "push", 15)]
+    [s] = summarize(txs, dls)
+    steps = by_step(s)
+    assert list(steps) == ["one/A", "one/B", "two/default"]
+    assert (steps["one/A"]["reached"], steps["one/A"]["confirmed_after"], steps["one/A"]["cancelled"]) == (2, 0, 1)
+    assert steps["one/A"]["messages"] == {"sms": 1, "push": 2} and steps["one/A"]["sms_segments"] == 2
+    assert (steps["one/B"]["reached"], steps["one/B"]["confirmed_after"]) == (2, 1)
+    assert steps["one/B"]["median_time_to_confirm_seconds"] == 25 * 60 and steps["one/B"]["sms_segments"] == 3
+    assert (steps["two/default"]["confirmed_after"], steps["two/default"]["median_time_to_confirm_seconds"]) == (1, 0)
+    assert (s["pending"], s["confirmed_before_first_step"]) == (1, 0)
+
+
+def test_remind_stats_prints_a_table_and_json(dataset, tmp_path, monkeypatch):
+    settings = dataset.remind.settings
+    monkeypatch.chdir(tmp_path)
+    for key, value in {"DATABASE_URL": settings.database_url, "REMIND_SCHEDULES_DIR": str(settings.schedules_dir),
+                       "REMIND_TEMPLATES_DIR": str(ROOT / "templates"),
+                       "REMIND_OUTBOX": str(tmp_path / "cli.jsonl")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    result = CliRunner().invoke(main, ["stats"])
+    assert result.exit_code == 0, result.output
+    assert "funnel: 12 transactions, 6 confirmed 50.0% [25.4%-74.6%], 6 cancelled" in result.output
+    assert "1 confirmed before the first step went out" in result.output
+    nudge = next(line for line in result.output.splitlines() if line.strip().startswith("nudge"))
+    assert nudge.split()[:5] == ["nudge", "default", "10", "3", "30.0%"] and nudge.rstrip().endswith("push 10")
+    assert "time to confirm: <5m 1, 5m-15m 0, 15m-1h 2, 1h-4h 3" in result.output
+
+    as_json = json.loads(CliRunner().invoke(main, ["stats", "--json", "--schedule", "review"]).output)
+    expected = funnel(dataset.remind.store, schedule="review")
+    assert as_json["schedules"] == expected["schedules"]
+    bad = CliRunner().invoke(main, ["stats", "--since", "yesterday-ish"])
+    assert bad.exit_code == 2 and "--since" in bad.output
+
+
+def test_get_v1_stats_needs_the_token_and_returns_the_funnel(dataset):
+    with TestClient(create_app(dataset.remind)) as client:
+        assert client.get("/v1/stats").status_code == 401
+        assert client.get("/v1/stats", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        body = client.get("/v1/stats", headers=auth).json()
+        assert body["schedules"] == funnel(dataset.remind.store)["schedules"]
+        assert [s["schedule"] for s in client.get("/v1/stats?schedule=review", headers=auth).json()["schedules"]] == [
+            "review"]
+        assert len(client.get("/v1/stats?since=2026-11-24", headers=auth).json()["schedules"]) == 2
+        bad = client.get("/v1/stats?since=soon", headers=auth)
+        assert bad.status_code == 422 and "since" in bad.json()["problems"]
+        assert client.get("/ops").status_code == 401
+        assert client.get(f"/ops?token={TOKEN}x").status_code == 401
+        page = client.get(f"/ops?token={TOKEN}")
+        assert page.status_code == 200 and "content-security-policy" in page.headers
+        assert client.get("/ops", headers=auth).status_code == 200

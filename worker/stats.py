@@ -1,0 +1,211 @@
+"""The confirmation funnel: which reminder step a customer confirmed after, per schedule, step and variant.
+
+Ops tune ladders (timings, channels, wording variants) with these figures, so each one is defined
+exactly, on reminder deliveries (``kind = 'reminder'``) whose status is ``sent`` or ``delivered``:
+
+- **reached**: a transaction is reached by (schedule, step, variant) when at least one of its
+  deliveries for that step and variant went out. The step's *first sent* is the earliest
+  ``sent_at`` of those deliveries.
+- **confirmed after**: the transaction was reached by the step, is ``confirmed``, and its
+  ``confirmed_at`` is at or after the step's first sent and before the first sent of the next step
+  that reached it: the confirmation is attributed to the last step sent before it. A confirmation
+  before any step went out counts only in the schedule's ``confirmed_before_first_step``.
+- **confirmation rate**: confirmed after / reached, with a 95% Wilson score interval.
+- **median time to confirm**: median of ``confirmed_at`` minus the step's first sent, over the
+  confirmations attributed to the step (seconds).
+- **cancelled** / **escalated**: reached by the step, finally ``cancelled`` / ``escalated``, and that
+  step was the last one to reach them.
+- **messages**: deliveries of the step that went out, by channel; ``sms_messages`` the SMS among
+  them; ``sms_segments`` the sum of ``deliveries.segments`` (recorded at send time) for them.
+
+Per schedule: transactions by final status, the overall rate (confirmed / transactions, Wilson),
+and a histogram of time to confirm counted from ``created_at``. Filters: ``since`` keeps
+transactions created at or after it (an ISO date/time, or a duration such as ``7d`` meaning now
+minus 7 days); ``schedule`` keeps one schedule. See docs/stats.md.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .ladder import format_duration, parse_duration
+from .store import Store, funnel_rows
+
+Z95 = statistics.NormalDist().inv_cdf(0.975)  # 1.95996...
+CHANNEL_ORDER = ("sms", "email", "push")
+
+#: Time-to-confirm buckets (from created_at): label, lower bound inclusive, upper bound exclusive (seconds).
+BUCKETS: tuple[tuple[str, int, int | None], ...] = (
+    ("<5m", 0, 300), ("5m-15m", 300, 900), ("15m-1h", 900, 3600), ("1h-4h", 3600, 14400),
+    ("4h-12h", 14400, 43200), ("12h-24h", 43200, 86400), (">=24h", 86400, None),
+)
+
+
+def wilson(k: int, n: int, z: float = Z95) -> dict[str, float | None]:
+    """The rate k/n with its Wilson score interval: honest at small n and near 0 or 1, unlike p ± z·se."""
+    if n <= 0:
+        return {"value": None, "low": None, "high": None}
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return {"value": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half)}
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """``7d``/``12h`` (now minus that) or an ISO date/time (UTC when it names no zone)."""
+    text = text.strip()
+    try:
+        return now - parse_duration(text)
+    except (ValueError, OverflowError):
+        pass
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{text!r} is neither a duration such as 7d or 12h nor an ISO date/time") from None
+
+
+@dataclass
+class _Unit:
+    """One transaction's deliveries of one (step, variant)."""
+
+    first_sent: datetime
+    messages: dict[str, int] = field(default_factory=dict)
+    segments: int | None = None
+
+
+def funnel(store: Store, *, since: str | datetime | None = None, schedule: str | None = None,
+           now: datetime | None = None) -> dict[str, Any]:
+    """The funnel as JSON-ready data; raises ValueError for a ``since`` it cannot read."""
+    now = now or store.clock()
+    start = parse_since(since, now) if isinstance(since, str) else since
+    txs, dls = funnel_rows(store, start, schedule)
+    return {"generated_at": _iso(now), "since": _iso(start) if start else None, "schedule": schedule,
+            "schedules": summarize(txs, dls)}
+
+
+def summarize(txs: list[dict[str, Any]], dls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The maths, on plain rows (see worker.store.funnel_rows): one entry per schedule, by name."""
+    units: dict[str, dict[tuple[str, str], _Unit]] = defaultdict(dict)
+    for d in dls:
+        if d["first_sent"] is None:
+            continue
+        u = units[d["transaction_id"]].setdefault((d["step"], d["variant"]), _Unit(d["first_sent"]))
+        u.first_sent = min(u.first_sent, d["first_sent"])
+        u.messages[d["channel"]] = u.messages.get(d["channel"], 0) + d["messages"]
+        if d["channel"] == "sms" and d.get("segments") is not None:
+            u.segments = (u.segments or 0) + d["segments"]
+    by_schedule: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for tx in txs:
+        by_schedule[tx["schedule"]].append(tx)
+    return [_schedule(name, rows, units) for name, rows in sorted(by_schedule.items())]
+
+
+def _schedule(name: str, txs: list[dict[str, Any]], units: dict[str, dict[tuple[str, str], _Unit]]) -> dict:
+    steps: dict[tuple[str, str], dict[str, Any]] = {}
+    offsets: dict[str, float] = {}  # step -> earliest offset from created_at, to order the ladder
+    status = {s: 0 for s in ("pending", "confirmed", "cancelled", "escalated")}
+    before_first, to_confirm = 0, []
+    for tx in txs:
+        status[tx["status"]] = status.get(tx["status"], 0) + 1
+        mine = sorted(units.get(tx["id"], {}).items(), key=lambda kv: (kv[1].first_sent, kv[0]))
+        for (step, variant), u in mine:
+            row = steps.setdefault((step, variant), _empty_step(step, variant))
+            row["reached"] += 1
+            for channel, n in u.messages.items():
+                row["messages"][channel] = row["messages"].get(channel, 0) + n
+            if u.segments is not None:
+                row["sms_segments"] = (row["sms_segments"] or 0) + u.segments
+            offset = (u.first_sent - tx["created_at"]).total_seconds()
+            offsets[step] = min(offsets.get(step, offset), offset)
+        if tx["status"] == "confirmed" and tx["confirmed_at"] is not None:
+            to_confirm.append((tx["confirmed_at"] - tx["created_at"]).total_seconds())
+            sent_before = [(key, u) for key, u in mine if u.first_sent <= tx["confirmed_at"]]
+            if not sent_before:
+                before_first += 1
+            else:
+                key, u = sent_before[-1]
+                steps[key]["confirmed_after"] += 1
+                steps[key]["_times"].append((tx["confirmed_at"] - u.first_sent).total_seconds())
+        elif tx["status"] in ("cancelled", "escalated") and mine:
+            steps[mine[-1][0]][tx["status"]] += 1
+    ordered = sorted(steps.values(), key=lambda r: (offsets[r["step"]], r["step"], r["variant"]))
+    for row in ordered:
+        times = row.pop("_times")
+        row["confirmation_rate"] = wilson(row["confirmed_after"], row["reached"])
+        row["median_time_to_confirm_seconds"] = statistics.median(times) if times else None
+        row["messages"] = {c: row["messages"][c] for c in _channels(row["messages"])}
+        row["sms_messages"] = row["messages"].get("sms", 0)
+    return {
+        "schedule": name, "transactions": len(txs), **status,
+        "confirmed_before_first_step": before_first,
+        "confirmation_rate": wilson(status["confirmed"], len(txs)),
+        "median_time_to_confirm_seconds": statistics.median(to_confirm) if to_confirm else None,
+        "time_to_confirm_histogram": _histogram(to_confirm),
+        "steps": ordered,
+    }
+
+
+def _empty_step(step: str, variant: str) -> dict[str, Any]:
+    return {"step": step, "variant": variant, "reached": 0, "confirmed_after": 0, "cancelled": 0,
+            "escalated": 0, "messages": {}, "sms_segments": None, "_times": []}
+
+
+def _channels(messages: dict[str, int]) -> list[str]:
+    return sorted(messages, key=lambda c: (CHANNEL_ORDER.index(c) if c in CHANNEL_ORDER else 99, c))
+
+
+def _histogram(seconds: list[float]) -> list[dict[str, Any]]:
+    counts = [0] * len(BUCKETS)
+    for s in seconds:
+        counts[next(i for i, (_, _, hi) in enumerate(BUCKETS) if hi is None or s < hi)] += 1
+    return [{"bucket": label, "from_seconds": lo, "to_seconds": hi, "count": n}
+            for (label, lo, hi), n in zip(BUCKETS, counts, strict=True)]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+# -- text, for `remind stats` ---------------------------------------------------------------------
+
+def human(seconds: float | None) -> str:
+    """``1h5m`` from seconds; '-' for nothing."""
+    return "-" if seconds is None else format_duration(timedelta(seconds=round(seconds)))
+
+
+def pct(rate: dict[str, float | None]) -> str:
+    if rate["value"] is None:
+        return "-"
+    return f"{rate['value']:.1%} [{rate['low']:.1%}-{rate['high']:.1%}]"
+
+
+def to_text(stats: dict[str, Any]) -> str:
+    """A table per schedule, for a terminal."""
+    scope = f"since {stats['since']}" if stats["since"] else "all time"
+    lines = [f"confirmation funnel, {scope}" + (f", schedule {stats['schedule']}" if stats["schedule"] else "")]
+    if not stats["schedules"]:
+        lines.append("no transactions")
+    for s in stats["schedules"]:
+        lines += ["", f"{s['schedule']}: {s['transactions']} transactions, {s['confirmed']} confirmed "
+                      f"{pct(s['confirmation_rate'])}, {s['cancelled']} cancelled, {s['escalated']} escalated, "
+                      f"{s['pending']} pending; median time to confirm {human(s['median_time_to_confirm_seconds'])}",
+                  f"  {'step':<16}{'variant':<10}{'reached':>8}{'confirmed':>10}  {'rate [95% CI]':<22}"
+                  f"{'median':>8}{'cancelled':>10}{'escalated':>10}  messages (sms segments)"]
+        if s["confirmed_before_first_step"]:
+            lines.insert(-1, f"  {s['confirmed_before_first_step']} confirmed before the first step went out")
+        for r in s["steps"]:
+            sent = ", ".join(f"{c} {n}" for c, n in r["messages"].items())
+            seg = f" ({r['sms_segments']})" if r["sms_segments"] is not None else ""
+            lines.append(f"  {r['step']:<16}{r['variant']:<10}{r['reached']:>8}{r['confirmed_after']:>10}  "
+                         f"{pct(r['confirmation_rate']):<22}{human(r['median_time_to_confirm_seconds']):>8}"
+                         f"{r['cancelled']:>10}{r['escalated']:>10}  {sent}{seg}")
+        lines.append("  time to confirm: " + ", ".join(f"{b['bucket']} {b['count']}"
+                                                         for b in s["time_to_confirm_histogram"]))
+    return "\n".join(lines)

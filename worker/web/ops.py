@@ -1,0 +1,330 @@
+"""Ops views of the confirmation funnel: ``GET /v1/stats`` (JSON) and ``GET /ops`` (an HTML page).
+
+The page is drawn on the server as inline SVG with inline styles and no script, so it passes the
+pages' strict CSP and needs nothing but a browser. It asks for the API token like ``/v1`` does, in
+the Authorization header, or as ``?token=`` so a plain browser can open it (the query form ends up
+in access logs and browser history: prefer the header behind a proxy that adds it).
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse
+from jinja2 import Environment
+from pydantic import BaseModel, Field
+
+from ..ladder import Schedule, format_duration
+from ..service import Remind
+from ..stats import funnel, human, pct
+from .schemas import ERRORS
+from .security import check_bearer
+
+NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
+Since = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL, description=(
+    "Only transactions created at or after this: an ISO date/time (UTC unless it names a zone), "
+    "or a duration back from now such as 7d, 12h, 1d12h"))]
+ScheduleName = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL,
+                                           description="Only this schedule")]
+
+
+class Rate(BaseModel):
+    value: float | None = Field(description="confirmed / reached; null when nothing was reached")
+    low: float | None = Field(description="95% Wilson score interval, lower bound")
+    high: float | None = Field(description="95% Wilson score interval, upper bound")
+
+
+class Bucket(BaseModel):
+    bucket: str
+    from_seconds: int
+    to_seconds: int | None
+    count: int
+
+
+class StepStats(BaseModel):
+    step: str
+    variant: str
+    reached: int = Field(description="transactions with a reminder of this step and variant sent")
+    confirmed_after: int = Field(description="confirmations attributed to this step (the last one sent before)")
+    confirmation_rate: Rate
+    median_time_to_confirm_seconds: float | None = Field(description="from this step's first send")
+    cancelled: int = Field(description="cancelled with this step as the last one sent")
+    escalated: int = Field(description="escalated with this step as the last one sent")
+    messages: dict[str, int] = Field(description="messages sent, by channel")
+    sms_messages: int
+    sms_segments: int | None = Field(description="null unless the store records segments per delivery")
+
+
+class ScheduleStats(BaseModel):
+    schedule: str
+    transactions: int
+    pending: int
+    confirmed: int
+    cancelled: int
+    escalated: int
+    confirmed_before_first_step: int
+    confirmation_rate: Rate
+    median_time_to_confirm_seconds: float | None = Field(description="from created_at")
+    time_to_confirm_histogram: list[Bucket]
+    steps: list[StepStats]
+
+
+class StatsView(BaseModel):
+    """The confirmation funnel; definitions in docs/stats.md."""
+
+    generated_at: str
+    since: str | None
+    schedule: str | None
+    schedules: list[ScheduleStats]
+
+
+def router(remind: Remind) -> APIRouter:
+    ops = APIRouter(tags=["ops"])
+
+    def auth(request: Request) -> None:
+        check_bearer(request, remind.settings.api_token_list)
+
+    def page_auth(request: Request, token: Annotated[str | None, Query(max_length=512)] = None) -> None:
+        tokens = remind.settings.api_token_list
+        if token is not None and tokens:
+            ok = False
+            for candidate in tokens:
+                ok |= hmac.compare_digest(token.encode(), candidate.encode())
+            if ok:
+                return
+            raise HTTPException(401, "a valid token is required", {"www-authenticate": "Bearer"})
+        check_bearer(request, tokens)
+
+    @ops.get("/v1/stats", response_model=StatsView, dependencies=[Depends(auth)],
+             summary="The confirmation funnel per schedule, step and variant",
+             responses={400: ERRORS[400], 401: ERRORS[401], 422: ERRORS[422]})
+    async def stats(since: Since = None, schedule: ScheduleName = None):
+        try:
+            return await run_in_threadpool(funnel, remind.store, since=since, schedule=schedule)
+        except ValueError as exc:
+            return JSONResponse({"error": "invalid", "detail": "some fields are invalid",
+                                 "problems": {"since": str(exc)}}, status_code=422)
+
+    @ops.get("/ops", include_in_schema=False, response_class=HTMLResponse, dependencies=[Depends(page_auth)])
+    async def page(since: Since = None, schedule: ScheduleName = None, token: str | None = None):
+        try:
+            data = await run_in_threadpool(funnel, remind.store, since=since, schedule=schedule)
+            error = None
+        except ValueError as exc:
+            data, error = {"generated_at": "", "since": None, "schedule": schedule, "schedules": []}, str(exc)
+        html = render_page(data, list(remind.registry), since=since, token=token, error=error)
+        return HTMLResponse(html, status_code=422 if error else 200)
+
+    return ops
+
+
+# -- the page ---------------------------------------------------------------------------------------
+
+def render_page(data: dict[str, Any], schedules: list[Schedule], *, since: str | None = None,
+                token: str | None = None, error: str | None = None) -> str:
+    """Every schedule of the registry (filtered like the data), plus any the data names that it no longer has."""
+    stats = {s["schedule"]: s for s in data["schedules"]}
+    known = {s.name: s for s in schedules if data["schedule"] in (None, s.name)}
+    names = list(known) + sorted(n for n in stats if n not in known)
+    cards = [{"name": n, "s": stats.get(n), "ladder": _ladder(known[n]) if n in known else None,
+              "funnel": _funnel(stats[n]) if n in stats else None,
+              "hist": _histogram(stats[n]) if n in stats else None,
+              "meta": f"priority {known[n].priority} · version {known[n].version[:12]}" if n in known else
+              "no longer loaded"} for n in names]
+    return _TEMPLATE.render(data=data, cards=cards, since=since or "", token=token, error=error, pct=pct,
+                            human=human)
+
+
+def _funnel(s: dict[str, Any]) -> dict[str, Any]:
+    """Per step and variant: a bar as long as `reached`, split into confirmed, cancelled/escalated, the rest."""
+    top = max((r["reached"] for r in s["steps"]), default=0) or 1
+    rows = []
+    for i, r in enumerate(s["steps"]):
+        scale = 300 / top
+        confirmed, lost = r["confirmed_after"] * scale, (r["cancelled"] + r["escalated"]) * scale
+        rows.append({"y": 34 + i * 40, "label": r["step"], "variant": r["variant"], "reached": r["reached"] * scale,
+                     "confirmed": confirmed, "lost": lost, "lost_x": 150 + r["reached"] * scale - lost,
+                     "text": f"{r['confirmed_after']} of {r['reached']} confirmed · {pct(r['confirmation_rate'])}",
+                     "sub": " · ".join([f"median {human(r['median_time_to_confirm_seconds'])} to confirm"
+                                        if r["confirmed_after"] else "no confirmation"] + [
+                         f"{r[k]} {k}" for k in ("cancelled", "escalated") if r[k]])})
+    return {"rows": rows, "height": max(90, 44 + 40 * len(rows))}
+
+
+def _histogram(s: dict[str, Any]) -> dict[str, Any]:
+    buckets = s["time_to_confirm_histogram"]
+    top = max((b["count"] for b in buckets), default=0) or 1
+    bars = []
+    for i, b in enumerate(buckets):
+        h = 140 * b["count"] / top
+        bars.append({"x": 30 + i * 52, "y": 170 - h, "h": h, "label": b["bucket"], "count": b["count"]})
+    return {"bars": bars}
+
+
+def _x(t: timedelta, end: timedelta) -> float:
+    """Square-root time axis: early steps (minutes apart) and late ones (hours apart) both stay legible."""
+    return 40 + 1000 * math.sqrt(max(t.total_seconds(), 0) / max(end.total_seconds(), 1))
+
+
+def _ladder(schedule: Schedule) -> dict[str, Any]:
+    end = schedule.final.after
+    points, last_x, level = [], -1000.0, 0
+    for step in schedule.steps:
+        x = _x(step.after, end)
+        level = 1 - level if x - last_x < 120 else 0
+        last_x = x
+        variants = getattr(step, "variants", ()) or ()
+        extra = f" · A/B {'/'.join(v.name for v in variants)}" if variants else ""
+        points.append({"x": x, "level": level, "title": step.id, "when": format_duration(step.after),
+                       "detail": f"{'+'.join(step.channels)} · {step.template}{extra}"})
+    x = _x(end, end)
+    final = {"x": x, "y": 112 if x - last_x < 180 and level == 0 else 18, "title": schedule.final.action,
+             "when": format_duration(end),
+             "detail": f"{'+'.join(schedule.final.channels) or 'no message'} · {schedule.final.reason}"}
+    marks = [m for m in (timedelta(0), timedelta(minutes=15), timedelta(hours=1), timedelta(hours=4),
+                         timedelta(hours=12), timedelta(days=1), timedelta(days=3)) if m <= end]
+    ticks = [{"x": _x(m, end), "label": format_duration(m) if m else "0"} for m in marks]
+    return {"points": points, "final": final, "ticks": ticks}
+
+
+_TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""\
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex">
+<title>Confirmation funnel · reminder-worker</title>
+<style>
+ body{font-family:"Segoe UI",Roboto,"Liberation Sans",Arial,sans-serif;background:#f4f5f7;margin:0;padding:24px;
+  color:#1d2330}
+ main{max-width:1180px;margin:0 auto} h1{font-size:1.5rem;margin:0 0 4px} h2{font-size:1.2rem;margin:0}
+ h3{font-size:.85rem;text-transform:uppercase;letter-spacing:.04em;color:#5f6675;margin:18px 0 6px}
+ .note{color:#5f6675;font-size:.9rem} .bad{color:#b3261e;font-weight:600}
+ form{margin:12px 0 20px;display:flex;gap:8px;align-items:center;font-size:.9rem}
+ input{padding:6px 8px;border:1px solid #c6cad2;border-radius:6px} button{padding:6px 14px;border:0;
+  border-radius:6px;background:#1a73e8;color:#fff}
+ section{background:#fff;border-radius:12px;padding:20px 24px;margin:0 0 20px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+ .head{display:flex;justify-content:space-between;align-items:baseline}
+ .kpis{display:flex;gap:28px;margin:14px 0 4px;flex-wrap:wrap} .kpi b{display:block;font-size:1.35rem}
+ .kpi span{color:#5f6675;font-size:.8rem}
+ .charts{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
+ svg{max-width:100%;height:auto} svg text{font-family:"Liberation Sans",Arial,sans-serif;font-size:12px;fill:#1d2330}
+ svg .muted{fill:#5f6675;font-size:11px} svg .strong{font-weight:700}
+ table{border-collapse:collapse;width:100%;font-size:.85rem;margin-top:6px}
+ th,td{padding:5px 8px;border-bottom:1px solid #eceef2;text-align:right} th{color:#5f6675;font-weight:600}
+ th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
+</style>
+</head>
+<body><main>
+<h1>Confirmation funnel</h1>
+<p class="note">Which reminder each customer confirmed after. {{ 'Transactions created since ' ~ data.since
+  if data.since else 'All transactions' }}{{ ', schedule ' ~ data.schedule if data.schedule }}; generated
+  {{ data.generated_at }}. Rates carry 95% Wilson intervals.</p>
+<form method="get" action="">
+ <label>since <input name="since" value="{{ since }}" placeholder="7d or 2026-11-01"></label>
+ <label>schedule <input name="schedule" value="{{ data.schedule or '' }}" placeholder="all"></label>
+ {% if token %}<input type="hidden" name="token" value="{{ token }}">{% endif %}
+ <button type="submit">Show</button>
+</form>
+{% if error %}<p class="bad">{{ error }}</p>{% endif %}
+{% for c in cards %}
+<section id="schedule-{{ c.name }}">
+ <div class="head"><h2>{{ c.name }}</h2><span class="note">{{ c.meta }}</span></div>
+ {% set s = c.s %}
+ {% if s %}
+ <div class="kpis">
+  <div class="kpi"><b>{{ s.transactions }}</b><span>transactions</span></div>
+  <div class="kpi"><b>{{ s.confirmed }}</b><span>confirmed · {{ pct(s.confirmation_rate) }}</span></div>
+  <div class="kpi"><b>{{ s.cancelled }}</b><span>cancelled</span></div>
+  <div class="kpi"><b>{{ s.escalated }}</b><span>escalated</span></div>
+  <div class="kpi"><b>{{ s.pending }}</b><span>pending</span></div>
+  <div class="kpi"><b>{{ human(s.median_time_to_confirm_seconds) }}</b><span>median time to confirm</span></div>
+  <div class="kpi"><b>{{ s.confirmed_before_first_step }}</b><span>confirmed before any reminder</span></div>
+ </div>
+ <div class="charts">
+  <div>
+  <h3>Funnel: reached → confirmed after each step</h3>
+  <svg class="chart funnel" role="img" viewBox="0 0 680 {{ c.funnel.height }}" width="680"
+   height="{{ c.funnel.height }}" xmlns="http://www.w3.org/2000/svg">
+   <title>Funnel of {{ c.name }}</title>
+   <rect x="150" y="4" width="12" height="12" fill="#1a73e8"/><text x="166" y="14">confirmed after</text>
+   <rect x="270" y="4" width="12" height="12" fill="#d6e2f3"/><text x="286" y="14">later step / pending</text>
+   <rect x="420" y="4" width="12" height="12" fill="#d93025"/><text x="436" y="14">cancelled or escalated here</text>
+   {% for r in c.funnel.rows %}
+   <text x="0" y="{{ r.y + 12 }}" class="strong">{{ r.label }}</text>
+   <text x="0" y="{{ r.y + 26 }}" class="muted">{{ r.variant }}</text>
+   <rect x="150" y="{{ r.y }}" width="{{ '%.1f' % r.reached }}" height="28" rx="3" fill="#d6e2f3"/>
+   <rect x="150" y="{{ r.y }}" width="{{ '%.1f' % r.confirmed }}" height="28" rx="3" fill="#1a73e8"/>
+   {% if r.lost %}<rect x="{{ '%.1f' % r.lost_x }}" y="{{ r.y }}" width="{{ '%.1f' % r.lost }}" height="28"
+    rx="3" fill="#d93025"/>{% endif %}
+   <text x="460" y="{{ r.y + 12 }}">{{ r.text }}</text>
+   <text x="460" y="{{ r.y + 26 }}" class="muted">{{ r.sub }}</text>
+   {% else %}<text x="0" y="50" class="muted">no reminder went out in this period</text>
+   {% endfor %}
+  </svg>
+  </div>
+  <div>
+  <h3>Time to confirm (from creation)</h3>
+  <svg class="chart histogram" role="img" viewBox="0 0 400 200" width="400" height="200"
+   xmlns="http://www.w3.org/2000/svg">
+   <title>Time to confirm in {{ c.name }}</title>
+   <line x1="24" y1="170.5" x2="396" y2="170.5" stroke="#c6cad2"/>
+   {% for b in c.hist.bars %}
+   <rect x="{{ b.x }}" y="{{ '%.1f' % b.y }}" width="40" height="{{ '%.1f' % b.h }}" rx="2" fill="#1a73e8"/>
+   <text x="{{ b.x + 20 }}" y="{{ '%.1f' % (b.y - 5) }}" text-anchor="middle">{{ b.count }}</text>
+   <text x="{{ b.x + 20 }}" y="188" text-anchor="middle" class="muted">{{ b.label }}</text>
+   {% endfor %}
+  </svg>
+  </div>
+ </div>
+ <table>
+  <tr><th>step</th><th>variant</th><th>reached</th><th>confirmed after</th><th>rate [95% CI]</th>
+   <th>median</th><th>cancelled</th><th>escalated</th><th>messages</th><th>SMS segments</th></tr>
+  {% for r in s.steps %}
+  <tr><td>{{ r.step }}</td><td>{{ r.variant }}</td><td>{{ r.reached }}</td><td>{{ r.confirmed_after }}</td>
+   <td>{{ pct(r.confirmation_rate) }}</td><td>{{ human(r.median_time_to_confirm_seconds) }}</td>
+   <td>{{ r.cancelled }}</td><td>{{ r.escalated }}</td>
+   <td>{% for ch, n in r.messages.items() %}{{ ch }} {{ n }}{{ ', ' if not loop.last }}{% endfor %}</td>
+   <td>{{ r.sms_segments if r.sms_segments is not none else '-' }}</td></tr>
+  {% endfor %}
+ </table>
+ {% else %}
+ <p class="note">No transactions on this schedule in this period.</p>
+ {% endif %}
+ {% if c.ladder %}
+ <h3>Ladder (square-root time axis)</h3>
+ <svg class="chart ladder" role="img" viewBox="0 0 1120 150" width="1120" height="150"
+  xmlns="http://www.w3.org/2000/svg">
+  <title>Ladder of {{ c.name }}</title>
+  <line x1="40" y1="80.5" x2="{{ c.ladder.final.x }}" y2="80.5" stroke="#9aa3b2" stroke-width="2"/>
+  {% for t in c.ladder.ticks %}
+  <line x1="{{ '%.1f' % t.x }}" y1="76" x2="{{ '%.1f' % t.x }}" y2="85" stroke="#9aa3b2"/>
+  <text x="{{ '%.1f' % t.x }}" y="146" text-anchor="middle" class="muted">{{ t.label }}</text>
+  {% endfor %}
+  {% for p in c.ladder.points %}
+  {% set y = 18 if p.level == 0 else 112 %}
+  <line x1="{{ '%.1f' % p.x }}" y1="{{ 48 if p.level == 0 else 88 }}" x2="{{ '%.1f' % p.x }}"
+   y2="{{ 72 if p.level == 0 else 106 }}" stroke="#c6cad2"/>
+  <circle cx="{{ '%.1f' % p.x }}" cy="80.5" r="7" fill="#1a73e8"/>
+  <text x="{{ '%.1f' % p.x }}" y="{{ y }}" text-anchor="middle" class="strong">{{ p.title }} · {{ p.when }}</text>
+  <text x="{{ '%.1f' % p.x }}" y="{{ y + 16 }}" text-anchor="middle" class="muted">{{ p.detail }}</text>
+  {% endfor %}
+  {% set f = c.ladder.final %}
+  <rect x="{{ '%.1f' % (f.x - 7) }}" y="73.5" width="14" height="14" fill="#d93025"/>
+  <text x="{{ '%.1f' % (f.x + 7) }}" y="{{ f.y }}" text-anchor="end" class="strong">{{ f.title }} · {{ f.when }}</text>
+  <text x="{{ '%.1f' % (f.x + 7) }}" y="{{ f.y + 16 }}" text-anchor="end" class="muted">{{ f.detail }}</text>
+ </svg>
+ {% endif %}
+</section>
+{% else %}
+<p class="note">No schedules.</p>
+{% endfor %}
+</main></body>
+</html>
+""")
