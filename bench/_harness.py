@@ -135,8 +135,7 @@ class Fakes:
     def stop(self) -> dict[str, dict]:
         for name, proc in self.procs.items():
             if proc.poll() is None:
-                proc.stdin.close()
-                try:
+                try:  # communicate() closes stdin: the fake prints its summary and exits
                     out, _ = proc.communicate(timeout=15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
@@ -245,17 +244,16 @@ def descendants(pid: int) -> list[int]:
 
 
 def worker_processes(main_pid: int) -> list[int]:
-    """dramatiq's worker processes under a `remind worker` / `dramatiq` main process (spawned, not the
-    multiprocessing resource tracker)."""
+    """dramatiq's worker processes under a `remind worker` / `dramatiq` main process: forked (the default;
+    same command line as the main process) or spawned, never the multiprocessing resource tracker."""
     out = []
     for pid in descendants(main_pid):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "spawn_main" in cmd or "multiprocessing.forkserver" in cmd:
-            if "resource_tracker" not in cmd:
-                out.append(pid)
+        if "resource_tracker" not in cmd:
+            out.append(pid)
     return out
 
 

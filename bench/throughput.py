@@ -214,7 +214,8 @@ class Pipeline:
         for name, extra in (("cpu", ["--gil"]), ("wall", ["--idle"])):
             out = Path(profile["dir"]) / f"pyspy-{name}.txt"
             cmd = [str(h.BIN / "py-spy"), "record", "--pid", str(pid), "--rate", str(profile["rate"]),
-                   "--duration", str(profile["seconds"]), "--nonblocking", "--format", "raw", "-o", str(out), *extra]
+                   "--duration", str(math.ceil(profile["seconds"])), "--nonblocking", "--format", "raw",
+                   "-o", str(out), *extra]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode != 0 or not out.exists():
                 profile["error"] = f"py-spy {name}: {run.stderr.strip()[-400:]}"
@@ -260,14 +261,12 @@ def run_noop(args, workdir: Path, database_url: str, processes: int, n: int, nam
         done = n - left
         if first is None and done > 0:
             first = now
-        groups = {"workers": [proc.pid, *h.descendants(proc.pid)], "redis": h.redis_server_pids(),
-                  "bench": [os.getpid()]}
         if t10 is None and done >= 0.1 * n:
             t10, d10 = now, done
-            meter.start = meter.snapshot(groups)
+            meter.start = meter.snapshot(noop_groups(proc))
         if t90 is None and done >= 0.9 * n:
             t90, d90 = now, done
-            meter.end = meter.snapshot(groups)
+            meter.end = meter.snapshot(noop_groups(proc))
         if done != last_done:
             last_change, last_done = now, done
         if left == 0:
@@ -287,6 +286,10 @@ def run_noop(args, workdir: Path, database_url: str, processes: int, n: int, nam
             "rate": (d90 - d10) / (t90 - t10) if t90 and t10 and t90 > t10 else float("nan"),
             "run_rate": n / total if total > 0 else float("nan"), "worker_hwm_mb": hwm,
             "cores": meter.report() if meter.start and meter.end else {}}
+
+
+def noop_groups(proc) -> dict[str, list[int]]:
+    return {"workers": [proc.pid, *h.descendants(proc.pid)], "redis": h.redis_server_pids(), "bench": [os.getpid()]}
 
 
 # -- in-process calibration: what one delivery costs, sequentially ------------------------------------------
@@ -386,7 +389,7 @@ def _stage(frames: list[tuple[str, str]]) -> str:
             continue
         if p.endswith("render.py"):
             inner = [_lib(f) for f in files[files.index(path):]]
-            if func in ("facts_for", "money", "when", "relative", "babel_locale", "_plain_spaces"):
+            if any(name in func for name in ("facts_for", "babel_locale", "_plain_spaces")):
                 return "render: Babel facts"
             return "render: Jinja templates" if "babel" not in inner else "render: Babel facts"
         if p.endswith("links.py"):
@@ -399,7 +402,7 @@ def _stage(frames: list[tuple[str, str]]) -> str:
             return "send: FCM google-auth + HTTP"
         if "/store/" in p:
             return "SQL (SQLAlchemy + psycopg)"
-        if p.endswith("runner.py") or (p.endswith("service.py") and "config" in func):
+        if p.endswith("runner.py") or (p.endswith("service.py") and ("config" in func or "reload" in func)):
             return "config reload watcher"
         return "delivery logic (worker/ Python)"
     libs = {_lib(f) for f in files}
@@ -415,7 +418,7 @@ def summarize(path: str, *, only_delivery: bool) -> tuple[int, list[tuple[str, f
         if not stack or not count.isdigit():
             continue
         frames = _frames(stack)
-        if only_delivery and not any(func == "deliver" and "delivery.py" in f for func, f in frames):
+        if only_delivery and not any(func.endswith("deliver") and f.endswith("delivery.py") for func, f in frames):
             continue
         n = int(count)
         total += n
@@ -439,14 +442,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8, the "
                                                                "service's default)")
     parser.add_argument("--noop-min", type=int, default=None, help="at least this many no-op messages "
-                                                                   "(default 20000, --small 5000)")
+                                                                   "(default 20000, --small 3000)")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile and calibration")
     parser.add_argument("--profile-seconds", type=float, default=None, help="per py-spy pass (default 10, small 3)")
     parser.add_argument("--stall", type=float, default=60.0, help="give up after this long without progress")
     parser.add_argument("--out", type=Path, default=None, help="keep logs and profiles here (default: a temp dir)")
     args = parser.parse_args()
     n_tx = args.tx or (200 if args.small else 3000)
-    noop_min = args.noop_min or (5000 if args.small else 20000)
+    noop_min = args.noop_min or (3000 if args.small else 20000)
     prof_s = args.profile_seconds or (3.0 if args.small else 10.0)
     counts = [int(p) for p in args.processes.split(",")]
     workdir = args.out or Path(tempfile.mkdtemp(prefix="remind-bench-tp-"))
@@ -482,7 +485,7 @@ def main() -> int:
             prof_tx = max(60, int(rate1 * (2 * prof_s + 4) / 3))
             profile = {"dir": str(workdir), "seconds": prof_s, "rate": 200}
             profile["run"] = pipeline.run(1, prof_tx, profile=profile)
-            cal = calibrate(pipeline, 40 if args.small else 120)
+            cal = calibrate(pipeline, 30 if args.small else 120)
     finally:
         summary = fakes.stop()
         if pipeline is not None:

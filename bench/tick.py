@@ -40,6 +40,7 @@ import pstats
 import random
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -542,11 +543,22 @@ class Bench:
         finally:
             del store.insert_transaction
         rate = count / elapsed
+        profiler = cProfile.Profile()
+        n_prof = min(max(count // 4, 100), 500)
+        profiler.enable()
+        for i in range(n_prof):
+            proto = _WEIGHTS[(i * 37) % 100]
+            self.remind.register(payload(proto, f"tx_pyp_{i:07d}", f"c_pyp_{i}", datetime.now(UTC)))
+        profiler.disable()
         self.say(f"\n== registration, Python API: {count:,} x Remind.register, sequential ==")
         self.say(f"{elapsed:.1f}s, {rate:,.0f}/s, {1000 * elapsed / count:.2f} ms each: "
                  f"{1000 * spent['insert'] / count:.2f} ms in Store.insert_transaction (connect, INSERT, commit), "
                  f"{1000 * (elapsed - spent['insert']) / count:.2f} ms validating, choosing the schedule, "
                  "computing slots (and building the payload)")
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(self.args.profile_top)
+        self.say(f"cProfile of {n_prof} more registrations, top {self.args.profile_top} by cumulative time:")
+        self.say(_trim_pstats(out.getvalue()))
         return rate
 
     def start_web(self) -> str:
@@ -582,18 +594,24 @@ class Bench:
             time.sleep(0.2)
 
     def stop_web(self) -> int | None:
-        """Stop the server; return its peak RSS in KiB (from wait4)."""
+        """Stop the server; return its peak RSS in KiB (VmHWM: the high-water mark since its exec)."""
         if self.web is None:
             return None
+        peak = None
+        try:
+            for line in Path(f"/proc/{self.web.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1])
+        except OSError:
+            pass
         self.web.terminate()
         try:
-            _pid, _status, usage = os.wait4(self.web.pid, 0)
-            self.web.returncode = _status
-            peak = usage.ru_maxrss
-        except ChildProcessError:
+            self.web.wait(20)
+        except subprocess.TimeoutExpired:
+            self.web.kill()
             self.web.wait(10)
-            peak = None
         self.web = None
+        self.web_log.close()
         return peak
 
     def register_http(self) -> float:
@@ -629,6 +647,7 @@ class Bench:
         cpu2 = resource.getrusage(resource.RUSAGE_SELF)
         del cpu0
         client_cpu = (cpu2.ru_utime + cpu2.ru_stime) - (cpu1.ru_utime + cpu1.ru_stime)
+        profile = self.profile_web(lambda: asyncio.run(run("tx_httpp", min(max(count // 4, 250), 3000))))
         peak = self.stop_web()
         self.figures["web_peak_rss_mb"] = mb(peak) if peak else "n/a"
         rate = count / elapsed
@@ -637,7 +656,34 @@ class Bench:
         self.say(f"{elapsed:.1f}s, {rate:,.0f}/s; answers {dict(codes)}; the load generator (httpx, this process) "
                  f"used {client_cpu:.1f}s CPU of the {2 * elapsed:.0f} core-seconds on this machine; "
                  f"web peak RSS {self.figures['web_peak_rss_mb']} MB")
+        self.say(profile)
         return rate
+
+    def profile_web(self, load) -> str:
+        """py-spy on the web server while ``load`` runs again (not part of the figure): 100 samples a second
+        of the thread holding the GIL, i.e. where the server's Python CPU time goes."""
+        py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        if not py_spy or self.args.no_py_spy:
+            load()
+            return "(py-spy not available: no profile of the web server)"
+        out = self.tmp / "web.pyspy"
+        spy = subprocess.Popen([py_spy, "record", "--gil", "-r", "100", "-f", "raw", "-o", str(out),
+                                "-p", str(self.web.pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        started = time.perf_counter()
+        load()
+        elapsed = time.perf_counter() - started
+        spy.send_signal(signal.SIGINT)
+        try:
+            _, err = spy.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            return "(py-spy did not stop)"
+        if not out.exists():
+            return f"(py-spy failed: {err.strip()[-300:]})"
+        return summarize_py_spy(out.read_text(), f"py-spy of the web server over {elapsed:.1f}s of the same load",
+                                self.args.profile_top)
 
     # -- teardown -----------------------------------------------------------------------------------------
 
@@ -654,10 +700,61 @@ class Bench:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
 
 
+def summarize_py_spy(raw: str, title: str, top: int) -> str:
+    """From py-spy's collapsed stacks: own time by package, inclusive time of worker/ functions, top own frames."""
+    import re
+
+    inclusive: Counter = Counter()
+    own: Counter = Counter()
+    by_package: Counter = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f).replace(sys.prefix + "/lib/python3.11/site-packages/", "")
+                  .replace(str(ROOT) + "/", "") for f in stack.split(";")]
+        for f in set(frames):
+            if "(worker/" in f:
+                inclusive[f] += n
+        own[frames[-1]] += n
+        path = frames[-1].rpartition("(")[2].rstrip(")")
+        package = path.split("/")[0] if "/" in path else path.removesuffix(".py")
+        by_package[package if not path.startswith("/") else "stdlib"] += n
+    if not total:
+        return "(py-spy recorded no samples)"
+    pct = lambda n: f"{100 * n / total:5.1f}%"  # noqa: E731
+    lines = [f"{title}: {total} samples of the thread holding the GIL",
+             "  own time by package: " + ", ".join(f"{k} {100 * n / total:.0f}%"
+                                                   for k, n in by_package.most_common(12)),
+             "  inclusive, worker/ functions:"]
+    lines += [f"    {pct(n)}  {f[:140]}" for f, n in inclusive.most_common(top)]
+    lines.append("  own time, top frames:")
+    lines += [f"    {pct(n)}  {f[:140]}" for f, n in own.most_common(top // 2)]
+    return "\n".join(lines)
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all cores busy over ``seconds`` (from /proc/stat), to say what else was running."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]
+    try:
+        t0, i0 = read()
+        time.sleep(seconds)
+        t1, i1 = read()
+        return 1 - (i1 - i0) / max(1, t1 - t0)
+    except OSError:
+        return float("nan")
+
+
 def _trim_pstats(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     keep = [line.replace(str(ROOT) + "/", "").replace(sys.prefix + "/lib/python3.11/site-packages/", "")
-            for line in lines if not line.lstrip().startswith(("Ordered by", "List reduced"))]
+            for line in lines if not line.lstrip().startswith(("Ordered by", "List reduced", "Random listing"))]
     return "\n".join("  " + line[:160] for line in keep)
 
 
@@ -665,14 +762,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true",
-                        help="quick run: 20,000 pending, 1,000 due, 2,000 registrations (under a minute)")
+                        help="quick run: 20,000 pending, 1,000 due, 1,000 registrations each way (under a minute)")
     parser.add_argument("--pending", type=int, help="pending transactions in the large case (default 1,000,000)")
     parser.add_argument("--due", type=int, help="due transactions in both cases (default 10,000)")
-    parser.add_argument("--register-count", type=int, help="registrations per API (default 100,000; --small 2,000)")
+    parser.add_argument("--register-count", type=int, help="registrations per API (default 100,000; --small 1,000)")
     parser.add_argument("--runs", type=int, default=3, help="timed ticks per case; the median is reported (3)")
     parser.add_argument("--batch-size", type=int, default=None, help="REMIND_BATCH_SIZE (default: the setting's)")
     parser.add_argument("--http-connections", type=int, default=12, help="concurrent HTTP connections (12)")
     parser.add_argument("--load-procs", type=int, default=2, help="processes bulk-loading the pending rows (2)")
+    parser.add_argument("--no-py-spy", action="store_true", help="do not profile the web server with py-spy")
     parser.add_argument("--skip-register", action="store_true", help="tick only")
     parser.add_argument("--profile-top", type=int, default=22, help="cProfile lines shown per sort (22)")
     parser.add_argument("--verify-sample", type=int, default=100,
@@ -684,7 +782,7 @@ def main() -> None:
     args = parser.parse_args()
     args.pending = args.pending or (20_000 if args.small else 1_000_000)
     args.due = args.due or (1_000 if args.small else 10_000)
-    args.register_count = args.register_count or (2_000 if args.small else 100_000)
+    args.register_count = args.register_count or (1_000 if args.small else 100_000)
     if args.batch_size is None:
         from worker.settings import Settings
 
@@ -697,6 +795,10 @@ def main() -> None:
     figures: dict[str, object] = {}
     try:
         wall = time.perf_counter()
+        busy_before = cpu_busy()
+        bench.say(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}, "
+                  f"{100 * busy_before:.0f}% of the CPU busy before the bench started"
+                  + (" (other processes are running: figures are pessimistic)" if busy_before > 0.15 else ""))
         bench.create()
         bench.load("due", args.due)
         bench.add_suppressions()
@@ -723,6 +825,7 @@ def main() -> None:
         figures["scheduler_peak_rss_mb"] = mb(peak_tick)
         figures["bench_peak_rss_mb"] = mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         figures["wall_s"] = f"{time.perf_counter() - wall:.0f}"
+        figures["cpu_busy_before_pct"] = f"{100 * busy_before:.0f}"
     finally:
         bench.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import textwrap
 from datetime import timedelta
@@ -53,9 +54,9 @@ def test_default_for_the_sample_in_zh_cn_is_ucs2(config):
         ("cancel", "2026-11-26 17:00", "sms", True), ("cancel", "2026-11-26 17:00", "email", True),
         ("cancel", "2026-11-26 17:00", "push", True),
     ]
-    assert sms(p) == [("reminder", SmsInfo("UCS-2", 211, 211, 4)), ("final_warning", SmsInfo("UCS-2", 219, 219, 4)),
+    assert sms(p) == [("reminder", SmsInfo("UCS-2", 183, 183, 3)), ("final_warning", SmsInfo("UCS-2", 191, 191, 3)),
                       ("cancel", SmsInfo("UCS-2", 97, 97, 2))]
-    assert p.totals == {"sms": 3, "email": 2, "push": 4} and p.sms_segments == 10 and p.skipped == {}
+    assert p.totals == {"sms": 3, "email": 2, "push": 4} and p.sms_segments == 8 and p.skipped == {}
     link = confirm_url("https://pay.example", "test-secret", SAMPLE_ID, T0 + timedelta(hours=24))
     reminder_sms = p.steps[1].messages[0]
     assert reminder_sms.body.startswith("您的¥1,000.00转账仍未确认") and reminder_sms.body.endswith(link)
@@ -66,14 +67,14 @@ def test_default_in_en_is_gsm7_and_relative_times_read_from_each_step(config):
     cfg, settings = config
     p = preview(cfg, "default", locale="en", now=T0, settings=settings)
     assert p.transaction["customer"]["locale"] == "en" and p.template_locale == "en"
-    assert sms(p) == [("reminder", SmsInfo("GSM-7", 306, 306, 2)), ("final_warning", SmsInfo("GSM-7", 311, 311, 3)),
+    assert sms(p) == [("reminder", SmsInfo("GSM-7", 278, 278, 2)), ("final_warning", SmsInfo("GSM-7", 283, 283, 2)),
                       ("cancel", SmsInfo("GSM-7", 211, 211, 2))]
     email = next(m for s in p.steps if s.id == "final_warning" for m in s.messages if m.channel == "email")
     assert "(in 4 hours)" in email.body  # rendered at the step's own time, 20h, for a deadline at 24h
     assert email.subject and email.html and "<" in email.html
 
 
-@pytest.mark.parametrize("locale, encoding, segments", [(None, "UCS-2", [4, 4, 2]), ("en", "GSM-7", [2, 3, 2])])
+@pytest.mark.parametrize("locale, encoding, segments", [(None, "UCS-2", [3, 3, 2]), ("en", "GSM-7", [2, 2, 2])])
 def test_new_customer_for_the_sample(config, locale, encoding, segments):
     cfg, settings = config
     p = preview(cfg, "new_customer", locale=locale, now=T0, settings=settings)
@@ -130,9 +131,9 @@ def test_json_is_serialisable_and_complete(config):
     data = json.loads(json.dumps(preview(cfg, "default", now=T0, settings=settings).to_json()))
     assert data["schedule"] == "default" and data["deadline"] == "2026-11-26T09:00:00+00:00"
     assert data["steps"][1]["after"] == "2h" and data["steps"][1]["local"] == "2026-11-25 19:00"
-    assert data["steps"][1]["messages"][0]["sms"] == {"encoding": "UCS-2", "characters": 211, "units": 211,
-                                                      "segments": 4}
-    assert data["totals"] == {"sms": 3, "email": 2, "push": 4} and data["sms_segments"] == 10
+    assert data["steps"][1]["messages"][0]["sms"] == {"encoding": "UCS-2", "characters": 183, "units": 183,
+                                                      "segments": 3}
+    assert data["totals"] == {"sms": 3, "email": 2, "push": 4} and data["sms_segments"] == 8
 
 
 # -- the CLI --------------------------------------------------------------------------------------
@@ -165,12 +166,14 @@ def test_cli_preview_prints_the_timeline_with_sms_cost(env, tmp_path):
     assert "transaction tx_cli: Li Wei, zh-CN (templates zh-CN), Asia/Shanghai, segment returning" in out
     assert f"created 2026-11-25 17:00 {SHANGHAI}, deadline 2026-11-26 17:00 {SHANGHAI}" in out
     assert f"\n+15m  2026-11-25 17:15 {SHANGHAI}  nudge  PUSH\n    您有一笔转账待确认\n" in out
-    assert f"\n+2h  2026-11-25 19:00 {SHANGHAI}  reminder  SMS  [UCS-2, 3 segments, 198 chars]\n    您的" in out
-    assert out.rstrip().endswith("messages per transaction: sms 3 (9 segments), email 2, push 4")
+    assert re.search(rf"\n\+2h  2026-11-25 19:00 {re.escape(SHANGHAI)}  reminder  SMS  \[UCS-2, 3 segments, "
+                     rf"1[0-9][0-9] chars\]\n    您的", out)
+    assert out.rstrip().endswith("messages per transaction: sms 3 (8 segments), email 2, push 4")
     assert not (tmp_path / "cli.db").exists()  # a preview needs no database
 
     en = run("schedules", "preview", "default", "--tx", str(tx), "--locale", "en").output
-    assert f"+2h  2026-11-25 19:00 {SHANGHAI}  reminder  SMS  [GSM-7, 2 segments, 294 chars]" in en
+    assert re.search(rf"\+2h  2026-11-25 19:00 {re.escape(SHANGHAI)}  reminder  SMS  \[GSM-7, 2 segments, 2[0-9][0-9] "
+                     rf"chars\]", en)
 
 
 def test_cli_preview_defaults_to_the_sample_and_speaks_json(env):
@@ -199,7 +202,7 @@ def test_cli_check_warns_about_an_sms_over_the_segment_budget(env, tmp_path, mon
     assert result.exit_code == 0, result.output
     assert "ok  default" in result.stdout
     warnings = result.stderr.splitlines()
-    assert warnings == [f"warning: {templates / 'en' / 'reminder' / 'sms.txt'}: 5 SMS segments (GSM-7, 642 chars "
+    assert warnings == [f"warning: {templates / 'en' / 'reminder' / 'sms.txt'}: 5 SMS segments (GSM-7, 614 chars "
                         f"with sample data), over the budget of 4 (REMIND_SMS_SEGMENT_BUDGET)"]
     monkeypatch.setenv("REMIND_SMS_SEGMENT_BUDGET", "5")
     assert run("schedules", "check").stderr == ""
