@@ -69,11 +69,49 @@ def postgres_pids(dbname: str) -> list[int]:
     return out
 
 
-def redis_server_pids() -> list[int]:
-    return [pid for pid, cmd in _cmdlines() if cmd.startswith("redis-server")]
-
-
 # -- Redis --------------------------------------------------------------------------------------------
+
+class PrivateRedis:
+    """A redis-server of this benchmark's own on a free port (``--private-redis``), for when the shared one on
+    6379 may be restarted under the benchmark (the chaos tests do that). Same binary, no persistence."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> str:
+        global REDIS_URL
+        import socket
+
+        import redis
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        REDIS_URL = url
+        return url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def redis_pids() -> list[int]:
+    """The redis-server the benchmark uses (found by its port)."""
+    port = REDIS_URL.rsplit(":", 1)[1].split("/")[0]
+    return [pid for pid, cmd in _cmdlines() if cmd.startswith("redis-server") and cmd.endswith(f":{port}")]
+
 
 def new_namespace(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
@@ -168,7 +206,7 @@ def remind_env(database_url: str, namespace: str, workdir: Path, providers: dict
         "DATABASE_URL": database_url, "REDIS_URL": REDIS_URL, "REMIND_REDIS_NAMESPACE": namespace,
         "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"), "REMIND_TEMPLATES_DIR": str(ROOT / "templates"),
         "REMIND_OUTBOX": str(workdir / "outbox.jsonl"), "REMIND_PUBLIC_URL": "https://pay.example",
-        "REMIND_SECRET_KEY": "bench-secret", "PYTHONUNBUFFERED": "1",
+        "REMIND_SECRET_KEY": "bench-" + uuid.uuid4().hex, "PYTHONUNBUFFERED": "1",
     })
     env.update(extra)
     return env

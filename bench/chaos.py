@@ -235,7 +235,8 @@ def main() -> int:
            "REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_TICK_SECONDS": "0.5",
            "REMIND_LEASE_SECONDS": "6", "REMIND_PROVIDER_TIMEOUT": "1", "REMIND_MAX_ATTEMPTS": "12",
            "REMIND_PLATFORM_WEBHOOK_URL": platform.url, "REMIND_WEBHOOK_SECRET": SECRET,
-           "REMIND_PUBLIC_URL": "https://pay.example", "REMIND_LOG_FORMAT": "text"}
+           "REMIND_PUBLIC_URL": "https://pay.example", "REMIND_LOG_FORMAT": "text",
+           "REMIND_SECRET_KEY": "chaos-" + uuid.uuid4().hex}
     settings = Settings(_env_file=None, **{k: v for k, v in env.items() if k in _SETTING_NAMES})
     remind = Remind.from_settings(settings, migrate=False)
     bind(remind, make_broker(settings))

@@ -4,7 +4,9 @@
     .venv/bin/python bench/lateness.py --small    # 20/s for 15 s, under a minute
     .venv/bin/python bench/lateness.py --rate 15  # another offered load
 
-The real processes on Redis + PostgreSQL (a throw-away database ``remind_bench_lat``): ``remind scheduler``
+Redis is a redis-server of the benchmark's own on a free port unless ``--shared-redis`` (the chaos tests restart
+the shared one on 6379 without saving). The real processes on Redis + PostgreSQL (a throw-away database
+``remind_bench_lat``): ``remind scheduler``
 with REMIND_TICK_SECONDS=1 and ``remind worker --processes P --threads T``, the senders pointed at the
 Twilio, SendGrid and FCM fakes (tests/fakes, each in its own process). The schedules folder is a temp dir
 holding a copy of worker/demo/demo.yaml, the second-scale ladder (push at 2 s, SMS + push at 5 s, SMS +
@@ -60,6 +62,9 @@ def main() -> int:
     parser.add_argument("--tick", type=float, default=1.0, help="REMIND_TICK_SECONDS (default 1)")
     parser.add_argument("--drain", type=float, default=420.0, help="give up this long after the last registration")
     parser.add_argument("--out", type=Path, default=None, help="keep the processes' logs here")
+    parser.add_argument("--shared-redis", action="store_true", help="use the shared Redis (BENCH_REDIS_URL, default "
+                        "127.0.0.1:6379) instead of a redis-server of our own on a free port; the chaos tests restart "
+                        "the shared one without saving, which loses a run's queued messages")
     args = parser.parse_args()
     rate = args.rate or (20.0 if args.small else 50.0)
     duration = args.duration or (15.0 if args.small else 60.0)
@@ -69,7 +74,10 @@ def main() -> int:
     schedules.mkdir(exist_ok=True)
     shutil.copy(DEMO, schedules / "demo.yaml")
 
-    h.log(f"[setup] database {DB_NAME}, fakes, logs in {workdir}")
+    private = None if args.shared_redis else h.PrivateRedis(workdir)
+    if private is not None:
+        private.start()
+    h.log(f"[setup] database {DB_NAME}, redis {h.REDIS_URL}, fakes, logs in {workdir}")
     database_url = h.create_database(DB_NAME)
     fakes = h.Fakes(workdir).start()
     namespace = h.new_namespace("remind-bench-lat")
@@ -83,6 +91,7 @@ def main() -> int:
         env = h.remind_env(database_url, namespace, workdir, fakes.env(), REMIND_SCHEDULES_DIR=str(schedules),
                            REMIND_TICK_SECONDS=f"{args.tick:g}", REMIND_WORKER_THREADS=str(args.threads))
         remind = Remind.from_settings(h.settings_from_env(env), migrate=True)  # migrations; registers below
+        figures["ladder_s"] = max(s.final.after.total_seconds() for s in remind.registry)
         procs["worker"] = h.launch([str(h.BIN / "remind"), "worker", "--processes", str(args.processes),
                                     "--threads", str(args.threads)], env, workdir / "worker.log")
         procs["scheduler"] = h.launch([str(h.BIN / "remind"), "scheduler"], env, workdir / "scheduler.log")
@@ -146,6 +155,12 @@ def main() -> int:
             statuses[key] = statuses.get(key, 0) + 1
         first = min(r.started_at for r in sent)
         last = max(r.sent_at for r in sent)
+        # what the workers got through, whatever the outcome (a reminder found cancelled is skipped, not sent)
+        worked = [r for r in rows if r.enqueued_at is not None
+                  and r.status in ("sent", "delivered", "failed", "skipped")]
+        figures["processed_rate"] = len(worked) / (last - first).total_seconds()
+        figures["not_sent"] = sum(1 for r in rows if r.status == "skipped" and r.kind == "reminder"
+                                  and (r.reason or "").startswith("not sent"))
         figures.update(n=n, offered_s=offered_s, drained_s=drained_s, sent=len(sent), statuses=statuses,
                        late=late, tick_part=tick_part, queue_part=queue_part, send_part=send_part,
                        peak_backlog=peak_backlog, drain_rate=len(sent) / (last - first).total_seconds())
@@ -155,9 +170,12 @@ def main() -> int:
         summary = fakes.stop()
         h.drop_namespace(namespace)
         h.drop_database(DB_NAME)
+        if private is not None:
+            private.stop()
 
     sched_log = (workdir / "scheduler.log").read_text(errors="replace")
     missed = sched_log.count("was missed by")
+    overran = sched_log.count("maximum number of running instances reached")
     errors = sum(1 for p in ("worker.log", "scheduler.log")
                  for line in (workdir / p).read_text(errors="replace").splitlines()
                  if " ERROR " in line or "Traceback" in line)
@@ -167,8 +185,16 @@ def main() -> int:
           f"({per_tx} messages each: offered {rate * per_tx:.0f} messages/s at steady state); scheduler tick "
           f"{args.tick:g}s; {args.processes} worker processes x {args.threads} threads; {os.cpu_count()} cores")
     print(f"deliveries: {figures['statuses']}; peak backlog (queued + sending) {figures['peak_backlog']}; "
-          f"drained {figures['drained_s'] - figures['offered_s']:.1f}s after the last registration; "
-          f"sent {figures['drain_rate']:.1f} messages/s from first to last")
+          f"drained {figures['drained_s'] - figures['offered_s']:.1f}s after the last registration")
+    offered = rate * per_tx
+    tail = figures["drained_s"] - figures["offered_s"]
+    overloaded = figures["not_sent"] > 0 or tail > figures["ladder_s"] + 2 * args.tick + 2
+    print(f"workers got through {figures['processed_rate']:.1f} deliveries/s on average (sent, failed or skipped; "
+          f"ramp-up and tail included), sent {figures['drain_rate']:.1f}/s; offered {offered:.0f}/s once every step "
+          f"of the {figures['ladder_s']:g}s ladder is running; the last transaction's ladder ended {tail:.1f}s after "
+          f"its registration" + (f" -> OVERLOADED: the lateness below is mostly backlog, and {figures['not_sent']} "
+                                 f"reminders were never sent because the deadline cancelled their transaction first "
+                                 f"(they have no lateness)" if overloaded else " (keeping up)"))
     for name, values in (("sent - due (lateness)", late), ("  tick wait: enqueued - due", figures["tick_part"]),
                          ("  queue: started - enqueued", figures["queue_part"]),
                          ("  send: sent - started", figures["send_part"])):
@@ -178,7 +204,7 @@ def main() -> int:
     p99 = h.percentile(late, 99)
     print(f"target p99 < {target:g}s: {'met' if p99 < target else 'missed'}; scheduler peak RSS "
           f"{figures['scheduler_hwm_mb']:.0f} MiB, worker peak RSS {figures['worker_hwm_mb']:.0f} MiB; "
-          f"missed ticks logged by APScheduler {missed}; log errors {errors}")
+          f"ticks skipped because the previous one overran {overran}, misfired {missed}; log errors {errors}")
     print(f"fakes: {summary}")
     problems = fakes.problems()
     if problems:
@@ -186,7 +212,8 @@ def main() -> int:
     print(f"logs: {workdir}")
     print(f"lateness_p50_s={h.percentile(late, 50):.3f} lateness_p95_s={h.percentile(late, 95):.3f} "
           f"lateness_p99_s={p99:.3f} lateness_max_s={max(late):.3f} tick_s={args.tick:g} target_p99_s={target:g} "
-          f"offered_tx_per_s={rate:g} scheduler_peak_rss_mb={figures['scheduler_hwm_mb']:.0f}")
+          f"offered_msgs_per_s={offered:.0f} processed_msgs_per_s={figures['processed_rate']:.0f} "
+          f"scheduler_peak_rss_mb={figures['scheduler_hwm_mb']:.0f}")
     return 0
 
 

@@ -3,6 +3,10 @@
     .venv/bin/python bench/throughput.py            # ~5-8 minutes: 3000 transactions (9000 deliveries)
     .venv/bin/python bench/throughput.py --small    # under a minute
 
+Redis: a redis-server of the benchmark's own on a free port (the same binary as the shared one on 6379,
+no persistence), since the chaos tests restart the shared one without saving; ``--shared-redis`` uses
+127.0.0.1:6379 (or BENCH_REDIS_URL). Every run gets a fresh namespace either way.
+
 What one run does, for 1 and then 2 worker processes (``--processes``), on a fresh Redis namespace each time:
 
 1. registers N transactions in PostgreSQL (``Remind.register``, a throw-away database ``remind_bench_tp``),
@@ -157,7 +161,7 @@ class Pipeline:
 
     def _groups(self, proc) -> dict[str, list[int]]:
         return {"workers": [proc.pid, *h.descendants(proc.pid)], "fakes": self.fakes.pids,
-                "postgres": h.postgres_pids(DB_NAME), "redis": h.redis_server_pids(), "bench": [os.getpid()]}
+                "postgres": h.postgres_pids(DB_NAME), "redis": h.redis_pids(), "bench": [os.getpid()]}
 
     def _watch(self, proc, n: int, counts, *, profile: dict | None, label: str) -> dict:
         """Poll until every enqueued delivery is sent or failed; the steady window is 10 %..90 % done."""
@@ -289,7 +293,7 @@ def run_noop(args, workdir: Path, database_url: str, processes: int, n: int, nam
 
 
 def noop_groups(proc) -> dict[str, list[int]]:
-    return {"workers": [proc.pid, *h.descendants(proc.pid)], "redis": h.redis_server_pids(), "bench": [os.getpid()]}
+    return {"workers": [proc.pid, *h.descendants(proc.pid)], "redis": h.redis_pids(), "bench": [os.getpid()]}
 
 
 # -- in-process calibration: what one delivery costs, sequentially ------------------------------------------
@@ -319,6 +323,8 @@ def calibrate(pipeline: Pipeline, n_tx: int) -> dict:
     event.listen(engine, "begin", lambda *a: counts.update(["transactions"]))
     event.listen(engine.pool, "checkout", lambda *a: counts.update(["checkouts"]))
 
+    calls = Counter()
+
     def timed(name, fn):
         def wrapper(*a, **k):
             t = time.perf_counter()
@@ -326,6 +332,7 @@ def calibrate(pipeline: Pipeline, n_tx: int) -> dict:
                 return fn(*a, **k)
             finally:
                 spent[name] += time.perf_counter() - t
+                calls[name] += 1
         return wrapper
 
     saved = {name: getattr(delivery_mod, name) for name in ("facts_for", "confirm_url")}
@@ -341,6 +348,7 @@ def calibrate(pipeline: Pipeline, n_tx: int) -> dict:
             remind.deliver(delivery_id)
         counts.clear()
         spent.clear()
+        calls.clear()
         t0 = time.perf_counter()
         outcomes = Counter(remind.deliver(d) for d in rest)
         total = time.perf_counter() - t0
@@ -352,6 +360,7 @@ def calibrate(pipeline: Pipeline, n_tx: int) -> dict:
     per = {name: 1000 * s / k for name, s in spent.items()}
     per["SQL + the rest"] = 1000 * total / k - sum(per.values())
     return {"deliveries": k, "outcomes": dict(outcomes), "ms_per_delivery": 1000 * total / k, "ms": per,
+            "per_call": {name: 1000 * s / calls[name] for name, s in spent.items() if calls[name]},
             "per_delivery": {name: c / k for name, c in counts.items()}}
 
 
@@ -405,10 +414,20 @@ def _stage(frames: list[tuple[str, str]]) -> str:
         if p.endswith("runner.py") or (p.endswith("service.py") and ("config" in func or "reload" in func)):
             return "config reload watcher"
         return "delivery logic (worker/ Python)"
-    libs = {_lib(f) for f in files}
-    if "dramatiq" in libs or "redis" in libs:
-        return "dramatiq + redis client (no actor)"
-    return "other (threading, interpreter)"
+    # no frame of worker/ (py-spy cut the stack short, or a library's own thread): the innermost library
+    for _, path in reversed(frames):
+        lib = _lib(path)
+        if lib in ("sqlalchemy", "psycopg"):
+            return "SQL (SQLAlchemy + psycopg)"
+        if lib == "jinja2":
+            return "render: Jinja templates"
+        if lib == "babel":
+            return "render: Babel facts"
+        if lib in ("twilio", "sendgrid", "python_http_client", "google", "requests", "urllib3", "http", "ssl"):
+            return "send: SDK + HTTP (stack cut short)"
+        if lib in ("dramatiq", "redis"):
+            return "dramatiq + redis client (no actor)"
+    return "other (interpreter, threading, unknown)"
 
 
 def summarize(path: str, *, only_delivery: bool) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
@@ -447,6 +466,9 @@ def main() -> int:
     parser.add_argument("--profile-seconds", type=float, default=None, help="per py-spy pass (default 10, small 3)")
     parser.add_argument("--stall", type=float, default=60.0, help="give up after this long without progress")
     parser.add_argument("--out", type=Path, default=None, help="keep logs and profiles here (default: a temp dir)")
+    parser.add_argument("--shared-redis", action="store_true", help="use the shared Redis (BENCH_REDIS_URL, default "
+                        "127.0.0.1:6379) instead of a redis-server of our own on a free port; the chaos tests restart "
+                        "the shared one without saving, which loses a run's queued messages")
     args = parser.parse_args()
     n_tx = args.tx or (200 if args.small else 3000)
     noop_min = args.noop_min or (3000 if args.small else 20000)
@@ -455,7 +477,10 @@ def main() -> int:
     workdir = args.out or Path(tempfile.mkdtemp(prefix="remind-bench-tp-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    h.log(f"[setup] database {DB_NAME}, fakes, logs in {workdir}")
+    private = None if args.shared_redis else h.PrivateRedis(workdir)
+    if private is not None:
+        private.start()
+    h.log(f"[setup] database {DB_NAME}, redis {h.REDIS_URL}, fakes, logs in {workdir}")
     database_url = h.create_database(DB_NAME)
     fakes = h.Fakes(workdir).start()
     pipeline = None
@@ -495,10 +520,13 @@ def main() -> int:
         for ns in noop_namespaces:
             h.drop_namespace(ns)
         h.drop_database(DB_NAME)
+        if private is not None:
+            private.stop()
 
     # -- report --------------------------------------------------------------------------------------------
     print(f"throughput: {n_tx} transactions a run, final warning due: 3 deliveries each (sms/twilio, "
-          f"email/sendgrid, push/fcm); {args.threads} threads per worker process; {os.cpu_count()} cores")
+          f"email/sendgrid, push/fcm); {args.threads} threads per worker process; {os.cpu_count()} cores; "
+          f"redis {'private' if private else 'shared'} {h.REDIS_URL}")
     for p in counts:
         r = results[p]
         print(f"pipeline {p}p: {r['rate']:.1f} deliveries/s steady (10-90 %), {r['run_rate']:.1f}/s whole run "
@@ -520,6 +548,11 @@ def main() -> int:
     problems = fakes.problems()
     if problems:
         print("WARNING: the fakes refused requests or failed: " + "; ".join(problems))
+    first = results[counts[0]]
+    cpu_ms = 1000 * first["cores"].get("workers", 0) / first["rate"] if first["cores"] and counts[0] == 1 else 0
+    if cpu_ms:
+        noop_ms = 1000 * noop[1]["cores"].get("workers", 0) / noop[1]["rate"] if noop[1]["cores"] else 0
+        print(f"worker CPU per delivery (1 process): {cpu_ms:.2f} ms; per no-op message: {noop_ms:.2f} ms")
     if profile:
         if profile.get("error"):
             print(f"profile: {profile['error']}")
@@ -531,7 +564,8 @@ def main() -> int:
             print(f"profile {title}, {total} samples, 1 worker process, {args.threads} threads:")
             for k, v in stages:
                 if v >= 0.5:
-                    print(f"  {v:5.1f}%  {k}")
+                    print(f"  {v:5.1f}%  {k}" + (f"  ~{v / 100 * cpu_ms:.2f} ms CPU per delivery"
+                                                 if name == "cpu" and cpu_ms else ""))
             print("  hottest leaf functions: " + ", ".join(f"{k} {v:.1f}%" for k, v in leaves[:8]))
         pr = profile.get("run")
         if pr:
@@ -542,6 +576,7 @@ def main() -> int:
         print(f"calibration, one delivery at a time in this process ({cal['deliveries']} deliveries, "
               f"{cal['outcomes']}): {cal['ms_per_delivery']:.2f} ms each = "
               + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(cal["ms"].items(), key=lambda kv: -kv[1])))
+        print("  per call: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cal["per_call"].items()))
         print(f"  SQL per delivery: {per.get('statements', 0):.1f} statements in {per.get('transactions', 0):.1f} "
               f"transactions (each adds a BEGIN and a COMMIT round trip) on {per.get('checkouts', 0):.1f} pool "
               f"check-outs (each a pre-ping SELECT 1)")

@@ -221,3 +221,19 @@ def test_a_reminder_no_channel_can_deliver_is_reported_to_the_platform(make_harn
     h.at(minutes=125).tick()  # later steps: the token is gone, nothing to try
     reminder = entries(h, "reminder")
     assert reminder["push"]["status"] == "skipped" and reminder["sms"]["reason"] == "no phone number on file"
+
+
+def test_a_fallback_into_a_held_channel_does_not_stall_the_scheduler(make_harness, tmp_path):
+    """Quiet hours split the final warning: email at 05:00, SMS and push held to 08:00. The email
+    bouncing must not make the held SMS collide with a fallback SMS and stop every tick."""
+    email = Refusing(tmp_path / "outbox.jsonl", {"li.wei@example.com"}, "400")
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(senders={"sms": outbox, "email": email, "push": outbox})
+    h.remind.register(transaction(customer={"timezone": "UTC"}))
+    h.remind.register(transaction("tx_other", customer={"timezone": "UTC", "phone": "+8613900139000"}))
+    h.at(hours=20, minutes=1).tick()  # 05:01 UTC: the email part of the final warning, which bounces
+    h.at(hours=23, minutes=1).tick()  # 08:01 UTC: the held SMS and push
+    h.at(hours=24, minutes=1).tick()
+    final = entries(h, "final_warning")
+    assert final["email"]["status"] == "failed" and final["sms"]["status"] == "sent"
+    assert {h.remind.show(t)["status"] for t in ("tx_1", "tx_other")} == {"cancelled"}

@@ -142,3 +142,27 @@ def test_variants_are_chosen_deterministically_and_by_weight():
     assert 0.22 < share < 0.28
     assert dict(picks)["short"] == "reminder_short"
     assert choose_variant(LADDER.steps[0], "tx_1") == ("default", "nudge")
+
+
+def shipped(name: str) -> Schedule:
+    from support import ROOT
+
+    from worker.ladder import load_file
+
+    return load_file(ROOT / "schedules" / f"{name}.yaml")
+
+
+def test_a_final_warning_is_not_held_until_minutes_before_the_deadline():
+    default = shipped("default")
+    created = datetime(2026, 11, 25, 8, 10, tzinfo=UTC)  # final warning 04:10 UTC, inside 22:00-08:00
+    final = [x for x in slots(default, created, created + timedelta(hours=24), "UTC") if x.step.id == "final_warning"]
+    held = [x for x in final if "sms" in x.channels]
+    assert held[0].at == datetime(2026, 11, 25, 21, 59, tzinfo=UTC)  # not 08:00, ten minutes before the cancel
+
+
+def test_with_an_early_deadline_the_last_reminder_before_it_is_the_final_warning():
+    default = shipped("default")
+    created = datetime(2026, 11, 25, 20, 30, tzinfo=UTC)
+    got = slots(default, created, created + timedelta(hours=5), "UTC")
+    assert [(x.step.id, x.at) for x in got] == [
+        ("nudge", created + timedelta(minutes=15)), ("reminder", datetime(2026, 11, 25, 21, 59, tzinfo=UTC))]

@@ -27,7 +27,8 @@ def test_remind_worker_processes_deliver_what_the_scheduler_enqueued(tmp_path, p
     env = {**os.environ, "DATABASE_URL": postgres_url, "REDIS_URL": redis_url,
            "REMIND_REDIS_NAMESPACE": namespace, "REMIND_OUTBOX": str(settings.outbox),
            "REMIND_DEV_SENDER": "outbox", "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"),
-           "REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_PUBLIC_URL": "https://pay.example"}
+           "REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_PUBLIC_URL": "https://pay.example",
+           "REMIND_SECRET_KEY": "a-long-random-test-secret"}
     remind = Remind.from_settings(settings)
     bind(remind, make_broker(settings))
     started = datetime.now(UTC) - timedelta(minutes=16)
@@ -97,7 +98,8 @@ def test_the_provider_rate_limit_holds_across_worker_processes(tmp_path, postgre
     settings = make_settings(tmp_path, postgres_url, redis_url=redis_url, redis_namespace=namespace)
     env = {**os.environ, "DATABASE_URL": postgres_url, "REDIS_URL": redis_url, "REMIND_REDIS_NAMESPACE": namespace,
            "REMIND_OUTBOX": str(settings.outbox), "REMIND_DEV_SENDER": "outbox", "REMIND_RATE_PUSH": "4/1s",
-           "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"), "REMIND_TEMPLATES_DIR": str(ROOT / "templates")}
+           "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"), "REMIND_TEMPLATES_DIR": str(ROOT / "templates"),
+           "REMIND_SECRET_KEY": "a-long-random-test-secret"}
     remind = Remind.from_settings(settings)
     bind(remind, make_broker(settings))
     started = datetime.now(UTC) - timedelta(minutes=16)
@@ -120,8 +122,9 @@ def test_the_provider_rate_limit_holds_across_worker_processes(tmp_path, postgre
         for w in workers:
             w.wait(timeout=30)
     assert len(lines) == 24
-    per_second = Counter(datetime.fromisoformat(x["sent_at"]).replace(microsecond=0) for x in lines)
-    # 4 a second, allowing one message acquired at the end of a second and written just after it
-    assert max(per_second.values()) <= 5, per_second
-    first, last = min(per_second), max(per_second)
-    assert (last - first).total_seconds() >= 24 / 4 - 2
+    sent = sorted(datetime.fromisoformat(x["sent_at"]) for x in lines)
+    # Without the shared limit all 24 go out within a second. With 4/s the run takes about 6 s; the
+    # outbox stamps a message a moment after its slot was taken, so windows get a little slack.
+    assert (sent[-1] - sent[0]).total_seconds() >= 24 / 4 - 2
+    in_any_3s = max(sum(1 for t in sent if start <= t < start + timedelta(seconds=3)) for start in sent)
+    assert in_any_3s <= 3 * 4 + 4, Counter(t.replace(microsecond=0) for t in sent)

@@ -22,6 +22,17 @@ def _settings() -> Settings:
         raise click.ClickException(f"invalid settings: {exc}") from None
 
 
+def _serving(settings: Settings) -> Settings:
+    """Refuse to serve with a forgeable confirmation-link key, except on the local embedded default."""
+    weak = settings.weak_secret()
+    if weak and not settings.local_only:
+        raise click.ClickException(weak)
+    if weak:
+        click.secho(f"warning: {weak} (fine on this laptop, refused with REDIS_URL or a public host)",
+                    fg="yellow", err=True)
+    return settings
+
+
 def _remind(settings: Settings | None = None, *, migrate: bool = True):
     from .service import Remind
 
@@ -47,7 +58,7 @@ def run(port: int | None) -> None:
     from .runner import Embedded, wait_for_signal
     from .senders import describe
 
-    remind = _remind()
+    remind = _remind(_serving(_settings()))
     click.echo(f"remind: database {remind.store.engine.url.render_as_string(hide_password=True)}, "
                f"broker {'redis' if remind.settings.redis_url else 'in-process'}, "
                f"senders {describe(remind.senders)}, tick every {remind.settings.tick_seconds}s", err=True)
@@ -73,7 +84,7 @@ def web(port: int | None) -> None:
     """The web app alone: the platform API, confirmation pages, health and metrics."""
     from .runner import watch_config, web_server
 
-    remind = _remind()
+    remind = _remind(_serving(_settings()))
     watch_config(remind)
     web_server(remind, port=port).run()
 
@@ -86,7 +97,7 @@ def scheduler() -> None:
     settings = _settings()
     if not settings.redis_url:
         raise click.ClickException("remind scheduler needs REDIS_URL; use `remind run` for the embedded default")
-    run_scheduler(_remind(settings))
+    run_scheduler(_remind(_serving(settings)))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -95,7 +106,7 @@ def scheduler() -> None:
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def worker(processes: int | None, threads: int | None, extra: tuple[str, ...]) -> None:
     """Dramatiq worker processes on Redis (extra arguments go to dramatiq)."""
-    settings = _settings()
+    settings = _serving(_settings())
     if not settings.redis_url:
         raise click.ClickException("remind worker needs REDIS_URL; use `remind run` for the embedded default")
     from dramatiq.cli import main as dramatiq_main
@@ -202,7 +213,7 @@ def tx_submit(file) -> None:
     """Register the transaction(s) in FILE (JSON object or list; - for stdin)."""
     try:
         payload = json.loads(file.read(), parse_float=Decimal)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise click.ClickException(f"not valid JSON: {exc}") from None
     remind = _remind()
     failed = False
@@ -211,7 +222,7 @@ def tx_submit(file) -> None:
             reg = remind.register(item)
         except (InvalidInput, Conflict) as exc:
             failed = True
-            label = item.get("id", "?") if isinstance(item, dict) else "?"
+            label = str(item.get("id", "?")) if isinstance(item, dict) else "?"
             if isinstance(exc, InvalidInput):
                 click.echo(f"{label}: invalid: " + "; ".join(f"{k}: {v}" for k, v in exc.problems.items()), err=True)
             else:

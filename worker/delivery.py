@@ -15,7 +15,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from .contacts import CONTACT_FIELD, all_pairs, usable
-from .errors import PermanentSendError, TransientSendError
+from .errors import PermanentSendError, SendError, TransientSendError
 from .links import confirm_url
 from .masking import mask_recipient
 from .outcomes import Outcomes
@@ -133,20 +133,27 @@ class Deliverer:
 
     def _send_all(self, d: dict[str, Any], tx: dict[str, Any], messages: list[OutgoingMessage],
                   sender: Sender) -> list[str | None]:
-        """Send each message; a push token the provider reports unregistered is dropped for good."""
+        """Send each message. A push token reported unregistered is dropped for good. When some of a
+        customer's devices got the push, the delivery is sent: retrying would push the others twice."""
         provider_ids: list[str | None] = []
-        dropped = 0
+        errors: list[SendError] = []
         for message in messages:
             try:
                 provider_ids.append(sender.send(message))
-            except PermanentSendError as exc:
-                if d["channel"] != "push" or exc.code != "UNREGISTERED":
+            except SendError as exc:
+                if d["channel"] == "push" and exc.code == "UNREGISTERED":
+                    self.store.suppress(None, "push", message.recipient, tx["customer_id"],
+                                        "the push provider reported the token unregistered")
+                elif len(messages) == 1:
                     raise
-                self.store.suppress(None, "push", message.recipient, tx["customer_id"],
-                                    "the push provider reported the token unregistered")
-                dropped += 1
-        if dropped and not provider_ids:
-            raise PermanentSendError("every push token was reported unregistered", code="UNREGISTERED")
+                errors.append(exc)
+        if not provider_ids:
+            if all(e.code == "UNREGISTERED" for e in errors):
+                raise PermanentSendError("every push token was reported unregistered", code="UNREGISTERED")
+            raise next((e for e in errors if e.transient), errors[0])
+        if errors:
+            log.warning("%s %s push: %d of %d devices failed (%s); the others got it", d["transaction_id"],
+                        d["step"], len(errors), len(messages), errors[0].reason)
         return provider_ids
 
     def _send(self, d: dict[str, Any], tx: dict[str, Any], messages: list[OutgoingMessage], sender: Sender,

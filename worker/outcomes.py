@@ -31,7 +31,7 @@ class Outcomes:
     def delivered(self, delivery_id: int) -> bool:
         """The provider confirmed delivery; only a sent message can become delivered."""
         with self.store.begin() as conn:
-            d = self.store.get_delivery(conn, delivery_id)
+            d = self.store.get_delivery(conn, delivery_id, lock=True)
             if d is None or d["status"] not in ("sent", "sending"):
                 return False
             self.store.update_delivery(conn, delivery_id, status="delivered", lease_until=None)
@@ -45,9 +45,9 @@ class Outcomes:
         new_ids: list[int] = []
         alt: str | None = None
         with self.store.begin() as conn:
-            d = self.store.get_delivery(conn, delivery_id)
+            d = self.store.get_delivery(conn, delivery_id, lock=True)  # delivery, then transaction: one order
             if d is None or d["status"] in ("failed", "skipped"):
-                return None
+                return None  # a duplicate report (a replayed bounce) changes nothing
             tx = self.store.lock_transaction(conn, d["transaction_id"])
             customer = tx["content"]["customer"]
             now = self.store.clock()

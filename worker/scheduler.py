@@ -17,6 +17,11 @@ from .store import CANCELLED, Cursor, NewDelivery, Store
 
 log = logging.getLogger("remind.scheduler")
 
+#: When a transaction cannot be planned (a bug, or data the code does not expect), it is set aside
+#: this long so the rest of the batch goes on.
+RETRY_BROKEN = timedelta(minutes=5)
+
+
 @dataclass
 class TickResult:
     claimed: int = 0
@@ -32,11 +37,12 @@ class TickResult:
 
 def _rows(content: dict, tx_id: str, step: str, kind: str, template: str, channels: Sequence[str],
           fallback: Sequence[str], due_at: datetime, suppressed: set[tuple[str, str]], *, variant: str = "default",
-          note: str | None = None) -> list[NewDelivery]:
-    """One row per channel; an unusable channel is skipped and replaced by a usable fallback channel."""
+          note: str | None = None, taken: Sequence[str] = ()) -> list[NewDelivery]:
+    """One row per channel; an unusable channel is skipped and replaced by a usable fallback channel
+    that the step does not use anyway (``taken``: its channels sent at another time)."""
     return [NewDelivery(tx_id, step, kind, c.channel, template, due_at, "queued" if c.send else "skipped",
                         c.reason if c.reason or not note else note, variant)
-            for c in choose(channels, fallback, content["customer"], suppressed)]
+            for c in choose(channels, fallback, content["customer"], suppressed, taken)]
 
 
 def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: bool,
@@ -54,7 +60,8 @@ def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: b
     for slot in d.send:
         variant, template = choose_variant(slot.step, tx_id)
         rows += _rows(content, tx_id, slot.step.id, "reminder", template, slot.channels,
-                      schedule.fallback_for(slot.step.id), slot.at, suppressed, variant=variant, note=slot.note)
+                      schedule.fallback_for(slot.step.id), slot.at, suppressed, variant=variant, note=slot.note,
+                      taken=slot.step.channels)
     settle_status = settle_reason = None
     if d.settle:
         final = schedule.final
@@ -99,8 +106,14 @@ class Scheduler:
                                                           for p in all_pairs(row["content"]["customer"])])
                 cursors, rows = [], []
                 for row in claimed:
-                    decision, cursor, new = plan_transaction(row, self._schedule_for(row), now_,
-                                                             webhook=self.webhook, suppressed=suppressed)
+                    try:
+                        decision, cursor, new = plan_transaction(row, self._schedule_for(row), now_,
+                                                                 webhook=self.webhook, suppressed=suppressed)
+                    except Exception:  # one bad transaction must not stall everyone's reminders
+                        log.exception("%s: cannot plan; looking again in %s", row["id"], RETRY_BROKEN)
+                        cursors.append(Cursor(row["id"], row["handled_until"], now_ + RETRY_BROKEN, None, None,
+                                              row["schedule_version"]))
+                        continue
                     cursors.append(cursor)
                     rows += new
                     result.skipped += sum(1 for r in new if r.status == "skipped")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .delivery import Deliverer, DeliveryOptions
-from .errors import AlreadySettled, ConfigError, Conflict, NotFound
+from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound
 from .ingest import Transaction, differing_fields, parse_transaction
 from .ladder import Registry, load_dir, slots
 from .outcomes import Outcomes
@@ -124,7 +124,18 @@ class Remind:
         self.config_state["signature"] = signature
         before = {s.name: s.version for s in self._registry}
         try:
-            self.reload()
+            try:
+                self.reload()
+            except (ConfigError, OSError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a loader bug must still count as a refused reload
+                raise ConfigError([f"{self.settings.schedules_dir}: could not be loaded: {exc!r}"]) from exc
+        except OSError as exc:
+            exc = ConfigError([f"configuration could not be read: {exc}"])
+            self.config_state.update(ok=False, error=exc.problems[0], failures=self.config_state["failures"] + 1,
+                                     at=self.store.clock())
+            log.error("configuration reload refused: %s", exc.problems[0])
+            return False
         except ConfigError as exc:
             self.config_state.update(ok=False, error=exc.problems[0], failures=self.config_state["failures"] + 1,
                                      at=self.store.clock())
@@ -143,6 +154,8 @@ class Remind:
     def register(self, payload: Mapping[str, Any] | Transaction, *, now: datetime | None = None) -> Registration:
         """Register a pending transaction. The same id with the same content again is a no-op;
         with different content, Conflict names the fields that differ."""
+        if not isinstance(payload, Mapping | Transaction):
+            raise InvalidInput({"(body)": "a JSON object describing one transaction"})
         omitted_created_at = not isinstance(payload, Transaction) and payload.get("created_at") is None
         tx = parse_transaction(payload, now=now or self.store.clock())
         content = tx.canonical()
@@ -163,9 +176,11 @@ class Remind:
             raise Conflict(tx.id, diff)
         return Registration(tx.id, False, existing["status"], existing["schedule"])
 
-    def confirm(self, tx_id: str) -> dict[str, Any]:
-        """Confirm (idempotent). Escalated transactions may be confirmed by ops; a cancelled one cannot."""
-        previous, row = self.store.settle(tx_id, CONFIRMED, None, allowed_from=(PENDING, ESCALATED))
+    def confirm(self, tx_id: str, *, by_customer: bool = False) -> dict[str, Any]:
+        """Confirm (idempotent). Ops may confirm an escalated transaction after review; the customer's
+        own link may not (that would override the review). A cancelled one cannot be confirmed."""
+        allowed = (PENDING,) if by_customer else (PENDING, ESCALATED)
+        previous, row = self.store.settle(tx_id, CONFIRMED, None, allowed_from=allowed)
         if previous is None:
             raise NotFound(tx_id)
         if row["status"] != CONFIRMED:

@@ -9,6 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .ladder.durations import parse_duration
 
+_KNOWN_SECRETS = frozenset({"dev-secret-change-me", "change-me", "changeme", "secret"})
+
 
 def parse_rate(text: str) -> tuple[int, int]:
     """``"10/1s"`` -> (10 messages, per 1 second window); windows are whole seconds."""
@@ -97,6 +99,18 @@ class Settings(BaseSettings):
     @property
     def public_base(self) -> str:
         return self.public_url.rstrip("/")
+
+    def weak_secret(self) -> str | None:
+        """Why REMIND_SECRET_KEY cannot sign confirmation links here, or None. A known or short key lets
+        anyone forge a link and confirm someone else's transfer."""
+        if self.secret_key in _KNOWN_SECRETS or len(self.secret_key) < 16:
+            return "REMIND_SECRET_KEY is a known default or shorter than 16 characters; set a long random value"
+        return None
+
+    @property
+    def local_only(self) -> bool:
+        """The embedded default on a laptop: no Redis, serving on loopback."""
+        return not self.redis_url and self.host in ("127.0.0.1", "localhost", "::1")
 
     @property
     def api_token_list(self) -> list[str]:

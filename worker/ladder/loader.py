@@ -106,10 +106,15 @@ def _match(doc: _Doc, raw: Any) -> Match:
         doc.error(("match",), "a mapping such as {segment: new} or {} for every transaction")
         return Match()
     _unknown_keys(doc, ("match",), raw, _MATCH_KEYS)
-    segments = raw.get("segment", ())
-    segments = (segments,) if isinstance(segments, str) else tuple(segments or ())
-    currencies = raw.get("currency", ())
-    currencies = (currencies,) if isinstance(currencies, str) else tuple(currencies or ())
+    def names(key: str) -> tuple[str, ...]:
+        value = raw.get(key, ())
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+            doc.error(("match", key), "a name or a list of names")
+            return ()
+        return tuple(value)
+
+    segments, currencies = names("segment"), names("currency")
     risk = raw.get("risk_flag")
     if risk is not None and not isinstance(risk, bool):
         doc.error(("match", "risk_flag"), "true or false")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from .loader import min_final_gap
 from .model import Schedule, Step
 
 #: How long before quiet hours a final warning goes out when holding it would pass the deadline.
@@ -57,12 +58,14 @@ def slots(schedule: Schedule, created_at: datetime, deadline: datetime, zone: st
     """Every reminder slot before the deadline, in sending order.
 
     Quiet hours hold the schedule's quiet channels to the end of the quiet period. The last reminder
-    (the final warning) is never held past the deadline: it goes out just before quiet hours begin
-    instead, or at its own time when that moment has already passed."""
+    before the deadline (the final warning) is never held so late that it leaves less than the
+    final-gap rule's room before the deadline: it goes out just before quiet hours begin instead, or
+    at its own time when that moment has already passed."""
     tz = zone if isinstance(zone, ZoneInfo) else ZoneInfo(zone)
     quiet = schedule.quiet_hours
     out: list[Slot] = []
-    last = len(schedule.steps) - 1
+    # The final warning is the last reminder that comes before this transaction's deadline.
+    last = max((i for i, s in enumerate(schedule.steps) if created_at + s.after < deadline), default=-1)
     for index, step in enumerate(schedule.steps):
         due = created_at + step.after
         period = quiet.period(due, tz) if quiet else None
@@ -73,7 +76,7 @@ def slots(schedule: Schedule, created_at: datetime, deadline: datetime, zone: st
         start, end = period
         local_end = end.astimezone(tz).strftime("%H:%M")
         at, note = end, f"held for quiet hours until {local_end} ({tz.key})"
-        if end >= deadline and index == last:
+        if index == last and end + min_final_gap(step.after) > deadline:  # too late to read it in time
             earlier = start - BEFORE_QUIET
             previous = out[-1].at if out else created_at
             if earlier > previous and earlier > created_at:

@@ -16,7 +16,8 @@ class QuietHours:
     channels: tuple[str, ...] = ("sms", "push")
 
     def _local(self, day: datetime, at: time, zone: ZoneInfo) -> datetime:
-        """Wall-clock ``at`` on ``day``'s date; a time skipped by a DST jump means the first instant after."""
+        """Wall-clock ``at`` on ``day``'s date; a time skipped by a DST jump moves forward by the jump
+        (02:30 on a spring-forward night is 03:30), as the clock on the customer's phone would read."""
         naive = datetime.combine(day.date(), at)
         local = naive.replace(tzinfo=zone)
         back = local.astimezone(UTC).astimezone(zone)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from typing import TextIO
 
 from ..masking import mask_recipient
 from .base import OutgoingMessage
+
+#: The confirmation token is a credential: the console shows that a link is there, not the link.
+_LINK = re.compile(r"/c/[A-Za-z0-9_.\-]+")
 
 _ICONS = {"sms": "SMS", "email": "EMAIL", "push": "PUSH", "webhook": "WEBHOOK"}
 
@@ -29,7 +33,7 @@ class ConsoleSender:
         lines = [head]
         if message.subject:
             lines.append(f"   {message.subject}")
-        lines.extend(f"   {line}" for line in message.body.splitlines() if line.strip())
+        lines.extend(f"   {_LINK.sub('/c/…', line)}" for line in message.body.splitlines() if line.strip())
         with self._lock:
             stream.write("\n".join(lines) + "\n")
             stream.flush()

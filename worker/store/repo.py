@@ -186,7 +186,15 @@ class Store:
             "lease_until": now + lease if d.status == "queued" else None,
             "enqueued_at": now if d.status == "queued" else None,
         } for d in rows]
-        result = conn.execute(insert(deliveries).returning(deliveries.c.id, deliveries.c.status), values)
+        # A row that exists already (a fallback took that channel earlier, a re-run) is kept as it is:
+        # the unique key decides, and one such row must not abort the whole batch.
+        if self.pg:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        stmt = dialect_insert(deliveries).on_conflict_do_nothing(
+            index_elements=["transaction_id", "step", "channel"])
+        result = conn.execute(stmt.returning(deliveries.c.id, deliveries.c.status), values)
         return [r.id for r in result if r.status == "queued"]
 
     def claim_expired(self, conn: Connection, now: datetime, limit: int, lease: timedelta) -> tuple[
@@ -236,8 +244,10 @@ class Store:
             with self.begin() as c:
                 c.execute(stmt)
 
-    def get_delivery(self, conn: Connection, delivery_id: int) -> dict[str, Any] | None:
-        row = conn.execute(select(deliveries).where(deliveries.c.id == delivery_id)).mappings().first()
+    def get_delivery(self, conn: Connection, delivery_id: int, *, lock: bool = False) -> dict[str, Any] | None:
+        """A delivery row; ``lock`` takes its row lock (always before the transaction's, as everywhere)."""
+        stmt = select(deliveries).where(deliveries.c.id == delivery_id)
+        row = conn.execute(self._lock(stmt) if lock else stmt).mappings().first()
         return dict(row) if row else None
 
     def delivery_channel(self, delivery_id: int) -> str | None:

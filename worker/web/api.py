@@ -50,8 +50,8 @@ def router(remind: Remind) -> APIRouter:
     async def register(request: Request):
         try:
             payload = json.loads(await request.body(), parse_float=Decimal)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return error(400, "bad_json", f"the body is not valid JSON: {exc}")
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return error(400, "bad_json", f"the body is not valid JSON: {type(exc).__name__}")
         if not isinstance(payload, dict):
             return error(422, "invalid", "the body must be a JSON object", problems={"(body)": "not an object"})
         try:

@@ -118,7 +118,7 @@ def router(remind: Remind) -> APIRouter:
         if view["status"] == "confirmed":
             return settled_page(view, t)
         try:
-            await run_in_threadpool(remind.confirm, view["id"])
+            await run_in_threadpool(lambda: remind.confirm(view["id"], by_customer=True))
         except AlreadySettled:
             return settled_page(await run_in_threadpool(remind.show, view["id"]), t)
         f = facts(view)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -13,6 +14,9 @@ from ..masking import mask_email, mask_phone
 from ..service import Remind
 
 log = logging.getLogger("remind.webhooks")
+
+#: Signed events older (or newer) than this are refused, so a captured request cannot be replayed later.
+REPLAY_WINDOW = 300
 
 STOP_WORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"}
 START_WORDS = {"START", "UNSTOP", "YES"}
@@ -87,6 +91,8 @@ def router(remind: Remind) -> APIRouter:
             ok = False
         if not ok:
             return forbidden("missing or invalid event webhook signature")
+        if abs(time.time() - float(timestamp or 0)) > REPLAY_WINDOW:
+            return forbidden("stale event webhook timestamp (a replay?)")
         try:
             events = json.loads(body)
         except ValueError:
