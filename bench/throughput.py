@@ -137,11 +137,13 @@ class Pipeline:
         log_path = self.workdir / f"worker-{label}.log"
         proc = h.launch([str(h.BIN / "remind"), "worker", "--processes", str(processes),
                          "--threads", str(self.args.threads)], env, log_path)
-        fig.update(self._watch(proc, n, counts, profile=profile, label=label))
-        workers = h.worker_processes(proc.pid)
-        fig["worker_hwm_mb"] = max((h.vm_hwm_mb(p) for p in workers), default=0.0)
-        fig["main_hwm_mb"] = h.vm_hwm_mb(proc.pid)
-        h.stop(proc)
+        try:
+            fig.update(self._watch(proc, n, counts, profile=profile, label=label))
+            workers = h.worker_processes(proc.pid)
+            fig["worker_hwm_mb"] = max((h.vm_hwm_mb(p) for p in workers), default=0.0)
+            fig["main_hwm_mb"] = h.vm_hwm_mb(proc.pid)
+        finally:
+            h.stop(proc)
         fig["sent"], fig["failed"], queued, sending = counts()
         fig["db_rate"] = self._db_rate(conn)
         conn.close()
@@ -254,36 +256,38 @@ def run_noop(args, workdir: Path, database_url: str, processes: int, n: int, nam
     log_path = workdir / f"noop-{processes}p.log"
     proc = h.launch([str(h.BIN / "dramatiq"), "_noop_app", "--path", str(h.ROOT / "bench"), "--processes",
                      str(processes), "--threads", str(args.threads), "--queues", NOOP_QUEUE], env, log_path)
-    launched = time.monotonic()
-    first = t10 = t90 = None
-    d10 = d90 = 0
-    meter = h.CpuMeter()
-    last_change, last_done = launched, -1
-    while True:
-        left = client.hlen(msgs)
-        now = time.monotonic()
-        done = n - left
-        if first is None and done > 0:
-            first = now
-        if t10 is None and done >= 0.1 * n:
-            t10, d10 = now, done
-            meter.start = meter.snapshot(noop_groups(proc))
-        if t90 is None and done >= 0.9 * n:
-            t90, d90 = now, done
-            meter.end = meter.snapshot(noop_groups(proc))
-        if done != last_done:
-            last_change, last_done = now, done
-        if left == 0:
-            break
-        if proc.poll() is not None:
-            raise RuntimeError(f"[noop {processes}p] dramatiq exited with {proc.returncode}; see {log_path}")
-        if now - last_change > args.stall:
-            raise RuntimeError(f"[noop {processes}p] no progress for {args.stall:.0f}s at {done}/{n}")
-        time.sleep(0.01)
-    end = time.monotonic()
-    workers = h.worker_processes(proc.pid)
-    hwm = max((h.vm_hwm_mb(p) for p in workers), default=0.0)
-    h.stop(proc)
+    try:
+        launched = time.monotonic()
+        first = t10 = t90 = None
+        d10 = d90 = 0
+        meter = h.CpuMeter()
+        last_change, last_done = launched, -1
+        while True:
+            left = client.hlen(msgs)
+            now = time.monotonic()
+            done = n - left
+            if first is None and done > 0:
+                first = now
+            if t10 is None and done >= 0.1 * n:
+                t10, d10 = now, done
+                meter.start = meter.snapshot(noop_groups(proc))
+            if t90 is None and done >= 0.9 * n:
+                t90, d90 = now, done
+                meter.end = meter.snapshot(noop_groups(proc))
+            if done != last_done:
+                last_change, last_done = now, done
+            if left == 0:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"[noop {processes}p] dramatiq exited with {proc.returncode}; see {log_path}")
+            if now - last_change > args.stall:
+                raise RuntimeError(f"[noop {processes}p] no progress for {args.stall:.0f}s at {done}/{n}")
+            time.sleep(0.01)
+        end = time.monotonic()
+        workers = h.worker_processes(proc.pid)
+        hwm = max((h.vm_hwm_mb(p) for p in workers), default=0.0)
+    finally:
+        h.stop(proc)
     client.close()
     total = end - (first or end)
     return {"n": n, "enqueue_s": enqueue_s, "startup_s": (first or end) - launched, "total_s": total,
@@ -505,11 +509,15 @@ def main() -> int:
         for p in counts:
             noop[p] = run_noop(args, workdir, database_url, p, n_noop, noop_namespaces)
             h.log(f"[noop {p}p] {noop[p]['rate']:.0f}/s steady, {noop[p]['run_rate']:.0f}/s whole run")
-        if not args.no_profile:
+        if not args.no_profile and not (h.BIN / "py-spy").exists():
+            h.log("[profile] skipped: py-spy is not installed (.venv/bin/pip install py-spy)")
+            profile = {"error": "skipped: py-spy is not installed (.venv/bin/pip install py-spy)"}
+        elif not args.no_profile:
             rate1 = results[counts[0]]["rate"] if math.isfinite(results[counts[0]]["rate"]) else 100
             prof_tx = max(60, int(rate1 * (2 * prof_s + 4) / 3))
             profile = {"dir": str(workdir), "seconds": prof_s, "rate": 200}
             profile["run"] = pipeline.run(1, prof_tx, profile=profile)
+        if not args.no_profile:
             cal = calibrate(pipeline, 30 if args.small else 120)
     finally:
         summary = fakes.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -64,6 +65,7 @@ class Templates:
             keep_trailing_newline=False,
             trim_blocks=True,
             lstrip_blocks=True,
+            auto_reload=False,  # hot reload builds a new Templates; no stat() of the file on every render
         )
         self._compile_all()
 
@@ -131,6 +133,7 @@ def _plain_spaces(text: str) -> str:
     return text.replace("\u202f", " ").replace("\u00a0", " ")
 
 
+@lru_cache(maxsize=256)
 def babel_locale(tag: str) -> Locale:
     try:
         return Locale.parse(tag, sep="-")
