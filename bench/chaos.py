@@ -1,5 +1,6 @@
 """Chaos run: transactions on second-scale ladders through two schedulers and two worker processes on
-the real Redis and PostgreSQL, while workers are SIGKILLed, Redis restarts, and the providers fail
+the real Redis and PostgreSQL, while workers are SIGKILLed, Redis restarts (a redis-server of the
+run's own, on a free port), and the providers fail
 20% of requests with 5xx and time out on 5%. A random third of the transactions are confirmed at
 random moments. Afterwards every invariant is checked and one line of counts is printed:
 
@@ -45,10 +46,7 @@ from worker.settings import Settings  # noqa: E402
 from worker.store import make_engine, upgrade  # noqa: E402
 
 PG_ADMIN = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SECRET = "whsec_" + "Y2hhb3Mtc2VjcmV0LWNoYW9zLXNlY3JldA=="
-REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-               "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
 
 LADDER = """\
 name: chaos
@@ -180,15 +178,45 @@ class Procs:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def restart_redis() -> None:
-    subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"], capture_output=True)
-    time.sleep(1.0)
-    subprocess.run(REDIS_START, check=True, capture_output=True)
-    for _ in range(50):
-        if subprocess.run(["redis-cli", "-h", "127.0.0.1", "ping"], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.1)
-    raise RuntimeError("redis did not come back")
+class OwnRedis:
+    """A redis-server of this run's own on a free port (no persistence, like the machine's), so the
+    restart hits only this run and never the Redis other work shares."""
+
+    def __init__(self, workdir: Path) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            ping = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True)
+            if ping.stdout.strip() == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def restart(self) -> None:
+        """Everything queued is lost, as when a Redis without persistence restarts."""
+        self.stop()
+        time.sleep(1.0)
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def transaction(i: int, run: str, created: datetime) -> dict:
@@ -230,7 +258,8 @@ def main() -> int:
     fakes.start()
     provider_env = parent.recv()
     platform = Platform(fail=0.2)
-    env = {**os.environ, **provider_env, "DATABASE_URL": db_url, "REDIS_URL": REDIS_URL,
+    redis_server = OwnRedis(work)
+    env = {**os.environ, **provider_env, "DATABASE_URL": db_url, "REDIS_URL": redis_server.url,
            "REMIND_REDIS_NAMESPACE": f"chaos-{run}", "REMIND_SCHEDULES_DIR": str(work / "schedules"),
            "REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_TICK_SECONDS": "0.5",
            "REMIND_LEASE_SECONDS": "6", "REMIND_PROVIDER_TIMEOUT": "1", "REMIND_MAX_ATTEMPTS": "12",
@@ -274,7 +303,7 @@ def main() -> int:
             elif what == "kill":
                 procs.kill_a_worker(rng)
             elif what == "redis":
-                restart_redis()
+                redis_server.restart()
         # Let everything settle: no pending transaction, nothing queued or in flight.
         deadline = time.monotonic() + (240 if not args.small else 120)
         while time.monotonic() < deadline:
@@ -286,6 +315,7 @@ def main() -> int:
         time.sleep(2)
     finally:
         procs.stop()
+        redis_server.stop()
         parent.send("stop")
         received = parent.recv()
         fakes.join(timeout=30)
