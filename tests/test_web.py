@@ -102,6 +102,34 @@ def test_health_readiness_and_metrics(client):
     assert "remind_scheduler_lag_seconds" in metrics
 
 
+def test_metrics_report_sends_retries_and_provider_latency(remind, client, tmp_path):
+    from worker.errors import TransientSendError
+    from worker.senders import OutboxSender
+
+    class SlowOnce(OutboxSender):
+        calls = 0
+
+        def send(self, message):
+            SlowOnce.calls += 1
+            remind.store.clock.set(remind.store.clock() + timedelta(seconds=2))  # the call takes 2 s
+            if SlowOnce.calls == 1:
+                raise TransientSendError("busy")
+            return super().send(message)
+
+    remind.senders["push"] = SlowOnce(tmp_path / "out.jsonl")
+    post_tx(client, transaction("tx_lat"))
+    remind.store.clock.set(T0 + timedelta(minutes=16))
+    remind.enqueue = lambda ids: None  # the test plays the actor itself
+    [delivery_id] = remind.tick(T0 + timedelta(minutes=16)).enqueued
+    with pytest.raises(TransientSendError):
+        remind.deliver(delivery_id)
+    assert remind.deliver(delivery_id) == "sent"
+    metrics = client.get("/metrics").text
+    assert 'remind_deliveries{channel="push",status="sent"} 1.0' in metrics
+    assert 'remind_retries_total{channel="push"} 1.0' in metrics
+    assert 'remind_provider_latency_seconds{channel="push",quantile="0.5"} 2.0' in metrics
+
+
 def test_readiness_fails_when_the_broker_is_down(tmp_path):
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", redis_url="redis://127.0.0.1:1/0")
     with TestClient(create_app(Remind.from_settings(settings))) as c:

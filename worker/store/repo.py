@@ -352,11 +352,19 @@ def metrics_snapshot(store: Store, now: datetime) -> dict[str, Any]:
                           .group_by(deliveries.c.channel, deliveries.c.status)).all()
         due = conn.execute(select(func.count(), func.min(transactions.c.next_due_at)).where(
             transactions.c.next_due_at <= now, transactions.c.status == PENDING)).one()
+        retries = conn.execute(select(deliveries.c.channel, func.sum(deliveries.c.attempts - 1))
+                               .where(deliveries.c.attempts > 1).group_by(deliveries.c.channel)).all()
+        recent = conn.execute(select(deliveries.c.channel, deliveries.c.started_at, deliveries.c.sent_at)
+                              .where(deliveries.c.sent_at.is_not(None), deliveries.c.started_at.is_not(None))
+                              .order_by(deliveries.c.sent_at.desc()).limit(1000)).all()
     return {
         "transactions": {s: n for s, n in tx},
         "deliveries": {(c, s): n for c, s, n in dl},
         "due_waiting": due[0] or 0,
         "oldest_due": due[1],
+        "retries": {c: int(n or 0) for c, n in retries},
+        # the provider call's duration, from the last 1000 sends (started = decided, sent = provider answered)
+        "latencies": [(c, (sent - started).total_seconds()) for c, started, sent in recent],
     }
 
 

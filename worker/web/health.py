@@ -36,6 +36,21 @@ class StoreCollector:
                                 value=snap["due_waiting"])
         lag = (now - snap["oldest_due"]).total_seconds() if snap["oldest_due"] else 0.0
         yield GaugeMetricFamily("remind_scheduler_lag_seconds", "Now minus the oldest due step", value=lag)
+        retries = CounterMetricFamily("remind_retries", "Send attempts beyond the first, by channel",
+                                      labels=["channel"])
+        for channel, n in sorted(snap["retries"].items()):
+            retries.add_metric([channel], n)
+        yield retries
+        latency = GaugeMetricFamily("remind_provider_latency_seconds",
+                                    "Provider call duration over the last 1000 sends", labels=["channel", "quantile"])
+        by_channel: dict[str, list[float]] = {}
+        for channel, seconds in snap["latencies"]:
+            by_channel.setdefault(channel, []).append(seconds)
+        for channel, values in sorted(by_channel.items()):
+            values.sort()
+            for q in (0.5, 0.95, 0.99):
+                latency.add_metric([channel, str(q)], values[min(len(values) - 1, int(q * len(values)))])
+        yield latency
         state = self.remind.config_state
         yield CounterMetricFamily("remind_config_reload_failures", "Hot reloads refused (this process)",
                                   value=state["failures"])
