@@ -63,6 +63,9 @@ if str(ROOT) not in sys.path:
 #: between 1 minute and 7 days after it.
 T = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
+#: Signs confirmation links in the bench's processes (a long random value, as `remind` requires).
+BENCH_SECRET = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
+
 COLUMNS = ("id", "status", "content", "customer_id", "segment", "risk_flag", "amount", "currency", "schedule",
            "schedule_version", "created_at", "expires_at", "deadline", "registered_at", "handled_until",
            "next_due_at")
@@ -179,7 +182,7 @@ def _bench_settings(args, db_url: str, tmp: Path, namespace: str):
 
     return Settings(_env_file=None, database_url=db_url, redis_url=args.redis_url, redis_namespace=namespace,
                     schedules_dir=ROOT / "schedules", templates_dir=ROOT / "templates", outbox=tmp / "outbox.jsonl",
-                    dev_sender="outbox", reload_seconds=0, secret_key="bench-secret",
+                    dev_sender="outbox", reload_seconds=0, secret_key=BENCH_SECRET,
                     public_url="https://pay.example", batch_size=args.batch_size, api_tokens="bench-token")
 
 
@@ -572,7 +575,7 @@ class Bench:
                "REMIND_REDIS_NAMESPACE": self.namespace, "REMIND_API_TOKEN": "bench-token",
                "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"), "REMIND_TEMPLATES_DIR": str(ROOT / "templates"),
                "REMIND_OUTBOX": str(self.tmp / "web-outbox.jsonl"), "REMIND_DEV_SENDER": "outbox",
-               "REMIND_SECRET_KEY": "bench-secret", "REMIND_PUBLIC_URL": "https://pay.example",
+               "REMIND_SECRET_KEY": BENCH_SECRET, "REMIND_PUBLIC_URL": "https://pay.example",
                "REMIND_HOST": "127.0.0.1", "PORT": str(port)}
         self.web_log = open(self.tmp / "web.log", "w")  # noqa: SIM115
         self.web = subprocess.Popen([*cmd, "web", "--port", str(port)], cwd=self.tmp, env=env,
