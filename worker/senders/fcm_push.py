@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +21,10 @@ from requests.adapters import HTTPAdapter
 
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_token
-from .base import OutgoingMessage
+from .base import OutgoingMessage, retry_after
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _error_codes(response: requests.Response) -> tuple[str | None, str | None]:

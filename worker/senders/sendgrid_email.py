@@ -13,8 +13,6 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from urllib.error import URLError
 
 from python_http_client.exceptions import HTTPError
@@ -24,23 +22,16 @@ from sendgrid.helpers.mail import CustomArg, From, Mail, To
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_email
 from .base import OutgoingMessage
+from .base import retry_after as parse_retry_after
 
 _FIELD = re.compile(r"[A-Za-z0-9_.\[\]-]{1,80}")
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait: Retry-After (delta-seconds or an HTTP date), else SendGrid's X-RateLimit-Reset."""
-    value = headers.get("Retry-After")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                when = parsedate_to_datetime(value)
-                when = when if when.tzinfo else when.replace(tzinfo=UTC)
-                return max(0.0, (when - datetime.now(UTC)).total_seconds())
-            except (TypeError, ValueError):
-                pass
+    wait = parse_retry_after(headers.get("Retry-After"))
+    if wait is not None:
+        return wait
     reset = headers.get("X-RateLimit-Reset")
     if reset:
         try:

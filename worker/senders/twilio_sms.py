@@ -13,7 +13,6 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,7 +25,7 @@ from twilio.rest import Client
 
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_phone
-from .base import OutgoingMessage
+from .base import OutgoingMessage, retry_after
 
 #: Twilio's accepted ``ValidityPeriod``, in seconds.
 MIN_VALIDITY, MAX_VALIDITY = 1, 36_000
@@ -39,22 +38,6 @@ REFUSALS = {
     21614: "not a mobile number",
     20003: "Twilio refused the account SID / auth token",
 }
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class _HttpClient(TwilioHttpClient):

@@ -8,7 +8,7 @@ import httpx
 from standardwebhooks.webhooks import Webhook
 
 from ..errors import TransientSendError
-from .base import OutgoingMessage
+from .base import OutgoingMessage, retry_after
 
 
 def sign_headers(secret: str, event_id: str, body: str, *, at: datetime | None = None) -> dict[str, str]:
@@ -20,14 +20,6 @@ def sign_headers(secret: str, event_id: str, body: str, *, at: datetime | None =
         "webhook-signature": Webhook(secret).sign(event_id, at, body),
         "content-type": "application/json",
     }
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 class WebhookSender:
@@ -47,5 +39,6 @@ class WebhookSender:
             raise TransientSendError(f"webhook not delivered: {type(exc).__name__}") from None
         if not response.is_success:
             raise TransientSendError(f"webhook answered HTTP {response.status_code}",
-                                     retry_after=retry_after(response), code=str(response.status_code))
+                                     retry_after=retry_after(response.headers.get("retry-after")),
+                                     code=str(response.status_code))
         return message.idempotency_key
