@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from support import ROOT, make_settings, transaction
+from support import ROOT, daytime_schedules, make_settings, transaction
 
 from worker.broker import bind, make_broker
 from worker.service import Remind
@@ -23,10 +23,11 @@ def test_remind_worker_processes_deliver_what_the_scheduler_enqueued(tmp_path, p
 
     reset_database(postgres_url)
     namespace = f"remind-proc-{uuid.uuid4().hex}"
-    settings = make_settings(tmp_path, postgres_url, redis_url=redis_url, redis_namespace=namespace)
+    settings = make_settings(tmp_path, postgres_url, redis_url=redis_url, redis_namespace=namespace,
+                             schedules_dir=daytime_schedules(tmp_path))
     env = {**os.environ, "DATABASE_URL": postgres_url, "REDIS_URL": redis_url,
            "REMIND_REDIS_NAMESPACE": namespace, "REMIND_OUTBOX": str(settings.outbox),
-           "REMIND_DEV_SENDER": "outbox", "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"),
+           "REMIND_DEV_SENDER": "outbox", "REMIND_SCHEDULES_DIR": str(daytime_schedules(tmp_path)),
            "REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_PUBLIC_URL": "https://pay.example",
            "REMIND_SECRET_KEY": "a-long-random-test-secret"}
     remind = Remind.from_settings(settings)
@@ -63,7 +64,8 @@ def test_remind_run_serves_the_api_over_http(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REMIND_", "DATABASE_URL", "REDIS_URL"))}
-    env.update({"REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"),
+    env.update({"REMIND_TEMPLATES_DIR": str(ROOT / "templates"),
+                "REMIND_SCHEDULES_DIR": str(daytime_schedules(tmp_path)),
                 "REMIND_API_TOKEN": "tok", "PORT": str(port), "REMIND_DEV_SENDER": "outbox"})
     proc = subprocess.Popen([str(Path(sys.executable).parent / "remind"), "run"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -95,10 +97,11 @@ def test_the_provider_rate_limit_holds_across_worker_processes(tmp_path, postgre
 
     reset_database(postgres_url)
     namespace = f"remind-rate-{uuid.uuid4().hex}"
-    settings = make_settings(tmp_path, postgres_url, redis_url=redis_url, redis_namespace=namespace)
+    settings = make_settings(tmp_path, postgres_url, redis_url=redis_url, redis_namespace=namespace,
+                             schedules_dir=daytime_schedules(tmp_path))
     env = {**os.environ, "DATABASE_URL": postgres_url, "REDIS_URL": redis_url, "REMIND_REDIS_NAMESPACE": namespace,
            "REMIND_OUTBOX": str(settings.outbox), "REMIND_DEV_SENDER": "outbox", "REMIND_RATE_PUSH": "4/1s",
-           "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"), "REMIND_TEMPLATES_DIR": str(ROOT / "templates"),
+           "REMIND_SCHEDULES_DIR": str(daytime_schedules(tmp_path)), "REMIND_TEMPLATES_DIR": str(ROOT / "templates"),
            "REMIND_SECRET_KEY": "a-long-random-test-secret"}
     remind = Remind.from_settings(settings)
     bind(remind, make_broker(settings))
