@@ -691,16 +691,26 @@ class Bench:
     # -- teardown -----------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self.stop_web()
+        """Every step runs even when an earlier one fails (e.g. Redis went away mid-run)."""
+        steps = [self.stop_web]
         if self.remind is not None:
-            self.remind.store.engine.dispose()
+            steps.append(self.remind.store.engine.dispose)
         if self.redis is not None:
-            keys = redis_keys(self.redis, self.namespace)
-            if keys:
-                self.redis.delete(*keys)
+            def drop_keys() -> None:
+                keys = redis_keys(self.redis, self.namespace)
+                if keys:
+                    self.redis.delete(*keys)
+            steps.append(drop_keys)
         if not self.args.keep_db:
-            with admin(self.args) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+            def drop_db() -> None:
+                with admin(self.args) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+            steps.append(drop_db)
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 (report, and go on cleaning up)
+                print(f"cleanup: {getattr(step, '__name__', step)} failed: {exc}", file=sys.stderr, flush=True)
 
 
 def summarize_py_spy(raw: str, title: str, top: int) -> str:
