@@ -113,6 +113,13 @@ def redis_pids() -> list[int]:
     return [pid for pid, cmd in _cmdlines() if cmd.startswith("redis-server") and cmd.endswith(f":{port}")]
 
 
+def add_shared_redis_flag(parser) -> None:
+    """The same --shared-redis flag for every benchmark that starts its own redis-server."""
+    parser.add_argument("--shared-redis", action="store_true", help="use the shared Redis (BENCH_REDIS_URL, default "
+                        "127.0.0.1:6379) instead of a redis-server of our own on a free port; the chaos tests restart "
+                        "the shared one without saving, which loses a run's queued messages")
+
+
 def new_namespace(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

@@ -62,9 +62,7 @@ def main() -> int:
     parser.add_argument("--tick", type=float, default=1.0, help="REMIND_TICK_SECONDS (default 1)")
     parser.add_argument("--drain", type=float, default=420.0, help="give up this long after the last registration")
     parser.add_argument("--out", type=Path, default=None, help="keep the processes' logs here")
-    parser.add_argument("--shared-redis", action="store_true", help="use the shared Redis (BENCH_REDIS_URL, default "
-                        "127.0.0.1:6379) instead of a redis-server of our own on a free port; the chaos tests restart "
-                        "the shared one without saving, which loses a run's queued messages")
+    h.add_shared_redis_flag(parser)
     args = parser.parse_args()
     rate = args.rate or (20.0 if args.small else 50.0)
     duration = args.duration or (15.0 if args.small else 60.0)

@@ -470,9 +470,7 @@ def main() -> int:
     parser.add_argument("--profile-seconds", type=float, default=None, help="per py-spy pass (default 10, small 3)")
     parser.add_argument("--stall", type=float, default=60.0, help="give up after this long without progress")
     parser.add_argument("--out", type=Path, default=None, help="keep logs and profiles here (default: a temp dir)")
-    parser.add_argument("--shared-redis", action="store_true", help="use the shared Redis (BENCH_REDIS_URL, default "
-                        "127.0.0.1:6379) instead of a redis-server of our own on a free port; the chaos tests restart "
-                        "the shared one without saving, which loses a run's queued messages")
+    h.add_shared_redis_flag(parser)
     args = parser.parse_args()
     n_tx = args.tx or (200 if args.small else 3000)
     noop_min = args.noop_min or (3000 if args.small else 20000)

@@ -62,6 +62,10 @@ def _text(locale: str) -> dict[str, str]:
     return TEXT["zh-CN"] if locale.lower().startswith("zh") else TEXT["en"]
 
 
+def _customer_text(view: dict) -> dict[str, str]:
+    return _text(view["customer"].get("locale") or "en")
+
+
 def _page(t: dict[str, str], title_key: str, line_key: str, status: int, *, facts=None, form=False,
           tone: str = "ok", **fmt) -> HTMLResponse:
     html = _ENV.get_template("page.html").render(
@@ -103,7 +107,7 @@ def router(remind: Remind) -> APIRouter:
         view, page = await run_in_threadpool(load, token, request)
         if page:
             return page
-        t = _text(view["customer"].get("locale") or "en")
+        t = _customer_text(view)
         if view["status"] != "pending":
             return settled_page(view, t)
         f = facts(view)
@@ -114,7 +118,7 @@ def router(remind: Remind) -> APIRouter:
         view, page = await run_in_threadpool(load, token, request)
         if page:
             return page
-        t = _text(view["customer"].get("locale") or "en")
+        t = _customer_text(view)
         if view["status"] == "confirmed":
             return settled_page(view, t)
         try:
