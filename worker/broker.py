@@ -7,12 +7,14 @@ otherwise dramatiq's in-memory broker, consumed by worker threads in the same pr
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import dramatiq
 from dramatiq import Broker, Worker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.common import compute_backoff
 from dramatiq.middleware import Retries
 from dramatiq.rate_limits import WindowRateLimiter
 
@@ -77,11 +79,27 @@ def make_throttle(settings: Settings) -> Callable[[str], bool] | None:
 class Actors:
     broker: Broker
     deliver: dramatiq.Actor
+    deliver_batch: dramatiq.Actor
     queue_name: str
 
 
+#: A tick's deliveries are spread over at least this many messages before batches grow, so a small
+#: tick still keeps a worker process's threads (8 by default) sending in parallel.
+SPREAD = 8
+
+
+def chunks(ids: list[int], largest: int, spread: int = SPREAD) -> list[list[int]]:
+    """Split ``ids`` into batches of at most ``largest``, and into at least ``spread`` batches when
+    there are that many ids; order is kept (a transaction's channels stay together)."""
+    size = max(1, min(largest, math.ceil(len(ids) / spread)))
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
 def bind(remind: Remind, broker: Broker) -> Actors:
-    """Declare the actors on ``broker`` and point the service's enqueue at them."""
+    """Declare the actors on ``broker`` and point the service's enqueue at them.
+
+    First attempts travel in batches (``remind.deliver_batch``: the database round trips are shared by
+    the batch); a retry travels alone (``remind.deliver``), with dramatiq's backoff."""
     queue = remind.settings.queue_name
     remind.deliverer.throttle = make_throttle(remind.settings)
 
@@ -89,18 +107,36 @@ def bind(remind: Remind, broker: Broker) -> Actors:
         try:
             remind.deliver(delivery_id)
         except TransientSendError as exc:
-            delay = int(exc.retry_after * 1000) if exc.retry_after is not None else None
-            raise dramatiq.Retry(exc.reason, delay=delay) from None
+            raise dramatiq.Retry(exc.reason, delay=_delay_ms(exc)) from None
 
     deliver_actor = dramatiq.Actor(deliver, broker=broker, actor_name="remind.deliver", queue_name=queue,
                                    priority=0, options={})
 
+    def deliver_batch(delivery_ids: list[int]) -> None:
+        result = remind.deliverer.deliver_many(delivery_ids)
+        # Recorded already; a crash before these are sent leaves the rows queued, and the lease resends.
+        for delivery_id, exc in result.retry.items():
+            deliver_actor.send_with_options(args=(delivery_id,), delay=_delay_ms(exc) or _first_backoff_ms())
+
+    batch_actor = dramatiq.Actor(deliver_batch, broker=broker, actor_name="remind.deliver_batch",
+                                 queue_name=queue, priority=0, options={})
+    largest = remind.settings.delivery_batch
+
     def enqueue(ids: list[int]) -> None:
-        for delivery_id in ids:
-            deliver_actor.send(delivery_id)
+        for batch in chunks(list(ids), largest):
+            batch_actor.send(batch)
 
     remind.enqueue = enqueue
-    return Actors(broker, deliver_actor, queue)
+    return Actors(broker, deliver_actor, batch_actor, queue)
+
+
+def _delay_ms(exc: TransientSendError) -> int | None:
+    return int(exc.retry_after * 1000) if exc.retry_after is not None else None
+
+
+def _first_backoff_ms() -> int:
+    """What dramatiq's Retries would wait before a first retry: the minimum backoff, with jitter."""
+    return compute_backoff(0, factor=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS)[1]
 
 
 class InProcessWorker:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -59,15 +59,24 @@ def webhook_body(d: dict[str, Any], tx: dict[str, Any]) -> str:
 
 
 def build_messages(d: dict[str, Any], tx: dict[str, Any], templates: Templates, opts: DeliveryOptions,
-                   now: datetime, recipients: list[str]) -> list[OutgoingMessage]:
-    """The rendered message(s) for one delivery: one per usable push token, else exactly one."""
+                   now: datetime, recipients: list[str],
+                   facts_cache: dict[tuple[str, str], dict[str, Any]] | None = None) -> list[OutgoingMessage]:
+    """The rendered message(s) for one delivery: one per usable push token, else exactly one.
+
+    ``facts_cache`` shares the signed link and formatted facts between the channels of one step."""
     content = tx["content"]
     if d["channel"] == "webhook":
         return [OutgoingMessage(tx["id"], d["step"], "webhook", opts.webhook_url or "", webhook_body(d, tx),
                                 idempotency_key=f"evt_{d['id']}")]
-    link = confirm_url(opts.public_base, opts.secret_key, tx["id"], tx["deadline"])
-    facts = facts_for(content, now=now, deadline=tx["deadline"], confirm_url=link,
-                      restart_url=opts.restart_url, step=d["step"], reason=tx["status_reason"] or "")
+    key = (tx["id"], d["step"])
+    facts = facts_cache.get(key) if facts_cache is not None else None
+    if facts is None:
+        link = confirm_url(opts.public_base, opts.secret_key, tx["id"], tx["deadline"])
+        facts = facts_for(content, now=now, deadline=tx["deadline"], confirm_url=link,
+                          restart_url=opts.restart_url, step=d["step"], reason=tx["status_reason"] or "")
+        if facts_cache is not None:
+            facts_cache[key] = facts
+    link = facts["confirm_url"]
     locale = content["customer"].get("locale") or "en"
     rendered = templates.render(d["template"], d["channel"], locale, facts)
     data = {"confirm_url": link, "transaction_id": tx["id"]} if d["kind"] == "reminder" else {
@@ -76,6 +85,25 @@ def build_messages(d: dict[str, Any], tx: dict[str, Any], templates: Templates, 
                             rendered.html, d["variant"], data, idempotency_key=f"dl_{d['id']}",
                             expires_at=tx["deadline"] if d["kind"] == "reminder" else None)
             for r in recipients]
+
+
+@dataclass
+class _Ready:
+    """A delivery marked ``sending`` and rendered, waiting for its provider call."""
+
+    d: dict[str, Any]
+    tx: dict[str, Any]
+    messages: list[OutgoingMessage]
+    sender: Sender
+    attempts: int
+
+
+@dataclass
+class BatchResult:
+    """What a batch did: an outcome per delivery id, and the ones to try again (with their error)."""
+
+    outcomes: dict[int, str] = field(default_factory=dict)
+    retry: dict[int, TransientSendError] = field(default_factory=dict)
 
 
 class Deliverer:
@@ -92,44 +120,69 @@ class Deliverer:
     def deliver(self, delivery_id: int) -> str:
         """Send one delivery; returns the outcome. Raises TransientSendError after recording it,
         so the caller (the actor) retries with backoff."""
-        if self.throttle is not None:
-            channel = self.store.delivery_channel(delivery_id)
-            if channel is not None and not self.throttle(channel):
-                raise TransientSendError(f"{channel} rate limit reached", retry_after=0.5 + random.random())
+        result = self.deliver_many([delivery_id])
+        if delivery_id in result.retry:
+            raise result.retry[delivery_id]
+        return result.outcomes.get(delivery_id, "duplicate")
+
+    def deliver_many(self, ids: Sequence[int]) -> BatchResult:
+        """Send a batch: one locked read and one write to ``sending`` before the provider calls, one
+        write of the results after. Each delivery is decided on its own, exactly as if it came alone;
+        the batch only shares the round trips to the database.
+
+        A delivery that is not queued any more is a duplicate and left alone. Transient failures are
+        recorded (back to ``queued``) and returned in ``retry`` for the caller to schedule."""
+        result = BatchResult()
+        failures: list[tuple[int, str, str]] = []
+        ready: list[_Ready] = []
         with self.store.begin() as conn:
-            locked = self.store.lock_delivery(conn, delivery_id)
-            if locked is None:
-                return "duplicate"
-            d, tx = locked
+            rows, txs = self.store.lock_deliveries(conn, ids)
             now = self.store.clock()
-            if d["template"] != "reminder.failed" and tx["status"] not in REQUIRED_STATUS[d["kind"]]:
-                self.store.update_delivery(conn, delivery_id, status="skipped", lease_until=None,
-                                           reason=f"not sent: the transaction was {tx['status']} first")
-                return "skipped"
-            sender = self.senders.get(d["channel"])
-            recipients: list[str] = []
-            if d["channel"] in CONTACT_FIELD:
-                recipients, why = usable(tx["content"]["customer"], d["channel"],
-                                         self.store.suppressed(conn, all_pairs(tx["content"]["customer"])))
-            try:
-                if sender is None:
-                    raise PermanentSendError(f"no sender is configured for channel {d['channel']}")
-                if d["channel"] in CONTACT_FIELD and not recipients:
-                    raise PermanentSendError(f"not sent: {why}")
-                messages = build_messages(d, tx, self.templates(), self.opts, now, recipients)
-            except (TemplateError, PermanentSendError) as exc:
-                reason = exc.reason if isinstance(exc, PermanentSendError) else f"template error: {exc}"
-                failure = reason
-            else:
-                failure = None
+            pairs = {p for tx in txs.values() for p in all_pairs(tx["content"]["customer"])}
+            suppressed = self.store.suppressed(conn, pairs) if pairs else set()
+            changes: list[dict[str, Any]] = []
+            facts_cache: dict[tuple[str, str], dict[str, Any]] = {}
+            for d in rows:
+                tx = txs[d["transaction_id"]]
+                if d["template"] != "reminder.failed" and tx["status"] not in REQUIRED_STATUS[d["kind"]]:
+                    changes.append({"id": d["id"], "status": "skipped", "lease_until": None,
+                                    "reason": f"not sent: the transaction was {tx['status']} first"})
+                    result.outcomes[d["id"]] = "skipped"
+                    continue
+                if self.throttle is not None and not self.throttle(d["channel"]):
+                    # Left queued with its lease: the caller sends it again after the pause.
+                    result.retry[d["id"]] = TransientSendError(f"{d['channel']} rate limit reached",
+                                                               retry_after=0.5 + random.random())
+                    result.outcomes[d["id"]] = "throttled"
+                    continue
+                sender = self.senders.get(d["channel"])
+                try:
+                    recipients: list[str] = []
+                    if d["channel"] in CONTACT_FIELD:
+                        recipients, why = usable(tx["content"]["customer"], d["channel"], suppressed)
+                    if sender is None:
+                        raise PermanentSendError(f"no sender is configured for channel {d['channel']}")
+                    if d["channel"] in CONTACT_FIELD and not recipients:
+                        raise PermanentSendError(f"not sent: {why}")
+                    messages = build_messages(d, tx, self.templates(), self.opts, now, recipients, facts_cache)
+                except (TemplateError, PermanentSendError) as exc:
+                    reason = exc.reason if isinstance(exc, PermanentSendError) else f"template error: {exc}"
+                    failures.append((d["id"], tx["id"], reason))
+                    continue
                 attempts = d["attempts"] + 1
-                self.store.update_delivery(conn, delivery_id, status="sending", started_at=now,
-                                           attempts=attempts, lease_until=now + self.opts.lease)
-        if failure is not None:
-            log.error("delivery %s of %s failed: %s", delivery_id, tx["id"], failure)
-            self.outcomes.failed(delivery_id, failure)
-            return "failed"
-        return self._send(d, tx, messages, sender, attempts)
+                changes.append({"id": d["id"], "status": "sending", "started_at": now, "attempts": attempts,
+                                "lease_until": now + self.opts.lease})
+                ready.append(_Ready(d, tx, messages, sender, attempts))
+            self.store.update_deliveries(conn, changes)
+        for delivery_id, tx_id, reason in failures:
+            log.error("delivery %s of %s failed: %s", delivery_id, tx_id, reason)
+            self.outcomes.failed(delivery_id, reason)
+            result.outcomes[delivery_id] = "failed"
+        records: list[dict[str, Any]] = []
+        for item in ready:
+            result.outcomes[item.d["id"]] = self._send(item, records, result)
+        self.store.update_deliveries(None, records)
+        return result
 
     def _send_all(self, d: dict[str, Any], tx: dict[str, Any], messages: list[OutgoingMessage],
                   sender: Sender) -> list[str | None]:
@@ -156,23 +209,26 @@ class Deliverer:
                         d["step"], len(errors), len(messages), errors[0].reason)
         return provider_ids
 
-    def _send(self, d: dict[str, Any], tx: dict[str, Any], messages: list[OutgoingMessage], sender: Sender,
-              attempts: int) -> str:
+    def _send(self, item: _Ready, records: list[dict[str, Any]], result: BatchResult) -> str:
+        """Call the provider for one delivery; its row change goes into ``records`` (written with the
+        batch's), a permanent failure is handed to Outcomes at once (it may fall back)."""
+        d, messages = item.d, item.messages
         limit = self.opts.webhook_max_attempts if d["channel"] == "webhook" else self.opts.max_attempts
         try:
-            provider_ids = self._send_all(d, tx, messages, sender)
+            provider_ids = self._send_all(d, item.tx, messages, item.sender)
         except TransientSendError as exc:
             now = self.store.clock()
-            if attempts >= limit:
-                self.outcomes.failed(d["id"], f"gave up after {attempts} attempts: {exc.reason}")
+            if item.attempts >= limit:
+                self.outcomes.failed(d["id"], f"gave up after {item.attempts} attempts: {exc.reason}")
                 log.error("%s %s %s gave up after %d attempts: %s", d["transaction_id"], d["step"],
-                          d["channel"], attempts, exc.reason)
+                          d["channel"], item.attempts, exc.reason)
                 return "failed"
-            self.store.update_delivery(None, d["id"], status="queued", reason=f"retrying: {exc.reason}",
-                                       lease_until=now + self.opts.lease)
+            records.append({"id": d["id"], "status": "queued", "reason": f"retrying: {exc.reason}",
+                            "lease_until": now + self.opts.lease})
             log.warning("%s %s %s attempt %d failed, will retry: %s", d["transaction_id"], d["step"],
-                        d["channel"], attempts, exc.reason)
-            raise
+                        d["channel"], item.attempts, exc.reason)
+            result.retry[d["id"]] = exc
+            return "retrying"
         except PermanentSendError as exc:
             self.outcomes.failed(d["id"], exc.reason, code=exc.code)
             log.error("%s %s %s refused: %s", d["transaction_id"], d["step"], d["channel"], exc.reason)
@@ -180,9 +236,8 @@ class Deliverer:
         now = self.store.clock()
         keep = d["reason"] if d["reason"] and not d["reason"].startswith("retrying") else None
         billed = sum(segments(m.body).segments for m in messages) if d["channel"] == "sms" else None
-        self.store.update_delivery(None, d["id"], status="sent", sent_at=now, lease_until=None, reason=keep,
-                                   segments=billed,
-                                   provider_id=next((p for p in provider_ids if p), None))
+        records.append({"id": d["id"], "status": "sent", "sent_at": now, "lease_until": None, "reason": keep,
+                        "segments": billed, "provider_id": next((p for p in provider_ids if p), None)})
         log.info("sent %s %s to %s · %s", d["step"], d["channel"],
                  ", ".join(mask_recipient(m.channel, m.recipient) for m in messages) or "-", d["transaction_id"])
         return "sent"

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     reload_seconds: float = Field(2.0, alias="REMIND_RELOAD_SECONDS", ge=0)  # 0: no hot reload
     lease_seconds: float = Field(300.0, alias="REMIND_LEASE_SECONDS", gt=0)
     batch_size: int = Field(1000, alias="REMIND_BATCH_SIZE", gt=0)
+    #: Most deliveries one worker message carries (their database round trips are shared).
+    delivery_batch: int = Field(20, alias="REMIND_DELIVERY_BATCH", gt=0, le=500)
     max_attempts: int = Field(8, alias="REMIND_MAX_ATTEMPTS", gt=0)
     webhook_max_attempts: int = Field(20, alias="REMIND_WEBHOOK_MAX_ATTEMPTS", gt=0)
     worker_threads: int = Field(8, alias="REMIND_WORKER_THREADS", gt=0)

@@ -1,0 +1,101 @@
+"""First attempts travel in batches: the batch shares database round trips, never decisions. Each
+delivery in it ends exactly as it would alone, and a duplicate batch sends nothing twice."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from support import T0, transaction
+
+from worker.broker import chunks
+from worker.errors import PermanentSendError, TransientSendError
+from worker.senders import OutboxSender
+
+
+class ByToken:
+    """A push sender whose answer depends on the token: refused for good, failing once, or fine."""
+
+    name = "by-token"
+
+    def __init__(self, outbox) -> None:
+        self.inner = OutboxSender(outbox)
+        self.calls: list[str] = []
+
+    def send(self, message):
+        self.calls.append(message.recipient)
+        if message.recipient == "refused-token":
+            raise PermanentSendError("provider code INVALID_ARGUMENT", code="INVALID_ARGUMENT")
+        if message.recipient == "flaky-token" and self.calls.count("flaky-token") == 1:
+            raise TransientSendError("provider said 503", retry_after=2.0)
+        return self.inner.send(message)
+
+
+def nudge(h, tx_id):
+    """The stored deliveries of the first step, by channel."""
+    return {d["channel"]: d for d in h.remind.store.deliveries_of(tx_id) if d["step"] == "nudge"}
+
+
+def test_each_delivery_in_a_batch_ends_as_it_would_alone(make_harness, tmp_path):
+    push = ByToken(tmp_path / "outbox.jsonl")
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(start_worker=False, senders={"sms": outbox, "email": outbox, "push": push})
+    tokens = {"tx_confirmed": "token-a", "tx_refused": "refused-token", "tx_flaky": "flaky-token", "tx_fine": "token-b"}
+    for tx_id, token in tokens.items():
+        h.remind.register(transaction(tx_id, customer={"push_tokens": [token]}))
+    ids = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    assert len(ids) == 4
+    h.remind.confirm("tx_confirmed")  # after the tick, before the worker picks the batch up
+
+    h.at(minutes=16, seconds=5)
+    result = h.remind.deliverer.deliver_many(ids)
+
+    assert sorted(result.outcomes.values()) == ["failed", "retrying", "sent", "skipped"]
+    assert list(result.retry) == [nudge(h, "tx_flaky")["push"]["id"]]
+    assert result.retry[nudge(h, "tx_flaky")["push"]["id"]].retry_after == 2.0
+    assert nudge(h, "tx_confirmed")["push"]["status"] == "skipped"
+    assert nudge(h, "tx_confirmed")["push"]["reason"] == "not sent: the transaction was confirmed first"
+    refused = nudge(h, "tx_refused")
+    assert refused["push"]["status"] == "failed" and refused["push"]["reason"].endswith("falling back to sms")
+    assert refused["sms"]["status"] == "queued"  # the fallback is a delivery of its own, enqueued
+    flaky = nudge(h, "tx_flaky")["push"]
+    assert flaky["status"] == "queued" and flaky["reason"] == "retrying: provider said 503" and flaky["attempts"] == 1
+    fine = nudge(h, "tx_fine")["push"]
+    assert fine["status"] == "sent" and fine["attempts"] == 1
+    assert sorted(push.calls) == ["flaky-token", "refused-token", "token-b"]  # nothing for the confirmed one
+
+    # The same batch again (a redelivered message): only the delivery still queued goes out.
+    again = h.remind.deliverer.deliver_many(ids)
+    assert again.outcomes == {flaky["id"]: "sent"} and not again.retry
+    assert sorted(push.calls) == ["flaky-token", "flaky-token", "refused-token", "token-b"]
+    assert nudge(h, "tx_flaky")["push"]["attempts"] == 2
+    sent = [(line["transaction_id"], line["channel"]) for line in h.lines()]
+    assert sorted(sent) == [("tx_fine", "push"), ("tx_flaky", "push")]
+
+
+def test_a_batch_of_duplicate_ids_sends_once(make_harness):
+    h = make_harness(start_worker=False)
+    h.remind.register(transaction())
+    [delivery_id] = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    result = h.remind.deliverer.deliver_many([delivery_id, delivery_id])
+    assert result.outcomes == {delivery_id: "sent"}
+    assert len(h.lines()) == 1
+
+
+def test_the_actors_retry_a_batch_member_alone_until_it_is_sent(make_harness, tmp_path):
+    push = ByToken(tmp_path / "outbox.jsonl")
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(senders={"sms": outbox, "email": outbox, "push": push})
+    for tx_id, token in {"tx_a": "token-a", "tx_b": "flaky-token", "tx_c": "token-c"}.items():
+        h.remind.register(transaction(tx_id, customer={"push_tokens": [token]}))
+    h.at(minutes=16).tick()
+    assert sorted(push.calls) == ["flaky-token", "flaky-token", "token-a", "token-c"]
+    assert [nudge(h, t)["push"]["status"] for t in ("tx_a", "tx_b", "tx_c")] == ["sent"] * 3
+    assert nudge(h, "tx_b")["push"]["attempts"] == 2
+
+
+def test_a_tick_spreads_small_batches_and_caps_large_ones():
+    assert chunks([1, 2, 3], 20) == [[1], [2], [3]]  # few deliveries: one per thread, in parallel
+    assert [len(b) for b in chunks(list(range(40)), 20)] == [5] * 8
+    large = chunks(list(range(10_000)), 20)
+    assert len(large) == 500 and {len(b) for b in large} == {20}
+    assert [i for b in large for i in b] == list(range(10_000))  # order kept: a step's channels stay together
