@@ -8,7 +8,8 @@ What is measured (the real path, nothing dropped):
 
 * ``Remind.tick(now)`` with the real Redis broker bound (``worker.broker.make_broker`` + ``bind``, a
   fresh namespace): claim (``FOR UPDATE SKIP LOCKED``) + plan + insert deliveries + advance the
-  cursors + commit + enqueue one dramatiq message per queued delivery, batch by batch until nothing
+  cursors + commit + enqueue the queued deliveries as ``remind.deliver_batch`` messages (up to
+  ``REMIND_DELIVERY_BATCH`` ids each), claim batch by claim batch until nothing
   is due. First with only the due rows in the table (``--due`` pending, all due), then with
   ``--pending`` pending rows of which the same ``--due`` are due. Each case: one warm-up tick, then
   ``--runs`` timed ticks (median reported), the due rows reset between runs. Every tick is checked:
@@ -431,18 +432,23 @@ class Bench:
                 else:
                     delattr(obj, name)  # back to the class's method
 
-    def checked_tick(self) -> tuple[float, object]:
+    def checked_tick(self) -> tuple[float, object, int]:
         started = time.perf_counter()
         result = self.remind.tick(T)
         elapsed = time.perf_counter() - started
         queued = self.sql_one("SELECT count(*) FROM deliveries WHERE status = 'queued'")
-        in_redis = self.redis.llen(self.queue_key)
+        messages = self.redis.llen(self.queue_key)
+        assert messages == self.redis.hlen(self.queue_key + ".msgs"), messages
+        # Each message carries a batch of delivery ids: every queued delivery must be in exactly one.
+        in_redis = [i for raw in self.redis.hvals(self.queue_key + ".msgs")
+                    for i in json.loads(raw)["args"][0]]
         left = self.sql_one("SELECT count(*) FROM transactions WHERE next_due_at <= %s AND status = 'pending'", T)
         assert result.claimed == self.args.due, (result.claimed, self.args.due)
-        assert len(result.enqueued) == queued == in_redis == self.redis.hlen(self.queue_key + ".msgs"), (
-            len(result.enqueued), queued, in_redis)
+        assert len(result.enqueued) == queued == len(in_redis) == len(set(in_redis)), (
+            len(result.enqueued), queued, len(in_redis))
+        assert set(in_redis) == set(result.enqueued)
         assert left == 0, left
-        return elapsed, result
+        return elapsed, result, messages
 
     def explain(self) -> str:
         """EXPLAIN (ANALYZE, BUFFERS) of the claim query exactly as the store sends it (rolled back)."""
@@ -477,18 +483,19 @@ class Bench:
         self.say(f"\n== tick: {pending:,} pending, {self.args.due:,} due ==")
         self.say(f"claim query:\n  {' '.join(statement.split())}")
         self.say("EXPLAIN (ANALYZE, BUFFERS), first batch:\n  " + plan.replace("\n", "\n  "))
-        warm, _ = self.checked_tick()
+        warm, _, _ = self.checked_tick()
         self.reset()
         self.say(f"warm-up tick {warm:.3f}s (not counted)")
         times, breakdowns = [], []
         for run in range(self.args.runs):
             with self.instrumented() as spent:
-                elapsed, result = self.checked_tick()
+                elapsed, result, messages = self.checked_tick()
             times.append(elapsed)
             breakdowns.append((elapsed, dict(spent)))
-            self.say(f"run {run + 1}: {elapsed:.3f}s  claimed {result.claimed:,}, enqueued {len(result.enqueued):,},"
-                     f" skipped {result.skipped:,} ({result.claimed / elapsed:,.0f} due transactions/s, "
-                     f"{len(result.enqueued) / elapsed:,.0f} messages/s)")
+            self.say(f"run {run + 1}: {elapsed:.3f}s  claimed {result.claimed:,}, enqueued {len(result.enqueued):,}"
+                     f" deliveries in {messages:,} messages, skipped {result.skipped:,} "
+                     f"({result.claimed / elapsed:,.0f} due transactions/s, "
+                     f"{len(result.enqueued) / elapsed:,.0f} deliveries/s)")
             self.reset()
         median = statistics.median(times)
         elapsed, spent = sorted(breakdowns, key=lambda b: b[0])[len(breakdowns) // 2]
@@ -505,7 +512,7 @@ class Bench:
         # One more tick under cProfile, for the function-level view (slower than the timed runs).
         profiler = cProfile.Profile()
         profiler.enable()
-        p_elapsed, _ = self.checked_tick()
+        p_elapsed, _, _ = self.checked_tick()
         profiler.disable()
         self.reset()
         out = io.StringIO()
