@@ -237,3 +237,18 @@ def test_the_fakes_answer_is_a_message_resource_as_the_spec_describes(twilio_fak
     resource = response.json()
     OAS30Validator(operation().response_schema).validate(resource)
     assert resource["status"] == "queued" and resource["sid"] == twilio_fake.messages[0].sid
+
+
+def test_proxy_settings_come_from_the_environment_as_it_was_at_start(twilio_fake, monkeypatch, closed_port):
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port}")  # a proxy that is down
+    proxied = sender(twilio_fake)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = sender(twilio_fake)
+
+    with pytest.raises(TransientSendError):
+        proxied.send(sms())  # still goes through the proxy it was started with
+    direct.send(sms())
+
+    assert len(twilio_fake.messages) == 1

@@ -61,3 +61,20 @@ class FanOut:
     def send(self, message: OutgoingMessage) -> str | None:
         ids = [s.send(message) for s in self.senders]
         return next((i for i in ids if i), None)
+
+
+def read_environment_once(session: Any, url: str) -> None:
+    """Fix a ``requests.Session``'s proxy and CA settings from the environment now, for ``url``.
+
+    requests reads them again on every request (``trust_env``): scanning ``os.environ`` and the proxy
+    tables cost about a tenth of a millisecond per send, a tenth of a delivery's CPU. ``HTTPS_PROXY``,
+    ``NO_PROXY`` and ``REQUESTS_CA_BUNDLE`` still apply; a change to them needs a restart."""
+    import os
+
+    import requests
+
+    session.proxies.update(requests.utils.get_environ_proxies(url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle and session.verify is True:
+        session.verify = bundle
+    session.trust_env = False

@@ -21,7 +21,7 @@ from requests.adapters import HTTPAdapter
 
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_token
-from .base import OutgoingMessage, retry_after
+from .base import OutgoingMessage, read_environment_once, retry_after
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
@@ -65,8 +65,8 @@ class FcmSender:
 
     def __init__(self, project_id: str, credentials_file: str | os.PathLike[str], *,
                  base_url: str = "https://fcm.googleapis.com", timeout: float = 10.0) -> None:
-        credentials = service_account.Credentials.from_service_account_file(str(Path(credentials_file)),
-                                                                            scopes=[SCOPE])
+        info = json.loads(Path(credentials_file).read_text(encoding="utf-8"))
+        credentials = service_account.Credentials.from_service_account_info(info, scopes=[SCOPE])
         self.url = f"{base_url.rstrip('/')}/v1/projects/{project_id}/messages:send"
         self.timeout = timeout
         token_session = requests.Session()
@@ -74,6 +74,8 @@ class FcmSender:
         for session in (token_session, self.session):  # room for every worker thread, no retries
             for prefix in ("https://", "http://"):
                 session.mount(prefix, HTTPAdapter(pool_maxsize=32, max_retries=0))
+        read_environment_once(token_session, info["token_uri"])
+        read_environment_once(self.session, base_url)
 
     @staticmethod
     def payload(message: OutgoingMessage) -> dict[str, Any]:

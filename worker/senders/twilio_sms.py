@@ -25,7 +25,7 @@ from twilio.rest import Client
 
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_phone
-from .base import OutgoingMessage, retry_after
+from .base import OutgoingMessage, read_environment_once, retry_after
 
 #: Twilio's accepted ``ValidityPeriod``, in seconds.
 MIN_VALIDITY, MAX_VALIDITY = 1, 36_000
@@ -52,6 +52,7 @@ class _HttpClient(TwilioHttpClient):
         self._target = (target.scheme, target.netloc, target.path.rstrip("/"))
         if self.session is not None:  # the SDK sizes only its https pool
             self.session.mount("http://", HTTPAdapter(pool_maxsize=min(32, (os.cpu_count() or 1) + 4)))
+            read_environment_once(self.session, base_url)
         self._local = threading.local()
 
     def request(self, method: str, url: str, params: dict[str, object] | None = None,

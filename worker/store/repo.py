@@ -254,17 +254,8 @@ class Store:
 
     # -- delivery ---------------------------------------------------------------------------
 
-    def lock_delivery(self, conn: Connection, delivery_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """Lock a delivery and share-lock its transaction; None when the delivery is not queued
-        (a duplicate message, or one that arrived after the work was done)."""
-        d = conn.execute(self._lock(select(deliveries).where(deliveries.c.id == delivery_id))).mappings().first()
-        if d is None or d["status"] != "queued":
-            return None
-        tx = conn.execute(self._lock(select(transactions).where(
-            transactions.c.id == d["transaction_id"]), share=True)).mappings().first()
-        return dict(d), dict(tx)
-
-    def lock_deliveries(self, conn: Connection, ids: Sequence[int]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    def lock_deliveries(self, conn: Connection, ids: Sequence[int]) -> tuple[
+            list[dict[str, Any]], dict[str, dict[str, Any]]]:
         """Lock the still-queued deliveries of ``ids`` (in id order, so two batches never deadlock) and
         share-lock their transactions: (deliveries, transactions by id). A delivery not queued any more
         (a duplicate message, or one that arrived after the work was done) is left out."""
@@ -308,10 +299,6 @@ class Store:
         stmt = select(deliveries).where(deliveries.c.id == delivery_id)
         row = conn.execute(self._lock(stmt) if lock else stmt).mappings().first()
         return dict(row) if row else None
-
-    def delivery_channel(self, delivery_id: int) -> str | None:
-        with self.engine.connect() as conn:
-            return conn.execute(select(deliveries.c.channel).where(deliveries.c.id == delivery_id)).scalar()
 
     def delivery_by_provider_id(self, provider_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
