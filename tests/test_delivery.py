@@ -237,3 +237,32 @@ def test_a_fallback_into_a_held_channel_does_not_stall_the_scheduler(make_harnes
     final = entries(h, "final_warning")
     assert final["email"]["status"] == "failed" and final["sms"]["status"] == "sent"
     assert {h.remind.show(t)["status"] for t in ("tx_1", "tx_other")} == {"cancelled"}
+
+
+def test_a_reminder_refused_after_the_deadline_does_not_fall_back(make_harness, tmp_path):
+    """Under a backlog a worker can reach a reminder after its transaction's deadline; the provider
+    refuses it, and trying another channel would only send a stale reminder."""
+    push = Refusing(tmp_path / "outbox.jsonl", {"fcm-token-1"}, "INVALID_ARGUMENT")
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(start_worker=False, senders={"sms": outbox, "email": outbox, "push": push})
+    h.remind.register(transaction())
+    [delivery_id] = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    h.clock.set(T0 + timedelta(hours=24, seconds=1))  # the worker gets to it only now
+
+    assert h.remind.deliver(delivery_id) == "failed"
+
+    nudge = entries(h, "nudge")
+    assert set(nudge) == {"push"}  # no fallback delivery was created
+    assert nudge["push"]["reason"].endswith("no fallback: the deadline has passed")
+
+
+def test_a_reminder_refused_before_the_deadline_still_falls_back(make_harness, tmp_path):
+    push = Refusing(tmp_path / "outbox.jsonl", {"fcm-token-1"}, "INVALID_ARGUMENT")
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(start_worker=False, senders={"sms": outbox, "email": outbox, "push": push})
+    h.remind.register(transaction())
+    [delivery_id] = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    h.clock.set(T0 + timedelta(hours=23, minutes=59))
+    assert h.remind.deliver(delivery_id) == "failed"
+    stored = {d["channel"]: d["status"] for d in h.remind.store.deliveries_of("tx_1") if d["step"] == "nudge"}
+    assert stored == {"push": "failed", "sms": "queued"}  # the fallback waits for a worker

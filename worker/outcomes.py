@@ -58,6 +58,11 @@ class Outcomes:
             if d["kind"] == "webhook" or tx["status"] not in wanted:
                 self.store.update_delivery(conn, delivery_id, status="failed", lease_until=None, reason=reason)
                 return None
+            if d["kind"] == "reminder" and tx["deadline"] <= now:
+                # Too late for any channel: the cancellation (and its webhook) is what comes next.
+                self.store.update_delivery(conn, delivery_id, status="failed", lease_until=None,
+                                           reason=f"{reason}; no fallback: the deadline has passed")
+                return None
             rows = self.store.step_deliveries(conn, tx["id"], d["step"])
             siblings = [s for s in rows if s["kind"] != "webhook"]
             told = any(s["kind"] == "webhook" for s in rows)
