@@ -441,7 +441,8 @@ def summarize(path: str, *, only_delivery: bool) -> tuple[int, list[tuple[str, f
         if not stack or not count.isdigit():
             continue
         frames = _frames(stack)
-        if only_delivery and not any(func.endswith("deliver") and f.endswith("delivery.py") for func, f in frames):
+        if only_delivery and not any(func.endswith(("deliver", "deliver_many")) and f.endswith("delivery.py")
+                                     for func, f in frames):
             continue
         n = int(count)
         total += n
@@ -563,7 +564,7 @@ def main() -> int:
         if profile.get("error"):
             print(f"profile: {profile['error']}")
         for name, title, only in (("cpu", "CPU (samples of the thread holding the GIL)", False),
-                                  ("wall", "wall time of threads inside deliver() (waiting included)", True)):
+                                  ("wall", "wall time of threads inside deliver_many() (waiting included)", True)):
             if name not in profile:
                 continue
             total, stages, leaves = summarize(profile[name], only_delivery=only)
