@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from support import T0, transaction
 
 from worker.broker import chunks
@@ -99,3 +100,67 @@ def test_a_tick_spreads_small_batches_and_caps_large_ones():
     large = chunks(list(range(10_000)), 20)
     assert len(large) == 500 and {len(b) for b in large} == {20}
     assert [i for b in large for i in b] == list(range(10_000))  # order kept: a step's channels stay together
+
+
+class Dies(BaseException):
+    """The worker process dying in the middle of a provider call (SIGKILL cannot be caught; this can)."""
+
+
+class DiesOnSecondSend:
+    name = "dies"
+
+    def __init__(self, outbox) -> None:
+        self.inner = OutboxSender(outbox)
+        self.calls = 0
+
+    def send(self, message):
+        self.calls += 1
+        if self.calls == 2:
+            raise Dies()
+        return self.inner.send(message)
+
+
+def test_a_worker_dying_mid_batch_leaves_the_rest_queued_for_the_lease(make_harness, tmp_path):
+    push = DiesOnSecondSend(tmp_path / "outbox.jsonl")
+    h = make_harness(start_worker=False, senders={"push": push}, lease_seconds=30)
+    for tx_id in ("tx_a", "tx_b", "tx_c"):
+        h.remind.register(transaction(tx_id))
+    ids = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    with pytest.raises(Dies):
+        h.remind.deliverer.deliver_many(ids)
+    status = {t: nudge(h, t)["push"]["status"] for t in ("tx_a", "tx_b", "tx_c")}
+    assert status == {"tx_a": "sent", "tx_b": "sending", "tx_c": "queued"}
+
+    result = h.remind.tick(T0 + timedelta(minutes=17))  # the lease ran out
+    assert result.lost_in_send == 1 and result.recovered == 1
+    assert "outcome unknown" in nudge(h, "tx_b")["push"]["reason"]  # never resent: it may have gone out
+    assert h.remind.deliverer.deliver_many(result.enqueued).outcomes == {nudge(h, "tx_c")["push"]["id"]: "sent"}
+    assert sorted(line["transaction_id"] for line in h.lines()) == ["tx_a", "tx_c"]
+
+
+class ConfirmsMidBatch:
+    """While the first push is out, the customer confirms another transaction of the same batch."""
+
+    name = "confirms"
+
+    def __init__(self, outbox, confirm) -> None:
+        self.inner = OutboxSender(outbox)
+        self.confirm = confirm
+
+    def send(self, message):
+        if message.transaction_id == "tx_a":
+            self.confirm("tx_b")
+        return self.inner.send(message)
+
+
+def test_a_confirmation_during_the_batch_stops_its_later_reminders(make_harness, tmp_path):
+    box = {}
+    push = ConfirmsMidBatch(tmp_path / "outbox.jsonl", lambda tx_id: box["h"].remind.confirm(tx_id))
+    h = box["h"] = make_harness(start_worker=False, senders={"push": push})
+    for tx_id in ("tx_a", "tx_b"):
+        h.remind.register(transaction(tx_id))
+    ids = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    result = h.remind.deliverer.deliver_many(ids)
+    assert sorted(result.outcomes.values()) == ["sent", "skipped"]
+    assert nudge(h, "tx_b")["push"]["reason"] == "not sent: the transaction was confirmed first"
+    assert [line["transaction_id"] for line in h.lines()] == ["tx_a"]

@@ -89,13 +89,19 @@ def build_messages(d: dict[str, Any], tx: dict[str, Any], templates: Templates, 
 
 @dataclass
 class _Ready:
-    """A delivery marked ``sending`` and rendered, waiting for its provider call."""
+    """A delivery rendered and waiting for its claim and provider call."""
 
     d: dict[str, Any]
     tx: dict[str, Any]
     messages: list[OutgoingMessage]
     sender: Sender
-    attempts: int
+    required: tuple[str, ...] | None  # the transaction statuses it may still go out in
+    attempts: int = 0  # set by the claim
+
+
+def _skip(d: dict[str, Any], tx_status: str) -> dict[str, Any]:
+    return {"id": d["id"], "status": "skipped", "lease_until": None,
+            "reason": f"not sent: the transaction was {tx_status} first"}
 
 
 @dataclass
@@ -126,27 +132,29 @@ class Deliverer:
         return result.outcomes.get(delivery_id, "duplicate")
 
     def deliver_many(self, ids: Sequence[int]) -> BatchResult:
-        """Send a batch: one locked read and one write to ``sending`` before the provider calls, one
-        write of the results after. Each delivery is decided on its own, exactly as if it came alone;
-        the batch only shares the round trips to the database.
+        """Send a batch. One read decides and renders every delivery of the batch; then, one by one,
+        each is claimed (queued -> sending, re-checking its transaction under a share lock), sent, and
+        its result written as the provider answers. So each delivery is decided exactly as if it came
+        alone, and a worker killed mid-batch leaves only the send in flight as "outcome unknown"; the
+        ones it had not reached stay queued, and the lease sends them.
 
-        A delivery that is not queued any more is a duplicate and left alone. Transient failures are
-        recorded (back to ``queued``) and returned in ``retry`` for the caller to schedule."""
+        A delivery no longer queued is a duplicate and left alone. Transient failures are recorded
+        (back to ``queued``) and returned in ``retry`` for the caller to schedule."""
         result = BatchResult()
         failures: list[tuple[int, str, str]] = []
         ready: list[_Ready] = []
         with self.store.begin() as conn:
-            rows, txs = self.store.lock_deliveries(conn, ids)
+            rows, txs = self.store.queued_deliveries(conn, ids)
             now = self.store.clock()
             pairs = {p for tx in txs.values() for p in all_pairs(tx["content"]["customer"])}
             suppressed = self.store.suppressed(conn, pairs) if pairs else set()
-            changes: list[dict[str, Any]] = []
+            skipped: list[dict[str, Any]] = []
             facts_cache: dict[tuple[str, str], dict[str, Any]] = {}
             for d in rows:
                 tx = txs[d["transaction_id"]]
-                if d["template"] != "reminder.failed" and tx["status"] not in REQUIRED_STATUS[d["kind"]]:
-                    changes.append({"id": d["id"], "status": "skipped", "lease_until": None,
-                                    "reason": f"not sent: the transaction was {tx['status']} first"})
+                required = None if d["template"] == "reminder.failed" else REQUIRED_STATUS[d["kind"]]
+                if required is not None and tx["status"] not in required:
+                    skipped.append(_skip(d, tx["status"]))
                     result.outcomes[d["id"]] = "skipped"
                     continue
                 if self.throttle is not None and not self.throttle(d["channel"]):
@@ -169,20 +177,34 @@ class Deliverer:
                     reason = exc.reason if isinstance(exc, PermanentSendError) else f"template error: {exc}"
                     failures.append((d["id"], tx["id"], reason))
                     continue
-                attempts = d["attempts"] + 1
-                changes.append({"id": d["id"], "status": "sending", "started_at": now, "attempts": attempts,
-                                "lease_until": now + self.opts.lease})
-                ready.append(_Ready(d, tx, messages, sender, attempts))
-            self.store.update_deliveries(conn, changes)
+                ready.append(_Ready(d, tx, messages, sender, required))
+            self.store.update_deliveries(conn, skipped, if_status="queued")
         for delivery_id, tx_id, reason in failures:
             log.error("delivery %s of %s failed: %s", delivery_id, tx_id, reason)
             self.outcomes.failed(delivery_id, reason)
             result.outcomes[delivery_id] = "failed"
-        records: list[dict[str, Any]] = []
-        for item in ready:
-            result.outcomes[item.d["id"]] = self._send(item, records, result)
-        self.store.update_deliveries(None, records)
+        with self.store.autocommit() as conn:
+            for item in ready:
+                now = self.store.clock()
+                attempts = self.store.claim_delivery(conn, item.d["id"], item.required, now, now + self.opts.lease)
+                if attempts is None:
+                    result.outcomes[item.d["id"]] = self._not_claimed(item)
+                    continue
+                item.attempts = attempts
+                outcome, record = self._send(item, result)
+                result.outcomes[item.d["id"]] = outcome
+                if record is not None:
+                    self.store.update_deliveries(conn, [record])
         return result
+
+    def _not_claimed(self, item: _Ready) -> str:
+        """Between the batch's read and the claim, another worker took the delivery (a duplicate
+        message), or its transaction moved on (confirmed, say): then it is skipped, as it would be alone."""
+        tx = self.store.get_transaction(item.tx["id"])
+        if item.required is not None and tx is not None and tx["status"] not in item.required:
+            self.store.update_deliveries(None, [_skip(item.d, tx["status"])], if_status="queued")
+            return "skipped"
+        return "duplicate"
 
     def _send_all(self, d: dict[str, Any], tx: dict[str, Any], messages: list[OutgoingMessage],
                   sender: Sender) -> list[str | None]:
@@ -209,9 +231,9 @@ class Deliverer:
                         d["step"], len(errors), len(messages), errors[0].reason)
         return provider_ids
 
-    def _send(self, item: _Ready, records: list[dict[str, Any]], result: BatchResult) -> str:
-        """Call the provider for one delivery; its row change goes into ``records`` (written with the
-        batch's), a permanent failure is handed to Outcomes at once (it may fall back)."""
+    def _send(self, item: _Ready, result: BatchResult) -> tuple[str, dict[str, Any] | None]:
+        """Call the provider for one delivery: (outcome, the row change to write). A permanent failure
+        is handed to Outcomes here, which writes it (and may fall back)."""
         d, messages = item.d, item.messages
         limit = self.opts.webhook_max_attempts if d["channel"] == "webhook" else self.opts.max_attempts
         try:
@@ -222,22 +244,22 @@ class Deliverer:
                 self.outcomes.failed(d["id"], f"gave up after {item.attempts} attempts: {exc.reason}")
                 log.error("%s %s %s gave up after %d attempts: %s", d["transaction_id"], d["step"],
                           d["channel"], item.attempts, exc.reason)
-                return "failed"
-            records.append({"id": d["id"], "status": "queued", "reason": f"retrying: {exc.reason}",
-                            "lease_until": now + self.opts.lease})
+                return "failed", None
+            retry = {"id": d["id"], "status": "queued", "reason": f"retrying: {exc.reason}",
+                     "lease_until": now + self.opts.lease}
             log.warning("%s %s %s attempt %d failed, will retry: %s", d["transaction_id"], d["step"],
                         d["channel"], item.attempts, exc.reason)
             result.retry[d["id"]] = exc
-            return "retrying"
+            return "retrying", retry
         except PermanentSendError as exc:
             self.outcomes.failed(d["id"], exc.reason, code=exc.code)
             log.error("%s %s %s refused: %s", d["transaction_id"], d["step"], d["channel"], exc.reason)
-            return "failed"
+            return "failed", None
         now = self.store.clock()
         keep = d["reason"] if d["reason"] and not d["reason"].startswith("retrying") else None
         billed = sum(segments(m.body).segments for m in messages) if d["channel"] == "sms" else None
-        records.append({"id": d["id"], "status": "sent", "sent_at": now, "lease_until": None, "reason": keep,
-                        "segments": billed, "provider_id": next((p for p in provider_ids if p), None)})
+        sent = {"id": d["id"], "status": "sent", "sent_at": now, "lease_until": None, "reason": keep,
+                "segments": billed, "provider_id": next((p for p in provider_ids if p), None)}
         log.info("sent %s %s to %s · %s", d["step"], d["channel"],
                  ", ".join(mask_recipient(m.channel, m.recipient) for m in messages) or "-", d["transaction_id"])
-        return "sent"
+        return "sent", sent

@@ -106,6 +106,17 @@ class Store:
         with self.engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection | None]:
+        """A connection on which every statement is durable at once (PostgreSQL), for recording one
+        send after another without a transaction each; None on SQLite, where each write takes its own
+        ``BEGIN IMMEDIATE`` (pass it on, and the store opens one per call)."""
+        if not self.pg:
+            yield None
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield conn
+
     def _lock(self, stmt, *, skip_locked: bool = False, share: bool = False):
         if not self.pg:
             return stmt  # SQLite: BEGIN IMMEDIATE already serialises writers
@@ -254,25 +265,48 @@ class Store:
 
     # -- delivery ---------------------------------------------------------------------------
 
-    def lock_deliveries(self, conn: Connection, ids: Sequence[int]) -> tuple[
+    def queued_deliveries(self, conn: Connection, ids: Sequence[int]) -> tuple[
             list[dict[str, Any]], dict[str, dict[str, Any]]]:
-        """Lock the still-queued deliveries of ``ids`` (in id order, so two batches never deadlock) and
-        share-lock their transactions: (deliveries, transactions by id). A delivery not queued any more
-        (a duplicate message, or one that arrived after the work was done) is left out."""
-        found = conn.execute(self._lock(select(deliveries).where(
-            deliveries.c.id.in_(sorted(set(ids))), deliveries.c.status == "queued").order_by(deliveries.c.id)))
+        """The deliveries of ``ids`` still queued, and their transactions by id: a plain read, to decide
+        and render; ``claim_delivery`` is what makes one delivery this worker's, right before its send."""
+        found = conn.execute(select(deliveries).where(
+            deliveries.c.id.in_(sorted(set(ids))), deliveries.c.status == "queued").order_by(deliveries.c.id))
         rows = [dict(r) for r in found.mappings()]
         if not rows:
             return [], {}
         tx_ids = sorted({r["transaction_id"] for r in rows})
-        txs = conn.execute(self._lock(select(transactions).where(transactions.c.id.in_(tx_ids)), share=True))
+        txs = conn.execute(select(transactions).where(transactions.c.id.in_(tx_ids)))
         return rows, {t["id"]: dict(t) for t in txs.mappings()}
 
-    def update_deliveries(self, conn: Connection | None, changes: Sequence[Mapping[str, Any]]) -> None:
-        """Apply many per-row changes (each a mapping with ``id``) in one statement per shape of change."""
+    def claim_delivery(self, conn: Connection | None, delivery_id: int, tx_statuses: Sequence[str] | None,
+                       now: datetime, lease_until: datetime) -> int | None:
+        """queued -> sending, in one statement, only while the transaction is in ``tx_statuses`` (None:
+        whatever its status). The transaction row is share-locked for that statement, so a confirmation
+        commits either before (and this returns None) or after, with a later timestamp. Returns the
+        attempt number, or None when the delivery was not claimed (a duplicate, or the status moved on)."""
         if conn is None:
             with self.begin() as c:
-                return self.update_deliveries(c, changes)
+                return self.claim_delivery(c, delivery_id, tx_statuses, now, lease_until)
+        conditions = [deliveries.c.id == delivery_id, deliveries.c.status == "queued"]
+        if tx_statuses is not None:
+            still = select(transactions.c.id).where(transactions.c.id == deliveries.c.transaction_id,
+                                                    transactions.c.status.in_(list(tx_statuses)))
+            conditions.append(self._lock(still, share=True).exists())
+        stmt = (update(deliveries).where(*conditions)
+                .values(status="sending", started_at=now, attempts=deliveries.c.attempts + 1,
+                        lease_until=lease_until, updated_at=now)
+                .returning(deliveries.c.attempts))
+        return conn.execute(stmt).scalar()
+
+    def update_deliveries(self, conn: Connection | None, changes: Sequence[Mapping[str, Any]], *,
+                          if_status: str | None = None) -> None:
+        """Apply many per-row changes (each a mapping with ``id``) in one statement per shape of change;
+        ``if_status``: only to rows still in that status."""
+        if not changes:
+            return None
+        if conn is None:
+            with self.begin() as c:
+                return self.update_deliveries(c, changes, if_status=if_status)
         now = self.clock()
         shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for change in changes:
@@ -282,6 +316,8 @@ class Store:
             columns = [k for k in keys if k != "id"]
             stmt = update(deliveries).where(deliveries.c.id == _bind("b_id")).values(
                 {k: _bind(f"b_{k}") for k in columns})
+            if if_status is not None:
+                stmt = stmt.where(deliveries.c.status == if_status)
             conn.execute(stmt, [{f"b_{k}": r[k] for k in keys} for r in rows])
         return None
 

@@ -54,14 +54,17 @@ def router(remind: Remind) -> APIRouter:
             return error(400, "bad_json", f"the body is not valid JSON: {type(exc).__name__}")
         if not isinstance(payload, dict):
             return error(422, "invalid", "the body must be a JSON object", problems={"(body)": "not an object"})
+        def register_and_show() -> tuple[bool, dict]:  # one hop to the thread pool, not two
+            reg = remind.register(payload)
+            return reg.created, remind.show(reg.transaction_id)
+
         try:
-            reg = await run_in_threadpool(remind.register, payload)
+            created, body = await run_in_threadpool(register_and_show)
         except InvalidInput as exc:
             return error(422, "invalid", "some fields are invalid", problems=exc.problems)
         except Conflict as exc:
             return error(409, "conflict", str(exc), fields=exc.fields)
-        body = await view(reg.transaction_id)
-        return JSONResponse(body, status_code=201 if reg.created else 200)
+        return JSONResponse(body, status_code=201 if created else 200)
 
     @api.get("/transactions/{tx_id}", response_model=TransactionView, responses={404: ERRORS[404]},
              summary="Status and timeline")
