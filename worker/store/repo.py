@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_postgres
@@ -100,6 +100,8 @@ class Store:
         from datetime import UTC
 
         self.clock = clock or (lambda: datetime.now(UTC))
+        self._updates: dict[tuple[tuple[str, ...], str | None], Any] = {}
+        self._claim_statements()
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -287,16 +289,21 @@ class Store:
         if conn is None:
             with self.begin() as c:
                 return self.claim_delivery(c, delivery_id, tx_statuses, now, lease_until)
-        conditions = [deliveries.c.id == delivery_id, deliveries.c.status == "queued"]
-        if tx_statuses is not None:
-            still = select(transactions.c.id).where(transactions.c.id == deliveries.c.transaction_id,
-                                                    transactions.c.status.in_(list(tx_statuses)))
-            conditions.append(self._lock(still, share=True).exists())
-        stmt = (update(deliveries).where(*conditions)
-                .values(status="sending", started_at=now, attempts=deliveries.c.attempts + 1,
-                        lease_until=lease_until, updated_at=now)
-                .returning(deliveries.c.attempts))
-        return conn.execute(stmt).scalar()
+        if tx_statuses is None:
+            return conn.execute(self._claim_any, {"b_id": delivery_id, "b_now": now, "b_lease": lease_until}).scalar()
+        return conn.execute(self._claim_if, {"b_id": delivery_id, "b_now": now, "b_lease": lease_until,
+                                             "b_statuses": list(tx_statuses)}).scalar()
+
+    def _claim_statements(self) -> None:
+        """Built once: building a Core statement per call cost more CPU than executing it."""
+        claim = (update(deliveries).where(deliveries.c.id == _bind("b_id"), deliveries.c.status == "queued")
+                 .values(status="sending", started_at=_bind("b_now"), attempts=deliveries.c.attempts + 1,
+                         lease_until=_bind("b_lease"), updated_at=_bind("b_now"))
+                 .returning(deliveries.c.attempts))
+        still = select(transactions.c.id).where(transactions.c.id == deliveries.c.transaction_id,
+                                                transactions.c.status.in_(bindparam("b_statuses", expanding=True)))
+        self._claim_any = claim
+        self._claim_if = claim.where(self._lock(still, share=True).exists())
 
     def update_deliveries(self, conn: Connection | None, changes: Sequence[Mapping[str, Any]], *,
                           if_status: str | None = None) -> None:
@@ -313,11 +320,13 @@ class Store:
             row = {"updated_at": now, **change}
             shapes.setdefault(tuple(sorted(row)), []).append(row)
         for keys, rows in shapes.items():
-            columns = [k for k in keys if k != "id"]
-            stmt = update(deliveries).where(deliveries.c.id == _bind("b_id")).values(
-                {k: _bind(f"b_{k}") for k in columns})
-            if if_status is not None:
-                stmt = stmt.where(deliveries.c.status == if_status)
+            stmt = self._updates.get((keys, if_status))
+            if stmt is None:  # one statement per shape of change, built once
+                stmt = update(deliveries).where(deliveries.c.id == _bind("b_id")).values(
+                    {k: _bind(f"b_{k}") for k in keys if k != "id"})
+                if if_status is not None:
+                    stmt = stmt.where(deliveries.c.status == if_status)
+                self._updates[(keys, if_status)] = stmt
             conn.execute(stmt, [{f"b_{k}": r[k] for k in keys} for r in rows])
         return None
 
