@@ -60,6 +60,8 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8)")
     parser.add_argument("--tick", type=float, default=1.0, help="REMIND_TICK_SECONDS (default 1)")
+    parser.add_argument("--delivery-batch", type=int, default=None,
+                        help="REMIND_DELIVERY_BATCH for the scheduler (default: the setting's, 20)")
     parser.add_argument("--drain", type=float, default=420.0, help="give up this long after the last registration")
     parser.add_argument("--out", type=Path, default=None, help="keep the processes' logs here")
     h.add_shared_redis_flag(parser)
@@ -87,7 +89,8 @@ def main() -> int:
         from worker.service import Remind
 
         env = h.remind_env(database_url, namespace, workdir, fakes.env(), REMIND_SCHEDULES_DIR=str(schedules),
-                           REMIND_TICK_SECONDS=f"{args.tick:g}", REMIND_WORKER_THREADS=str(args.threads))
+                           REMIND_TICK_SECONDS=f"{args.tick:g}", REMIND_WORKER_THREADS=str(args.threads),
+                           **({"REMIND_DELIVERY_BATCH": str(args.delivery_batch)} if args.delivery_batch else {}))
         remind = Remind.from_settings(h.settings_from_env(env), migrate=True)  # migrations; registers below
         figures["ladder_s"] = max(s.final.after.total_seconds() for s in remind.registry)
         procs["worker"] = h.launch([str(h.BIN / "remind"), "worker", "--processes", str(args.processes),
