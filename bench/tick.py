@@ -404,11 +404,11 @@ class Bench:
 
         for name, key in (("claim_due", "claim (SELECT ... FOR UPDATE SKIP LOCKED)"),
                           ("suppressed", "suppressions lookup"),
-                          ("advance", "advance cursors (UPDATE executemany)"),
-                          ("add_deliveries", "insert deliveries (INSERT ... RETURNING)"),
+                          ("advance", "advance cursors (UPDATE ... FROM unnest)"),
+                          ("add_deliveries", "insert deliveries (INSERT ... SELECT unnest ... RETURNING)"),
                           ("claim_expired", "expired-lease check")):
             wrap(store, name, key)
-        wrap(self.remind, "enqueue", "enqueue to Redis (dramatiq send per id)")
+        wrap(self.remind, "enqueue", "enqueue to Redis (one message per batch of ids)")
         original_begin = store.begin
 
         @contextmanager
@@ -504,7 +504,7 @@ class Bench:
                  f"{-(-self.args.due // self.settings.batch_size) + 1} batches):")
         inside = spent.pop("(inside the transaction)", 0.0)
         sql_inside = sum(v for k, v in spent.items() if k not in ("connect + BEGIN", "commit",
-                                                                    "enqueue to Redis (dramatiq send per id)"))
+                                                                    "enqueue to Redis (one message per batch of ids)"))
         spent["planning in Python (plan_transaction, _schedule_for, choose; residual)"] = inside - sql_inside
         spent["other (loop, result)"] = elapsed - sum(spent.values())
         for key, value in sorted(spent.items(), key=lambda kv: -kv[1]):

@@ -331,13 +331,7 @@ class Store:
         return None
 
     def update_delivery(self, conn: Connection | None, delivery_id: int, **values: Any) -> None:
-        values.setdefault("updated_at", self.clock())
-        stmt = update(deliveries).where(deliveries.c.id == delivery_id).values(**values)
-        if conn is not None:
-            conn.execute(stmt)
-        else:
-            with self.begin() as c:
-                c.execute(stmt)
+        self.update_deliveries(conn, [{"id": delivery_id, **values}])
 
     def get_delivery(self, conn: Connection, delivery_id: int, *, lock: bool = False) -> dict[str, Any] | None:
         """A delivery row; ``lock`` takes its row lock (always before the transaction's, as everywhere)."""
