@@ -164,3 +164,58 @@ def test_a_confirmation_during_the_batch_stops_its_later_reminders(make_harness,
     assert sorted(result.outcomes.values()) == ["sent", "skipped"]
     assert nudge(h, "tx_b")["push"]["reason"] == "not sent: the transaction was confirmed first"
     assert [line["transaction_id"] for line in h.lines()] == ["tx_a"]
+
+
+class RaisesFor:
+    """A sender that breaks (not a provider answer: a bug) for one transaction, and sends the rest."""
+
+    name = "raises"
+
+    def __init__(self, outbox, tx_id: str) -> None:
+        self.inner = OutboxSender(outbox)
+        self.tx_id = tx_id
+
+    def send(self, message):
+        if message.transaction_id == self.tx_id:
+            raise RuntimeError("a bug in the sender")
+        return self.inner.send(message)
+
+
+def test_a_send_that_raises_fails_alone_and_is_not_resent(make_harness, tmp_path):
+    push = RaisesFor(tmp_path / "outbox.jsonl", "tx_b")
+    h = make_harness(start_worker=False, senders={"push": push})
+    for tx_id in ("tx_a", "tx_b", "tx_c"):
+        h.remind.register(transaction(tx_id))
+    ids = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    result = h.remind.deliverer.deliver_many(ids)
+    assert sorted(result.outcomes.values()) == ["failed", "sent", "sent"] and not result.retry
+    broken = nudge(h, "tx_b")
+    assert set(broken) == {"push"}  # the provider may have it: no fallback, no resend
+    assert broken["push"]["reason"] == "outcome unknown: the send raised RuntimeError; not resent"
+    assert sorted(line["transaction_id"] for line in h.lines()) == ["tx_a", "tx_c"]
+
+
+def test_a_delivery_that_cannot_be_prepared_falls_back_without_holding_up_the_batch(make_harness, tmp_path):
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(start_worker=False, senders={"sms": outbox, "email": outbox, "push": outbox})
+    for tx_id in ("tx_a", "tx_b"):
+        h.remind.register(transaction(tx_id))
+    ids = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    templates = h.remind.deliverer.templates
+
+    class Broken:  # odd data for one transaction makes rendering raise (not a TemplateError)
+        def __getattr__(self, name):
+            return getattr(templates(), name)
+
+        def render(self, template, channel, locale, facts):
+            if facts["transaction_id"] == "tx_b":
+                raise ValueError("odd data")
+            return templates().render(template, channel, locale, facts)
+
+    h.remind.deliverer.templates = Broken
+    result = h.remind.deliverer.deliver_many(ids)
+    assert sorted(result.outcomes.values()) == ["failed", "sent"]
+    broken = nudge(h, "tx_b")
+    assert broken["push"]["status"] == "failed"
+    assert broken["push"]["reason"] == "could not be prepared: ValueError; falling back to sms"
+    assert broken["sms"]["status"] == "queued"

@@ -239,17 +239,32 @@ def test_a_fallback_into_a_held_channel_does_not_stall_the_scheduler(make_harnes
     assert {h.remind.show(t)["status"] for t in ("tx_1", "tx_other")} == {"cancelled"}
 
 
-def test_a_reminder_refused_after_the_deadline_does_not_fall_back(make_harness, tmp_path):
-    """Under a backlog a worker can reach a reminder after its transaction's deadline; the provider
-    refuses it, and trying another channel would only send a stale reminder."""
-    push = Refusing(tmp_path / "outbox.jsonl", {"fcm-token-1"}, "INVALID_ARGUMENT")
-    outbox = OutboxSender(tmp_path / "outbox.jsonl")
-    h = make_harness(start_worker=False, senders={"sms": outbox, "email": outbox, "push": push})
+def test_a_reminder_reached_after_the_deadline_is_skipped_not_sent(make_harness, tmp_path):
+    """Under a backlog a worker can reach a reminder after its transaction's deadline: "confirm by"
+    a time already past would only confuse, and the cancellation comes next."""
+    push = Refusing(tmp_path / "outbox.jsonl", set(), "-")
+    h = make_harness(start_worker=False, senders={"sms": push, "email": push, "push": push})
     h.remind.register(transaction())
     [delivery_id] = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
     h.clock.set(T0 + timedelta(hours=24, seconds=1))  # the worker gets to it only now
 
-    assert h.remind.deliver(delivery_id) == "failed"
+    assert h.remind.deliver(delivery_id) == "skipped"
+
+    assert push.calls == []
+    nudge = entries(h, "nudge")
+    assert set(nudge) == {"push"} and nudge["push"]["reason"] == "not sent: the deadline passed first"
+
+
+def test_a_reminder_refused_after_the_deadline_does_not_fall_back(make_harness):
+    """The provider can refuse a reminder for its deadline (Twilio's validity period) while it is in
+    flight; another channel would only carry a stale reminder."""
+    h = make_harness(start_worker=False)
+    h.remind.register(transaction())
+    [delivery_id] = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
+    h.remind.store.update_delivery(None, delivery_id, status="sending")  # claimed, out at the provider
+    h.clock.set(T0 + timedelta(hours=24, seconds=1))
+
+    assert h.remind.outcomes.failed(delivery_id, "not sent: the reminder's deadline has passed") is None
 
     nudge = entries(h, "nudge")
     assert set(nudge) == {"push"}  # no fallback delivery was created

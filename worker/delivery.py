@@ -94,14 +94,14 @@ class _Ready:
     d: dict[str, Any]
     tx: dict[str, Any]
     messages: list[OutgoingMessage]
-    sender: Sender
+    sender: Sender | None
     required: tuple[str, ...] | None  # the transaction statuses it may still go out in
+    failure: str | None = None  # why it cannot go out (recorded once it is claimed)
     attempts: int = 0  # set by the claim
 
 
-def _skip(d: dict[str, Any], tx_status: str) -> dict[str, Any]:
-    return {"id": d["id"], "status": "skipped", "lease_until": None,
-            "reason": f"not sent: the transaction was {tx_status} first"}
+def _skip(d: dict[str, Any], why: str) -> dict[str, Any]:
+    return {"id": d["id"], "status": "skipped", "lease_until": None, "reason": f"not sent: {why}"}
 
 
 @dataclass
@@ -138,11 +138,11 @@ class Deliverer:
         alone, and a worker killed mid-batch leaves only the send in flight as "outcome unknown"; the
         ones it had not reached stay queued, and the lease sends them.
 
-        A delivery no longer queued is a duplicate and left alone. Transient failures are recorded
-        (back to ``queued``) and returned in ``retry`` for the caller to schedule."""
+        Only the worker that claimed a delivery finishes it (sent, failed, retrying): a duplicate
+        message finds it claimed and leaves it alone. Transient failures are recorded (back to
+        ``queued``) and returned in ``retry`` for the caller to schedule."""
         result = BatchResult()
-        failures: list[tuple[int, str, str]] = []
-        ready: list[_Ready] = []
+        items: list[_Ready] = []
         with self.store.begin() as conn:
             rows, txs = self.store.queued_deliveries(conn, ids)
             now = self.store.clock()
@@ -154,55 +154,78 @@ class Deliverer:
                 tx = txs[d["transaction_id"]]
                 required = None if d["template"] == "reminder.failed" else REQUIRED_STATUS[d["kind"]]
                 if required is not None and tx["status"] not in required:
-                    skipped.append(_skip(d, tx["status"]))
+                    skipped.append(_skip(d, f"the transaction was {tx['status']} first"))
                     result.outcomes[d["id"]] = "skipped"
                     continue
-                if self.throttle is not None and not self.throttle(d["channel"]):
-                    # Left queued with its lease: the caller sends it again after the pause.
-                    result.retry[d["id"]] = TransientSendError(f"{d['channel']} rate limit reached",
-                                                               retry_after=0.5 + random.random())
-                    result.outcomes[d["id"]] = "throttled"
+                if d["kind"] == "reminder" and tx["deadline"] <= now:  # the tick is about to settle it
+                    skipped.append(_skip(d, "the deadline passed first"))
+                    result.outcomes[d["id"]] = "skipped"
                     continue
-                sender = self.senders.get(d["channel"])
-                try:
-                    recipients: list[str] = []
-                    if d["channel"] in CONTACT_FIELD:
-                        recipients, why = usable(tx["content"]["customer"], d["channel"], suppressed)
-                    if sender is None:
-                        raise PermanentSendError(f"no sender is configured for channel {d['channel']}")
-                    if d["channel"] in CONTACT_FIELD and not recipients:
-                        raise PermanentSendError(f"not sent: {why}")
-                    messages = build_messages(d, tx, self.templates(), self.opts, now, recipients, facts_cache)
-                except (TemplateError, PermanentSendError) as exc:
-                    reason = exc.reason if isinstance(exc, PermanentSendError) else f"template error: {exc}"
-                    failures.append((d["id"], tx["id"], reason))
-                    continue
-                ready.append(_Ready(d, tx, messages, sender, required))
+                items.append(self._prepare(d, tx, required, suppressed, now, facts_cache))
             self.store.update_deliveries(conn, skipped, if_status="queued")
-        for delivery_id, tx_id, reason in failures:
-            log.error("delivery %s of %s failed: %s", delivery_id, tx_id, reason)
-            self.outcomes.failed(delivery_id, reason)
-            result.outcomes[delivery_id] = "failed"
         with self.store.autocommit() as conn:
-            for item in ready:
+            for item in items:
+                delivery_id = item.d["id"]
+                if item.failure is None and self.throttle is not None and not self.throttle(item.d["channel"]):
+                    # Left queued with its lease: the caller sends it again after the pause.
+                    result.retry[delivery_id] = TransientSendError(f"{item.d['channel']} rate limit reached",
+                                                                   retry_after=0.5 + random.random())
+                    result.outcomes[delivery_id] = "throttled"
+                    continue
                 now = self.store.clock()
-                attempts = self.store.claim_delivery(conn, item.d["id"], item.required, now, now + self.opts.lease)
+                attempts = self.store.claim_delivery(conn, delivery_id, item.required, now, now + self.opts.lease)
                 if attempts is None:
-                    result.outcomes[item.d["id"]] = self._not_claimed(item)
+                    result.outcomes[delivery_id] = self._not_claimed(item)
                     continue
                 item.attempts = attempts
-                outcome, record = self._send(item, result)
-                result.outcomes[item.d["id"]] = outcome
+                if item.failure is not None:
+                    log.error("delivery %s of %s failed: %s", delivery_id, item.tx["id"], item.failure)
+                    self.outcomes.failed(delivery_id, item.failure)
+                    result.outcomes[delivery_id] = "failed"
+                    continue
+                try:
+                    outcome, record = self._send(item, result)
+                except Exception as exc:  # noqa: BLE001 - one broken send must not sink the batch
+                    log.exception("%s %s %s: the send raised", item.d["transaction_id"], item.d["step"],
+                                  item.d["channel"])
+                    outcome, record = "failed", {
+                        "id": delivery_id, "status": "failed", "lease_until": None,
+                        "reason": f"outcome unknown: the send raised {type(exc).__name__}; not resent"}
+                result.outcomes[delivery_id] = outcome
                 if record is not None:
                     self.store.update_deliveries(conn, [record])
         return result
+
+    def _prepare(self, d: dict[str, Any], tx: dict[str, Any], required: tuple[str, ...] | None,
+                 suppressed: set[tuple[str, str]], now: datetime,
+                 facts_cache: dict[tuple[str, str], dict[str, Any]]) -> _Ready:
+        """Render one delivery, or say why it cannot go out (a failure, recorded once it is claimed)."""
+        sender = self.senders.get(d["channel"])
+        try:
+            recipients: list[str] = []
+            if d["channel"] in CONTACT_FIELD:
+                recipients, why = usable(tx["content"]["customer"], d["channel"], suppressed)
+            if sender is None:
+                raise PermanentSendError(f"no sender is configured for channel {d['channel']}")
+            if d["channel"] in CONTACT_FIELD and not recipients:
+                raise PermanentSendError(f"not sent: {why}")
+            messages = build_messages(d, tx, self.templates(), self.opts, now, recipients, facts_cache)
+        except PermanentSendError as exc:
+            return _Ready(d, tx, [], sender, required, failure=exc.reason)
+        except TemplateError as exc:
+            return _Ready(d, tx, [], sender, required, failure=f"template error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a bug or odd data here fails this delivery, not the batch
+            log.exception("%s %s %s: could not be prepared", d["transaction_id"], d["step"], d["channel"])
+            return _Ready(d, tx, [], sender, required, failure=f"could not be prepared: {type(exc).__name__}")
+        return _Ready(d, tx, messages, sender, required)
 
     def _not_claimed(self, item: _Ready) -> str:
         """Between the batch's read and the claim, another worker took the delivery (a duplicate
         message), or its transaction moved on (confirmed, say): then it is skipped, as it would be alone."""
         tx = self.store.get_transaction(item.tx["id"])
         if item.required is not None and tx is not None and tx["status"] not in item.required:
-            self.store.update_deliveries(None, [_skip(item.d, tx["status"])], if_status="queued")
+            self.store.update_deliveries(None, [_skip(item.d, f"the transaction was {tx['status']} first")],
+                                         if_status="queued")
             return "skipped"
         return "duplicate"
 

@@ -45,10 +45,14 @@ class Outcomes:
         new_ids: list[int] = []
         alt: str | None = None
         with self.store.begin() as conn:
-            d = self.store.get_delivery(conn, delivery_id, lock=True)  # delivery, then transaction: one order
+            # Transaction, then delivery: the order every lock is taken in (the worker's claim too).
+            found = self.store.get_delivery(conn, delivery_id)
+            if found is None:
+                return None
+            tx = self.store.lock_transaction(conn, found["transaction_id"])
+            d = self.store.get_delivery(conn, delivery_id, lock=True)
             if d is None or d["status"] in ("failed", "skipped"):
                 return None  # a duplicate report (a replayed bounce) changes nothing
-            tx = self.store.lock_transaction(conn, d["transaction_id"])
             customer = tx["content"]["customer"]
             now = self.store.clock()
             if code in OPT_OUT_CODES and OPT_OUT_CODES[code][0] == d["channel"]:

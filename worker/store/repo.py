@@ -4,7 +4,10 @@ Concurrency rules, in one place:
 - claims use ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so two schedulers take disjoint rows;
   on SQLite every transaction is ``BEGIN IMMEDIATE`` (see db.py): writers take turns.
 - a status change (confirm, cancel, escalate) happens under the transaction row's lock, and the
-  time it records is read after that lock is held, so timestamps follow the real order.
+  time it records is read after that lock is held, so timestamps follow the real order;
+- where both are locked, the transaction row is locked before the delivery row (the worker's
+  one-statement claim share-locks the transaction in its EXISTS, then updates the delivery), so
+  two of them never wait on each other in a cycle.
 """
 
 from __future__ import annotations
@@ -334,7 +337,7 @@ class Store:
         self.update_deliveries(conn, [{"id": delivery_id, **values}])
 
     def get_delivery(self, conn: Connection, delivery_id: int, *, lock: bool = False) -> dict[str, Any] | None:
-        """A delivery row; ``lock`` takes its row lock (always before the transaction's, as everywhere)."""
+        """A delivery row; ``lock`` takes its row lock (after the transaction's, as everywhere)."""
         stmt = select(deliveries).where(deliveries.c.id == delivery_id)
         row = conn.execute(self._lock(stmt) if lock else stmt).mappings().first()
         return dict(row) if row else None
@@ -424,8 +427,6 @@ class Store:
 
 
 def _bind(name: str):
-    from sqlalchemy import bindparam
-
     return bindparam(name)
 
 

@@ -88,6 +88,7 @@ class SecurityHeaders:
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
+                message.setdefault("headers", [])  # ASGI lets an app leave them out
                 headers = MutableHeaders(scope=message)
                 for key, value in SECURITY_HEADERS.items():
                     if key not in headers:
