@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
+
+import requests
 
 
 def retry_after(value: str | None) -> float | None:
@@ -69,10 +72,6 @@ def read_environment_once(session: Any, url: str) -> None:
     requests reads them again on every request (``trust_env``): scanning ``os.environ`` and the proxy
     tables cost about a tenth of a millisecond per send, a tenth of a delivery's CPU. ``HTTPS_PROXY``,
     ``NO_PROXY`` and ``REQUESTS_CA_BUNDLE`` still apply; a change to them needs a restart."""
-    import os
-
-    import requests
-
     session.proxies.update(requests.utils.get_environ_proxies(url))
     bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
     if bundle and session.verify is True:

@@ -198,8 +198,9 @@ class Store:
                 "next": [c.next_due_at for c in plain], "versions": [c.schedule_version for c in plain]})
         elif plain:
             conn.execute(
-                update(transactions).where(transactions.c.id == _bind("b_id")).values(
-                    handled_until=_bind("b_handled"), next_due_at=_bind("b_next"), schedule_version=_bind("b_ver")),
+                update(transactions).where(transactions.c.id == bindparam("b_id")).values(
+                    handled_until=bindparam("b_handled"), next_due_at=bindparam("b_next"),
+                    schedule_version=bindparam("b_ver")),
                 [{"b_id": c.id, "b_handled": c.handled_until, "b_next": c.next_due_at,
                   "b_ver": c.schedule_version} for c in plain],
             )
@@ -299,9 +300,9 @@ class Store:
 
     def _claim_statements(self) -> None:
         """Built once: building a Core statement per call cost more CPU than executing it."""
-        claim = (update(deliveries).where(deliveries.c.id == _bind("b_id"), deliveries.c.status == "queued")
-                 .values(status="sending", started_at=_bind("b_now"), attempts=deliveries.c.attempts + 1,
-                         lease_until=_bind("b_lease"), updated_at=_bind("b_now"))
+        claim = (update(deliveries).where(deliveries.c.id == bindparam("b_id"), deliveries.c.status == "queued")
+                 .values(status="sending", started_at=bindparam("b_now"), attempts=deliveries.c.attempts + 1,
+                         lease_until=bindparam("b_lease"), updated_at=bindparam("b_now"))
                  .returning(deliveries.c.attempts))
         still = select(transactions.c.id).where(transactions.c.id == deliveries.c.transaction_id,
                                                 transactions.c.status.in_(bindparam("b_statuses", expanding=True)))
@@ -325,8 +326,8 @@ class Store:
         for keys, rows in shapes.items():
             stmt = self._updates.get((keys, if_status))
             if stmt is None:  # one statement per shape of change, built once
-                stmt = update(deliveries).where(deliveries.c.id == _bind("b_id")).values(
-                    {k: _bind(f"b_{k}") for k in keys if k != "id"})
+                stmt = update(deliveries).where(deliveries.c.id == bindparam("b_id")).values(
+                    {k: bindparam(f"b_{k}") for k in keys if k != "id"})
                 if if_status is not None:
                     stmt = stmt.where(deliveries.c.status == if_status)
                 self._updates[(keys, if_status)] = stmt
@@ -424,10 +425,6 @@ class Store:
                 deliveries.c.transaction_id.in_(ids),
                 or_(deliveries.c.status == "queued", deliveries.c.status == "sending"))).scalars().all()
         return sorted(set(busy_tx) | set(busy_dl))
-
-
-def _bind(name: str):
-    return bindparam(name)
 
 
 __all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "NewDelivery", "metrics_snapshot",
