@@ -189,3 +189,34 @@ def test_the_link_of_a_cancelled_transaction_says_it_was_cancelled(client, remin
     page = client.post(reminded)
     assert page.status_code == 409 and "cancelled" in page.text
     assert remind.show("tx_link")["status"] == "cancelled"
+
+
+def test_the_link_flow_follows_the_injected_clock_a_year_ahead(tmp_path):
+    """The pages read the service's clock, never the wall clock: a year from today the flow still works,
+    and the link dies at the deadline of that clock, not of today's."""
+    from datetime import UTC, datetime
+
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=365)
+    clock = Clock(start)
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'year.db'}", api_tokens="new-token")
+    remind = Remind.from_settings(settings, clock=clock)
+    with TestClient(create_app(remind)) as c:
+        assert post_tx(c, transaction("tx_year", created_at=start.isoformat(),
+                                      customer={"locale": "en"})).status_code == 201
+        deadline = datetime.fromisoformat(remind.show("tx_year")["deadline"])
+        path = "/c/" + make_token("test-secret", "tx_year", deadline)
+        clock.set(start + timedelta(minutes=16))
+        assert c.get(path).status_code == 200  # a year ahead of the wall clock, the link is alive
+        clock.set(deadline)
+        assert c.get(path).status_code == 410  # and it dies at the injected deadline
+        clock.set(deadline - timedelta(seconds=1))
+        done = c.post(path)
+        assert done.status_code == 200 and "Transfer confirmed" in done.text
+    assert remind.show("tx_year")["status"] == "confirmed"
+
+
+def test_scheduler_lag_is_measured_on_the_service_clock(remind, client):
+    post_tx(client, transaction("tx_lag"))  # its first step (the nudge) is due at T0 + 15 min
+    remind.store.clock.set(T0 + timedelta(hours=1))
+    metrics = client.get("/metrics").text
+    assert "remind_scheduler_lag_seconds 2700.0" in metrics

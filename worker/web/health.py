@@ -22,7 +22,7 @@ class StoreCollector:
         self.remind = remind
 
     def collect(self):
-        now = datetime.now(UTC)
+        now = self.remind.store.clock()
         snap = metrics_snapshot(self.remind.store, now)
         tx = GaugeMetricFamily("remind_transactions", "Transactions by status", labels=["status"])
         for status in ("pending", "confirmed", "cancelled", "escalated"):

@@ -3,7 +3,7 @@ scanners and link previews fetch GET links and must never confirm a payment."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -80,7 +80,7 @@ def router(remind: Remind) -> APIRouter:
     def load(token: str, request: Request):
         lang = "zh-CN" if request.headers.get("accept-language", "").lower().startswith("zh") else "en"
         try:
-            tx_id = read_token(remind.settings.secret_key, token)
+            tx_id = read_token(remind.settings.secret_key, token, now=remind.store.clock())
             view = remind.show(tx_id)
         except InvalidToken as exc:
             key = "expired" if exc.expired else "invalid"
@@ -90,8 +90,7 @@ def router(remind: Remind) -> APIRouter:
         return view, None
 
     def facts(view: dict) -> dict:
-        now = datetime.now(UTC)
-        return facts_for(view, now=now, deadline=datetime.fromisoformat(view["deadline"]), confirm_url="",
+        return facts_for(view, now=remind.store.clock(), deadline=datetime.fromisoformat(view["deadline"]), confirm_url="",
                          restart_url="", step="page")
 
     def settled_page(view: dict, t: dict[str, str]) -> HTMLResponse:
