@@ -90,8 +90,8 @@ def router(remind: Remind) -> APIRouter:
         return view, None
 
     def facts(view: dict) -> dict:
-        return facts_for(view, now=remind.store.clock(), deadline=datetime.fromisoformat(view["deadline"]), confirm_url="",
-                         restart_url="", step="page")
+        return facts_for(view, now=remind.store.clock(), deadline=datetime.fromisoformat(view["deadline"]),
+                         confirm_url="", restart_url="", step="page")
 
     def settled_page(view: dict, t: dict[str, str]) -> HTMLResponse:
         status = view["status"]
