@@ -58,10 +58,14 @@ class SendError(RemindError):
     #: True when trying again later may succeed (timeouts, 5xx, rate limits).
     transient: bool = False
 
-    def __init__(self, reason: str, *, retry_after: float | None = None, code: str | None = None) -> None:
+    def __init__(self, reason: str, *, retry_after: float | None = None, code: str | None = None,
+                 throttled: bool = False) -> None:
         self.reason = reason
         self.retry_after = retry_after
         self.code = code
+        #: The provider said "too many requests" (HTTP 429, Twilio 20429): the message was not looked at,
+        #: so waiting and trying again does not use up one of the delivery's attempts.
+        self.throttled = throttled
         super().__init__(reason)
 
 
