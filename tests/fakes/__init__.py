@@ -19,13 +19,18 @@ Every fake has:
   it, the client never hears), and ``"disconnect"``, which closes the connection at once).
 - ``fail_rate(p_5xx, p_timeout, seed=0)``: after the planned failures, fail each valid request at random
   with the fake's 5xx kind or ``"timeout"``; ``fail_rate(0, 0)`` turns it off.
-- ``reset()``: forget messages, counters, plans and rates.
+- ``reset()``: forget messages, counters (``in_flight`` and ``max_in_flight`` too), plans and rates.
+- ``latency=(lo, hi)`` (a keyword of every fake, or the ``latency`` attribute): each valid send request waits
+  ``uniform(lo, hi)`` seconds before it is answered (accepted or failed), as a provider's API takes ~100-300 ms;
+  default ``(0, 0)``, no wait. ``in_flight``: the requests being handled at the send endpoint now;
+  ``max_in_flight``: the most at once since the start or the last ``reset()``.
 
 Invalid requests are always refused with the provider's error, and never use up a planned failure.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import socket
@@ -71,7 +76,7 @@ class FakeResponse:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 128
+    request_queue_size = 1024  # the listen backlog: hundreds of clients may connect at once
     fake: FakeServer
 
 
@@ -92,7 +97,12 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length > 0 else b""
         path, _, query = self.path.partition("?")
-        answer = fake._dispatch(FakeRequest(self.command, path, query, self.headers, body))
+        try:
+            self._answer(fake, fake._dispatch(FakeRequest(self.command, path, query, self.headers, body)))
+        finally:
+            fake._request_done()
+
+    def _answer(self, fake: FakeServer, answer: FakeResponse | object) -> None:
         if answer is HANG:
             fake._stopping.wait(fake.hang_seconds)
             self.close_connection = True
@@ -119,8 +129,28 @@ class FakeServer:
     #: The kind ``fail_rate`` uses for its 5xx share.
     SERVER_ERROR_KIND: ClassVar[str] = "500"
 
-    def __init__(self, *, hang_seconds: float = 5.0) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every provider fake takes ``latency=(lo, hi)`` as a keyword, whatever its own ``__init__`` takes."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, latency: tuple[float, float] | None = None, **kw: Any) -> None:
+            init(self, *args, **kw)
+            if latency is not None:
+                self.latency = latency
+
+        cls.__init__ = __init__
+
+    def __init__(self, *, hang_seconds: float = 5.0, latency: tuple[float, float] = (0.0, 0.0)) -> None:
         self.hang_seconds = hang_seconds
+        self.latency = latency
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._local = threading.local()
+        self._latency_rng = random.Random()
         self.messages: list[Any] = []
         self.rejected: list[tuple[int, str]] = []
         self.errors: list[str] = []
@@ -158,6 +188,17 @@ class FakeServer:
         self.stop()
 
     @property
+    def latency(self) -> tuple[float, float]:
+        return self._latency
+
+    @latency.setter
+    def latency(self, value: tuple[float, float] | float) -> None:
+        lo, hi = (value, value) if isinstance(value, int | float) else value
+        if not 0 <= lo <= hi:
+            raise ValueError(f"latency must be (lo, hi) seconds with 0 <= lo <= hi, not {value!r}")
+        self._latency = (float(lo), float(hi))
+
+    @property
     def port(self) -> int:
         if self._httpd is None:
             raise RuntimeError(f"{type(self).__name__} is not started")
@@ -191,14 +232,35 @@ class FakeServer:
             self.rejected.clear()
             self.errors.clear()
             self.requests = 0
+            self.in_flight = 0
+            self.max_in_flight = 0
             self._plan.clear()
             self._rate = None
 
     # for the subclasses
 
     def _count_request(self) -> None:
+        """Called once a request reached the send endpoint: counted, and in flight until it is answered."""
         with self._lock:
             self.requests += 1
+            if not getattr(self._local, "in_flight", False):
+                self._local.in_flight = True
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _request_done(self) -> None:
+        """The handler has answered (or dropped) its request."""
+        if getattr(self._local, "in_flight", False):
+            self._local.in_flight = False
+            with self._lock:
+                self.in_flight = max(0, self.in_flight - 1)
+
+    def _wait_latency(self) -> None:
+        lo, hi = self._latency
+        if hi > 0:
+            with self._lock:
+                delay = self._latency_rng.uniform(lo, hi)
+            self._stopping.wait(delay)
 
     def _record(self, message: Any) -> None:
         with self._lock:
@@ -223,7 +285,9 @@ class FakeServer:
         return None
 
     def _injected(self, context: dict[str, Any]) -> FakeResponse | object | None:
-        """The planned or random failure for this (valid) request, if any."""
+        """The planned or random failure for this (valid) request, if any; every fake calls it once a send
+        request is found valid, so the latency is spent here, before the request is accepted or failed."""
+        self._wait_latency()
         failure = self._draw_failure()
         if failure is None:
             return None
