@@ -138,13 +138,62 @@ def drop_namespace(namespace: str) -> int:
 
 # -- the provider fakes ---------------------------------------------------------------------------------
 
+#: What the benchmarks that model the providers default to: each send answered after uniform(100, 300) ms.
+PROVIDER_LATENCY = "0.1-0.3"
+
+
+def parse_latency(value: str) -> tuple[float, float]:
+    """``0``, ``0.2`` or ``0.1-0.3`` (seconds) -> (lo, hi)."""
+    import argparse
+
+    lo, sep, hi = str(value).strip().partition("-")
+    try:
+        pair = (float(lo), float(hi) if sep else float(lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"latency {value!r}: seconds, or lo-hi seconds (e.g. 0.1-0.3)") from None
+    if not 0 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"latency {value!r}: need 0 <= lo <= hi")
+    return pair
+
+
+def format_latency(pair: tuple[float, float]) -> str:
+    return f"{pair[0]:g}" if pair[0] == pair[1] else f"{pair[0]:g}-{pair[1]:g}"
+
+
+def add_provider_flags(parser, *, latency: bool = True) -> None:
+    """The flags of the benchmarks that model the providers: their latency, and the worker's send limits
+    (REMIND_SEND_CONCURRENCY, REMIND_INFLIGHT_SMS / _EMAIL / _PUSH), passed to every `remind` process."""
+    if latency:
+        parser.add_argument("--latency", type=parse_latency, default=parse_latency(PROVIDER_LATENCY),
+                            help=f"each provider fake answers a valid send after this many seconds: 0, 0.2, or "
+                                 f"lo-hi for uniform (default {PROVIDER_LATENCY})")
+    parser.add_argument("--send-concurrency", type=int, default=128,
+                        help="REMIND_SEND_CONCURRENCY: sends in flight per worker process (default 128)")
+    for channel, provider in (("sms", "Twilio"), ("email", "SendGrid"), ("push", "FCM")):
+        parser.add_argument(f"--inflight-{channel}", type=int, default=100,
+                            help=f"REMIND_INFLIGHT_{channel.upper()}: most requests in flight to {provider}, shared "
+                                 f"by all worker processes through Redis (default 100)")
+
+
+def provider_settings(args) -> dict[str, str]:
+    """The environment for `remind` processes from add_provider_flags' flags."""
+    return {"REMIND_SEND_CONCURRENCY": str(args.send_concurrency), "REMIND_INFLIGHT_SMS": str(args.inflight_sms),
+            "REMIND_INFLIGHT_EMAIL": str(args.inflight_email), "REMIND_INFLIGHT_PUSH": str(args.inflight_push)}
+
+
+#: The worker setting that limits requests in flight to each fake.
+LIMIT_FLAG = {"twilio": "inflight_sms", "sendgrid": "inflight_email", "fcm": "inflight_push"}
+
+
 class Fakes:
-    """Twilio, SendGrid and FCM fakes, each in a process of its own (see _fakes_server.py)."""
+    """Twilio, SendGrid and FCM fakes, each in a process of its own (see _fakes_server.py), answering each
+    valid send after ``latency`` seconds (``(lo, hi)``: uniform; default at once)."""
 
     NAMES = ("twilio", "sendgrid", "fcm")
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, latency: tuple[float, float] = (0.0, 0.0)) -> None:
         self.workdir = workdir
+        self.latency = latency
         self.procs: dict[str, subprocess.Popen] = {}
         self.info: dict[str, dict] = {}
         self.summary: dict[str, dict] = {}
@@ -152,7 +201,8 @@ class Fakes:
     def start(self) -> Fakes:
         for name in self.NAMES:
             proc = subprocess.Popen([str(PYTHON), str(ROOT / "bench" / "_fakes_server.py"), "--only", name,
-                                     "--dir", str(self.workdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     "--dir", str(self.workdir), "--latency", format_latency(self.latency)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     text=True, cwd=ROOT)
             self.procs[name] = proc
         for name, proc in self.procs.items():
@@ -190,6 +240,10 @@ class Fakes:
                     self.summary[name] = json.loads(lines[-1]).get(name, {})
         self.procs.clear()
         return self.summary
+
+    def max_in_flight(self) -> dict[str, int]:
+        """The most send requests each fake held at once (from the summaries: after stop())."""
+        return {name: int(s.get("max_in_flight", 0)) for name, s in self.summary.items()}
 
     def problems(self) -> list[str]:
         """Refused requests or bugs in a fake: a benchmark run with these is not a clean run."""

@@ -34,6 +34,7 @@ import functools
 import json
 import random
 import socket
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -78,6 +79,11 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024  # the listen backlog: hundreds of clients may connect at once
     fake: FakeServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client that went away (a stopped worker): no news
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
