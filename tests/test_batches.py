@@ -3,6 +3,7 @@ delivery in it ends exactly as it would alone, and a duplicate batch sends nothi
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -10,6 +11,7 @@ from support import T0, transaction
 
 from worker.broker import chunks
 from worker.errors import PermanentSendError, TransientSendError
+from worker.inflight import SendPool
 from worker.senders import OutboxSender
 
 
@@ -106,36 +108,53 @@ class Dies(BaseException):
     """The worker process dying in the middle of a provider call (SIGKILL cannot be caught; this can)."""
 
 
-class DiesOnSecondSend:
-    name = "dies"
+class HangsUntilKilled:
+    """A provider that takes every request and never answers, until the test "kills" the worker."""
 
-    def __init__(self, outbox) -> None:
-        self.inner = OutboxSender(outbox)
-        self.calls = 0
+    name = "hangs"
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.killed = threading.Event()
 
     def send(self, message):
-        self.calls += 1
-        if self.calls == 2:
-            raise Dies()
-        return self.inner.send(message)
+        self.entered.release()
+        self.killed.wait(30)
+        raise Dies()
 
 
-def test_a_worker_dying_mid_batch_leaves_the_rest_queued_for_the_lease(make_harness, tmp_path):
-    push = DiesOnSecondSend(tmp_path / "outbox.jsonl")
-    h = make_harness(start_worker=False, senders={"push": push}, lease_seconds=30)
-    for tx_id in ("tx_a", "tx_b", "tx_c"):
-        h.remind.register(transaction(tx_id))
+def test_a_worker_killed_with_sends_in_flight_loses_exactly_those_and_the_lease_sends_the_rest(
+        make_harness, tmp_path):
+    hangs = HangsUntilKilled()
+    h = make_harness(start_worker=False, senders={"push": hangs}, lease_seconds=30)
+    for i in range(10):
+        h.remind.register(transaction(f"tx_{i}"))
     ids = h.remind.tick(T0 + timedelta(minutes=16)).enqueued
-    with pytest.raises(Dies):
-        h.remind.deliverer.deliver_many(ids)
-    status = {t: nudge(h, t)["push"]["status"] for t in ("tx_a", "tx_b", "tx_c")}
-    assert status == {"tx_a": "sent", "tx_b": "sending", "tx_c": "queued"}
+    assert len(ids) == 10
+    h.remind.deliverer.pool = SendPool(4)  # room for 4 sends in flight in this process
+    dying = threading.Thread(target=lambda: pytest.raises(Dies, h.remind.deliverer.deliver_many, ids), daemon=True)
+    dying.start()
+    try:
+        for _ in range(4):
+            assert hangs.entered.acquire(timeout=10)
+        assert not hangs.entered.acquire(timeout=0.3)  # the pool holds the others back
+        status = [nudge(h, f"tx_{i}")["push"]["status"] for i in range(10)]
+        assert sorted(status) == ["queued"] * 6 + ["sending"] * 4  # the worker dies here
 
-    result = h.remind.tick(T0 + timedelta(minutes=17))  # the lease ran out
-    assert result.lost_in_send == 1 and result.recovered == 1
-    assert "outcome unknown" in nudge(h, "tx_b")["push"]["reason"]  # never resent: it may have gone out
-    assert h.remind.deliverer.deliver_many(result.enqueued).outcomes == {nudge(h, "tx_c")["push"]["id"]: "sent"}
-    assert sorted(line["transaction_id"] for line in h.lines()) == ["tx_a", "tx_c"]
+        result = h.remind.tick(T0 + timedelta(minutes=17))  # the lease ran out
+        assert result.lost_in_send == 4 and result.recovered == 6
+        h.remind.senders["push"] = h.remind.deliverer.senders["push"] = OutboxSender(tmp_path / "outbox.jsonl")
+        h.remind.deliverer.pool = SendPool(8)  # the worker that picks up the re-enqueued messages
+        assert set(h.remind.deliverer.deliver_many(result.enqueued).outcomes.values()) == {"sent"}
+    finally:
+        hangs.killed.set()
+        dying.join(10)
+    pushes = [nudge(h, f"tx_{i}")["push"] for i in range(10)]
+    lost = [p for p in pushes if p["status"] == "failed"]
+    assert len(lost) == 4 and all("outcome unknown" in p["reason"] for p in lost)  # never resent
+    assert sorted(line["transaction_id"] for line in h.lines()) == sorted(
+        p["transaction_id"] for p in pushes if p["status"] == "sent")
+    assert len(h.lines()) == 6
 
 
 class ConfirmsMidBatch:
@@ -157,6 +176,7 @@ def test_a_confirmation_during_the_batch_stops_its_later_reminders(make_harness,
     box = {}
     push = ConfirmsMidBatch(tmp_path / "outbox.jsonl", lambda tx_id: box["h"].remind.confirm(tx_id))
     h = box["h"] = make_harness(start_worker=False, senders={"push": push})
+    h.remind.deliverer.pool = SendPool(1)  # tx_b's reminder waits for room while tx_a's is out
     for tx_id in ("tx_a", "tx_b"):
         h.remind.register(transaction(tx_id))
     ids = h.remind.tick(T0 + timedelta(minutes=16)).enqueued

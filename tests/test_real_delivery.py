@@ -51,7 +51,19 @@ def test_transient_provider_errors_are_retried_then_succeed(providers, twilio_fa
     h.remind.register(transaction())
     h.at(minutes=125).tick()  # reminder: SMS + push
     sms = timeline(h, "reminder")["sms"]
-    assert sms["status"] == "sent" and sms["attempts"] == 3 and len(twilio_fake.messages) == 1
+    # three requests; the 429 (Twilio did not look at the message) used none of the delivery's attempts
+    assert sms["status"] == "sent" and sms["attempts"] == 2 and len(twilio_fake.messages) == 1
+    assert twilio_fake.requests == 3
+
+
+def test_a_throttled_delivery_never_runs_out_of_attempts(providers, twilio_fake):
+    h = providers(max_attempts=2)
+    twilio_fake.fail_next(4, "20429")  # more 429s in a row than the delivery has attempts
+    h.remind.register(transaction())
+    h.at(minutes=125).tick()
+    sms = timeline(h, "reminder")["sms"]
+    assert sms["status"] == "sent" and sms["attempts"] == 1 and len(twilio_fake.messages) == 1
+    assert twilio_fake.requests == 5
 
 
 def test_a_timeout_is_transient_and_bounded(providers, fcm_fake):

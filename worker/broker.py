@@ -19,6 +19,7 @@ from dramatiq.middleware import Retries
 from dramatiq.rate_limits import WindowRateLimiter
 
 from .errors import TransientSendError
+from .inflight import RedisSlots
 from .service import Remind
 from .settings import Settings, parse_rate
 
@@ -75,6 +76,17 @@ def make_throttle(settings: Settings) -> Callable[[str], bool] | None:
     return throttle
 
 
+def make_slots(settings: Settings) -> RedisSlots:
+    """The providers' in-flight limits, shared through Redis by every worker process on every machine.
+    A slot outlives any send (three provider timeouts: a push to several devices), so the slots of a
+    killed worker come back by themselves."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    return RedisSlots(client, settings.redis_namespace, settings.inflight_limits,
+                      lease=3 * settings.provider_timeout + 5)
+
+
 @dataclass
 class Actors:
     broker: Broker
@@ -102,21 +114,29 @@ def bind(remind: Remind, broker: Broker) -> Actors:
     the batch); a retry travels alone (``remind.deliver``), with dramatiq's backoff."""
     queue = remind.settings.queue_name
     remind.deliverer.throttle = make_throttle(remind.settings)
+    if remind.settings.redis_url:
+        remind.deliverer.slots = make_slots(remind.settings)
+
+    def again_later(delivery_id: int, exc: TransientSendError) -> None:
+        """A fresh message: a throttled delivery (and a batch member's retry) starts with none of
+        dramatiq's retries used. Recorded already: if this send is lost, the lease sends it."""
+        deliver_actor.send_with_options(args=(delivery_id,), delay=_delay_ms(exc) or _first_backoff_ms())
 
     def deliver(delivery_id: int) -> None:
-        try:
-            remind.deliver(delivery_id)
-        except TransientSendError as exc:
-            raise dramatiq.Retry(exc.reason, delay=_delay_ms(exc)) from None
+        result = remind.deliverer.deliver_many([delivery_id])
+        if delivery_id in result.throttled:
+            again_later(delivery_id, result.throttled[delivery_id])
+        elif delivery_id in result.retry:
+            exc = result.retry[delivery_id]
+            raise dramatiq.Retry(exc.reason, delay=_delay_ms(exc))
 
     deliver_actor = dramatiq.Actor(deliver, broker=broker, actor_name="remind.deliver", queue_name=queue,
                                    priority=0, options={})
 
     def deliver_batch(delivery_ids: list[int]) -> None:
         result = remind.deliverer.deliver_many(delivery_ids)
-        # Recorded already; a crash before these are sent leaves the rows queued, and the lease resends.
-        for delivery_id, exc in result.retry.items():
-            deliver_actor.send_with_options(args=(delivery_id,), delay=_delay_ms(exc) or _first_backoff_ms())
+        for delivery_id, exc in {**result.retry, **result.throttled}.items():
+            again_later(delivery_id, exc)
 
     batch_actor = dramatiq.Actor(deliver_batch, broker=broker, actor_name="remind.deliver_batch",
                                  queue_name=queue, priority=0, options={})

@@ -16,6 +16,7 @@ from jinja2 import TemplateError
 
 from .contacts import CONTACT_FIELD, all_pairs, usable
 from .errors import PermanentSendError, SendError, TransientSendError
+from .inflight import ProviderSlots, SendPool, Unlimited
 from .links import confirm_url
 from .masking import mask_recipient
 from .outcomes import Outcomes
@@ -106,20 +107,28 @@ def _skip(d: dict[str, Any], why: str) -> dict[str, Any]:
 
 @dataclass
 class BatchResult:
-    """What a batch did: an outcome per delivery id, and the ones to try again (with their error)."""
+    """What a batch did: an outcome per delivery id, and the ones to send again (with their error)."""
 
     outcomes: dict[int, str] = field(default_factory=dict)
     retry: dict[int, TransientSendError] = field(default_factory=dict)
+    #: Held back by a provider's limit (ours or its 429): sent again after a pause, no attempt used.
+    throttled: dict[int, TransientSendError] = field(default_factory=dict)
 
 
 class Deliverer:
     def __init__(self, store: Store, templates: Callable[[], Templates], senders: Mapping[str, Sender],
-                 opts: DeliveryOptions, outcomes: Outcomes) -> None:
+                 opts: DeliveryOptions, outcomes: Outcomes, *, pool: SendPool | None = None,
+                 slots: ProviderSlots | None = None, slot_wait: float = 5.0) -> None:
         self.store = store
         self.templates = templates
         self.senders = senders
         self.opts = opts
         self.outcomes = outcomes
+        #: Sends a batch's deliveries at once; slots: the providers' in-flight limits (see inflight.py).
+        self.pool = pool or SendPool(1)
+        self.slots: ProviderSlots = slots or Unlimited()
+        #: How long a send waits for room at its provider before it is handed back as throttled.
+        self.slot_wait = slot_wait
         #: Set by the broker wiring: throttle(channel) -> False when the provider's rate limit is reached.
         self.throttle: Callable[[str], bool] | None = None
 
@@ -127,20 +136,23 @@ class Deliverer:
         """Send one delivery; returns the outcome. Raises TransientSendError after recording it,
         so the caller (the actor) retries with backoff."""
         result = self.deliver_many([delivery_id])
-        if delivery_id in result.retry:
-            raise result.retry[delivery_id]
+        again = result.retry.get(delivery_id) or result.throttled.get(delivery_id)
+        if again is not None:
+            raise again
         return result.outcomes.get(delivery_id, "duplicate")
 
     def deliver_many(self, ids: Sequence[int]) -> BatchResult:
-        """Send a batch. One read decides and renders every delivery of the batch; then, one by one,
-        each is claimed (queued -> sending, re-checking its transaction under a share lock), sent, and
-        its result written as the provider answers. So each delivery is decided exactly as if it came
-        alone, and a worker killed mid-batch leaves only the send in flight as "outcome unknown"; the
-        ones it had not reached stay queued, and the lease sends them.
+        """Send a batch. One read decides and renders every delivery of the batch; then the pool sends
+        them all at once, each on its own: wait for room at its provider, claim (queued -> sending,
+        re-checking its transaction under a share lock), send, and write its result as the provider
+        answers. So each delivery is decided exactly as if it came alone, no database connection is
+        held while a provider call is in flight, and a worker killed mid-batch leaves only the sends
+        in flight as "outcome unknown"; the ones not yet claimed stay queued, and the lease sends them.
 
         Only the worker that claimed a delivery finishes it (sent, failed, retrying): a duplicate
         message finds it claimed and leaves it alone. Transient failures are recorded (back to
-        ``queued``) and returned in ``retry`` for the caller to schedule."""
+        ``queued``) and returned in ``retry``; deliveries the providers' limits held back are returned
+        in ``throttled``, with none of their attempts used. The caller schedules both."""
         result = BatchResult()
         items: list[_Ready] = []
         with self.store.begin() as conn:
@@ -163,38 +175,62 @@ class Deliverer:
                     continue
                 items.append(self._prepare(d, tx, required, suppressed, now, facts_cache))
             self.store.update_deliveries(conn, skipped, if_status="queued")
-        with self.store.autocommit() as conn:
-            for item in items:
-                delivery_id = item.d["id"]
-                if item.failure is None and self.throttle is not None and not self.throttle(item.d["channel"]):
-                    # Left queued with its lease: the caller sends it again after the pause.
-                    result.retry[delivery_id] = TransientSendError(f"{item.d['channel']} rate limit reached",
-                                                                   retry_after=0.5 + random.random())
-                    result.outcomes[delivery_id] = "throttled"
-                    continue
-                now = self.store.clock()
-                attempts = self.store.claim_delivery(conn, delivery_id, item.required, now, now + self.opts.lease)
-                if attempts is None:
-                    result.outcomes[delivery_id] = self._not_claimed(item)
-                    continue
-                item.attempts = attempts
-                if item.failure is not None:
-                    log.error("delivery %s of %s failed: %s", delivery_id, item.tx["id"], item.failure)
-                    self.outcomes.failed(delivery_id, item.failure)
-                    result.outcomes[delivery_id] = "failed"
-                    continue
-                try:
-                    outcome, record = self._send(item, result)
-                except Exception as exc:  # noqa: BLE001 - one broken send must not sink the batch
-                    log.exception("%s %s %s: the send raised", item.d["transaction_id"], item.d["step"],
-                                  item.d["channel"])
-                    outcome, record = "failed", {
-                        "id": delivery_id, "status": "failed", "lease_until": None,
-                        "reason": f"outcome unknown: the send raised {type(exc).__name__}; not resent"}
-                result.outcomes[delivery_id] = outcome
-                if record is not None:
-                    self.store.update_deliveries(conn, [record])
+        for delivery_id, outcome, again in self.pool.run(self._deliver_one, items):
+            result.outcomes[delivery_id] = outcome
+            if again is not None:
+                (result.throttled if again.throttled else result.retry)[delivery_id] = again
         return result
+
+    def _deliver_one(self, item: _Ready) -> tuple[int, str, TransientSendError | None]:
+        """One delivery of a batch, on a pool thread: room at the provider, claim, send, record."""
+        delivery_id, channel = item.d["id"], item.d["channel"]
+        slot = "-"
+        if item.failure is None:
+            if self.throttle is not None and not self.throttle(channel):
+                # Left queued with its lease: the caller sends it again after the pause.
+                return delivery_id, "throttled", TransientSendError(
+                    f"{channel} rate limit reached", retry_after=0.5 + random.random(), throttled=True)
+            slot = self.slots.acquire(channel, self.slot_wait)
+            if slot is None:
+                return delivery_id, "throttled", TransientSendError(
+                    f"{channel}: the provider's limit of requests in flight is reached",
+                    retry_after=0.5 + random.random(), throttled=True)
+        held = [slot]
+
+        def release() -> None:  # as soon as the provider answered, before the result is written
+            if held:
+                self.slots.release(channel, held.pop())
+
+        try:
+            return self._claim_and_send(item, release)
+        finally:
+            release()
+
+    def _claim_and_send(self, item: _Ready, release: Callable[[], None]) -> tuple[int, str, TransientSendError | None]:
+        delivery_id = item.d["id"]
+        now = self.store.clock()
+        with self.store.autocommit() as conn:
+            attempts = self.store.claim_delivery(conn, delivery_id, item.required, now, now + self.opts.lease)
+        if attempts is None:
+            return delivery_id, self._not_claimed(item), None
+        item.attempts = attempts
+        if item.failure is not None:
+            log.error("delivery %s of %s failed: %s", delivery_id, item.tx["id"], item.failure)
+            self.outcomes.failed(delivery_id, item.failure)
+            return delivery_id, "failed", None
+        try:
+            outcome, record, again = self._send(item, release)
+        except Exception as exc:  # noqa: BLE001 - one broken send must not sink the batch
+            log.exception("%s %s %s: the send raised", item.d["transaction_id"], item.d["step"], item.d["channel"])
+            outcome, again, record = "failed", None, {
+                "id": delivery_id, "status": "failed", "lease_until": None,
+                "reason": f"outcome unknown: the send raised {type(exc).__name__}; not resent"}
+        if record is not None:
+            # Only over our own claim: a status callback (delivered) or the lease (failed) may have
+            # written first, and their word stands.
+            with self.store.autocommit() as conn:
+                self.store.update_deliveries(conn, [record], if_status="sending")
+        return delivery_id, outcome, again
 
     def _prepare(self, d: dict[str, Any], tx: dict[str, Any], required: tuple[str, ...] | None,
                  suppressed: set[tuple[str, str]], now: datetime,
@@ -254,30 +290,38 @@ class Deliverer:
                         d["step"], len(errors), len(messages), errors[0].reason)
         return provider_ids
 
-    def _send(self, item: _Ready, result: BatchResult) -> tuple[str, dict[str, Any] | None]:
-        """Call the provider for one delivery: (outcome, the row change to write). A permanent failure
-        is handed to Outcomes here, which writes it (and may fall back)."""
+    def _send(self, item: _Ready, release: Callable[[], None]) -> tuple[
+            str, dict[str, Any] | None, TransientSendError | None]:
+        """Call the provider for one delivery: (outcome, the row change to write, the error to retry).
+        A permanent failure is handed to Outcomes here, which writes it (and may fall back)."""
         d, messages = item.d, item.messages
         limit = self.opts.webhook_max_attempts if d["channel"] == "webhook" else self.opts.max_attempts
         try:
-            provider_ids = self._send_all(d, item.tx, messages, item.sender)
+            try:
+                provider_ids = self._send_all(d, item.tx, messages, item.sender)
+            finally:
+                release()
         except TransientSendError as exc:
             now = self.store.clock()
+            if exc.throttled:  # the provider did not look at it: this attempt does not count
+                log.warning("%s %s %s throttled by the provider, will retry: %s", d["transaction_id"], d["step"],
+                            d["channel"], exc.reason)
+                return "throttled", {"id": d["id"], "status": "queued", "reason": f"retrying: {exc.reason}",
+                                     "attempts": item.attempts - 1, "lease_until": now + self.opts.lease}, exc
             if item.attempts >= limit:
                 self.outcomes.failed(d["id"], f"gave up after {item.attempts} attempts: {exc.reason}")
                 log.error("%s %s %s gave up after %d attempts: %s", d["transaction_id"], d["step"],
                           d["channel"], item.attempts, exc.reason)
-                return "failed", None
+                return "failed", None, None
             retry = {"id": d["id"], "status": "queued", "reason": f"retrying: {exc.reason}",
                      "lease_until": now + self.opts.lease}
             log.warning("%s %s %s attempt %d failed, will retry: %s", d["transaction_id"], d["step"],
                         d["channel"], item.attempts, exc.reason)
-            result.retry[d["id"]] = exc
-            return "retrying", retry
+            return "retrying", retry, exc
         except PermanentSendError as exc:
             self.outcomes.failed(d["id"], exc.reason, code=exc.code)
             log.error("%s %s %s refused: %s", d["transaction_id"], d["step"], d["channel"], exc.reason)
-            return "failed", None
+            return "failed", None, None
         now = self.store.clock()
         keep = d["reason"] if d["reason"] and not d["reason"].startswith("retrying") else None
         billed = sum(segments(m.body).segments for m in messages) if d["channel"] == "sms" else None
@@ -285,4 +329,4 @@ class Deliverer:
                 "segments": billed, "provider_id": next((p for p in provider_ids if p), None)}
         log.info("sent %s %s to %s · %s", d["step"], d["channel"],
                  ", ".join(mask_recipient(m.channel, m.recipient) for m in messages) or "-", d["transaction_id"])
-        return "sent", sent
+        return "sent", sent, None

@@ -17,6 +17,7 @@ from typing import Any
 
 from .delivery import Deliverer, DeliveryOptions
 from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound
+from .inflight import LocalSlots, SendPool
 from .ingest import Transaction, differing_fields, parse_transaction
 from .ladder import Registry, load_dir, slots
 from .outcomes import Outcomes
@@ -67,7 +68,7 @@ class Remind:
             restart_url=settings.restart_url or settings.public_base + "/",
             webhook_url=settings.platform_webhook_url, lease=timedelta(seconds=settings.lease_seconds),
             max_attempts=settings.max_attempts, webhook_max_attempts=settings.webhook_max_attempts),
-            self.outcomes)
+            self.outcomes, pool=SendPool(settings.send_concurrency), slots=LocalSlots(settings.inflight_limits))
         self.config_state["signature"] = self._config_signature()
         self.scheduler = Scheduler(store, lambda: self._registry, lambda ids: self.enqueue(ids),
                                    batch_size=settings.batch_size,

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     queue_name: str = Field("remind", alias="REMIND_QUEUE")
     redis_namespace: str = Field("remind", alias="REMIND_REDIS_NAMESPACE")
     log_format: str = Field("text", alias="REMIND_LOG_FORMAT")
+    #: Provider calls one worker process keeps in flight at once (its send pool; the senders' connection
+    #: pools are sized to it).
+    send_concurrency: int = Field(128, alias="REMIND_SEND_CONCURRENCY", gt=0, le=2048)
+    #: Requests in flight to each provider, shared by every worker process (0: no limit). Twilio allows an
+    #: account 100 at once by default and answers 429 / 20429 beyond.
+    inflight_sms: int = Field(100, alias="REMIND_INFLIGHT_SMS", ge=0)
+    inflight_email: int = Field(100, alias="REMIND_INFLIGHT_EMAIL", ge=0)
+    inflight_push: int = Field(100, alias="REMIND_INFLIGHT_PUSH", ge=0)
     rate_sms: str | None = Field(None, alias="REMIND_RATE_SMS")
     rate_email: str | None = Field(None, alias="REMIND_RATE_EMAIL")
     rate_push: str | None = Field(None, alias="REMIND_RATE_PUSH")
@@ -97,6 +105,10 @@ class Settings(BaseSettings):
         if value not in ("text", "json"):
             raise ValueError("REMIND_LOG_FORMAT is text or json")
         return value
+
+    @property
+    def inflight_limits(self) -> dict[str, int]:
+        return {"sms": self.inflight_sms, "email": self.inflight_email, "push": self.inflight_push}
 
     @property
     def public_base(self) -> str:

@@ -1,0 +1,163 @@
+"""How many provider calls are in flight, and who limits them: the one place that decides it.
+
+Two limits apply to every send:
+
+- **per process**, :class:`SendPool`: a bounded pool of threads that runs the sends of a batch at once,
+  so a worker process keeps ``REMIND_SEND_CONCURRENCY`` calls in flight and its rate is set by CPU and
+  by the providers, not by latency x worker threads;
+- **per provider, across every process on every machine**, :class:`ProviderSlots`: at most
+  ``REMIND_INFLIGHT_SMS`` / ``_EMAIL`` / ``_PUSH`` requests in flight to that provider (Twilio allows an
+  account 100 at once and answers 429 / 20429 beyond). :class:`RedisSlots` shares the limit through
+  Redis; :class:`LocalSlots` is the in-process version for the embedded broker.
+
+Why not dramatiq's ``ConcurrentRateLimiter``: it keeps a bare counter whose TTL every acquire renews,
+so the slots of a worker killed mid-send are never given back while traffic flows (the chaos run kills
+workers on purpose), and its WATCH/MULTI increment retries under contention from hundreds of senders.
+:class:`RedisSlots` is a leased semaphore instead: each slot is a member of a sorted set scored by its
+expiry, taken and given back by one Lua script each, so a dead holder's slot expires by itself.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class SendPool:
+    """Runs the sends of a batch concurrently on one thread pool per process.
+
+    Parameters:
+      concurrency: the most calls this process has in flight; size the senders' connection pools to it.
+
+    Examples:
+      >>> pool = SendPool(4)
+      >>> pool.run(lambda n: n * 2, [1, 2, 3])
+      [2, 4, 6]
+    """
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="remind-send")
+
+    def run(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """``fn`` over ``items``, many at once; results in order. ``fn`` must not raise: one failed send
+        is that delivery's outcome, never its batch's."""
+        items = list(items)
+        if len(items) <= 1:  # no thread hop for a lone retry
+            return [fn(item) for item in items]
+        return list(self._executor.map(fn, items))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class ProviderSlots(Protocol):
+    """A limit on requests in flight per channel's provider, shared by whoever holds this object."""
+
+    def acquire(self, channel: str, wait: float) -> str | None:
+        """A slot for one request, waiting up to ``wait`` seconds; None when none came free (the
+        delivery is then handed back as throttled, without using one of its attempts)."""
+        ...
+
+    def release(self, channel: str, slot: str) -> None:
+        """Give the slot back as soon as the provider has answered."""
+        ...
+
+
+class Unlimited:
+    """No limit: channels without one (webhooks) and settings of 0."""
+
+    def acquire(self, channel: str, wait: float) -> str | None:
+        return "-"
+
+    def release(self, channel: str, slot: str) -> None:
+        return None
+
+
+class LocalSlots:
+    """Per-channel semaphores in this process: the embedded broker, where one process is everything."""
+
+    def __init__(self, limits: Mapping[str, int]) -> None:
+        self.limits = {c: n for c, n in limits.items() if n}
+        self._semaphores = {c: threading.BoundedSemaphore(n) for c, n in self.limits.items()}
+
+    def acquire(self, channel: str, wait: float) -> str | None:
+        semaphore = self._semaphores.get(channel)
+        if semaphore is None:
+            return "-"
+        return "local" if semaphore.acquire(timeout=wait) else None
+
+    def release(self, channel: str, slot: str) -> None:
+        semaphore = self._semaphores.get(channel)
+        if semaphore is not None and slot == "local":
+            semaphore.release()
+
+
+#: Drop expired slots, then take one when fewer than the limit are held. Redis's own clock, so
+#: machines whose clocks differ agree on expiry.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class RedisSlots:
+    """Per-channel leased semaphores on Redis, shared by every worker process on every machine.
+
+    Parameters:
+      client: a ``redis.Redis`` (thread-safe; its pool must allow ``SendPool.concurrency`` connections).
+      namespace: the key prefix (``REMIND_REDIS_NAMESPACE``).
+      limits: the most requests in flight per channel; channels absent or 0 are unlimited.
+      lease: seconds after which a slot whose holder never gave it back (a killed worker) is free again;
+        longer than any send can take.
+    """
+
+    def __init__(self, client, namespace: str, limits: Mapping[str, int], *, lease: float) -> None:
+        self.client = client
+        self.limits = {c: n for c, n in limits.items() if n}
+        self.keys = {c: f"{namespace}:inflight:{c}" for c in self.limits}
+        self.lease_ms = int(lease * 1000)
+        self._acquire = client.register_script(_ACQUIRE)
+
+    def try_acquire(self, channel: str) -> str | None:
+        if channel not in self.limits:
+            return "-"
+        slot = uuid.uuid4().hex
+        taken = self._acquire(keys=[self.keys[channel]], args=[self.limits[channel], self.lease_ms, slot])
+        return slot if taken else None
+
+    def acquire(self, channel: str, wait: float) -> str | None:
+        deadline = time.monotonic() + wait
+        pause = 0.005
+        while True:
+            slot = self.try_acquire(channel)
+            if slot is not None:
+                return slot
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(left, pause * (0.5 + random.random())))  # jitter: waiters do not poll in step
+            pause = min(pause * 2, 0.05)
+
+    def release(self, channel: str, slot: str) -> None:
+        if channel in self.keys:
+            self.client.zrem(self.keys[channel], slot)
+
+    def held(self, channel: str) -> int:
+        """Slots held now (expired ones included until the next acquire drops them)."""
+        return int(self.client.zcard(self.keys[channel])) if channel in self.keys else 0
