@@ -1,13 +1,20 @@
-"""Delivery throughput on the real Redis broker, the senders pointed at local fake providers that answer at once.
+"""Delivery throughput on the real Redis broker, the senders pointed at local fake providers that answer at once
+and that answer after a provider's latency (uniform 100-300 ms by default), against the no-op dramatiq ceiling.
 
-    .venv/bin/python bench/throughput.py            # ~5-8 minutes: 3000 transactions (9000 deliveries)
-    .venv/bin/python bench/throughput.py --small    # under a minute
+    .venv/bin/python bench/throughput.py            # 4 runs of 3000 transactions (9000 deliveries) + no-op
+    .venv/bin/python bench/throughput.py --small    # 200 transactions a run, a minute or two
+    .venv/bin/python bench/throughput.py --latency 0.2 --send-concurrency 256 --inflight-sms 100
 
 Redis: a redis-server of the benchmark's own on a free port (the same binary as the shared one on 6379,
 no persistence), since the chaos tests restart the shared one without saving; ``--shared-redis`` uses
 127.0.0.1:6379 (or BENCH_REDIS_URL). Every run gets a fresh namespace either way.
 
-What one run does, for 1 and then 2 worker processes (``--processes``), on a fresh Redis namespace each time:
+One invocation makes a run at 0 ms and one at ``--latency`` (default 0.1-0.3: uniform, ~200 ms) for each of
+1 and 2 worker processes (``--processes``), fresh fakes (started at that latency) and a fresh Redis namespace
+each time. The worker's send settings are passed to every run (``--send-concurrency`` ->
+REMIND_SEND_CONCURRENCY, ``--inflight-sms/-email/-push`` -> REMIND_INFLIGHT_SMS/_EMAIL/_PUSH, the requests in
+flight to each provider shared by all worker processes); each fake records the most requests it held at once,
+printed beside the limit. What one run does:
 
 1. registers N transactions in PostgreSQL (``Remind.register``, a throw-away database ``remind_bench_tp``),
    created 20 h 1 min ago on the shipped ``default`` schedule, so the final warning (SMS + email + push:
@@ -32,11 +39,16 @@ to last done) is printed beside it. The CPU each part used over the steady windo
 (1.00 = one core busy): the workers, the fakes, PostgreSQL, Redis, this process and anything else on the
 machine (the machine has 2 cores, shared by all of them).
 
-Then a profile: one more 1-process run with py-spy attached to the worker process, first sampling only
-the thread holding the GIL (where the CPU goes), then every thread inside a delivery, waiting or not
-(where a delivery's wall time goes). And a sequential in-process calibration of the same Deliverer
-(not timed against the others): SQL statements, transactions and pool check-outs per delivery, and the
-time spent rendering, signing, sending and in the rest.
+Printed: each run's rate, worker CPU ms per delivery (the worker processes' CPU over the steady window / the
+rate), worker peak RSS, the most requests in flight at each fake; the ratios 200ms / 0ms per process count
+(1.0: the providers' latency is hidden entirely), pipeline / no-op per process count, and the "CPU ratio"
+pipeline-0ms-1p / no-op-1p. The last line is ``throughput: key=value ...``.
+
+With ``--profile``, a profile: one more 1-process run (at 0 ms) with py-spy attached to the worker
+process, first sampling only the thread holding the GIL (where the CPU goes), then every thread inside a
+delivery, waiting or not (where a delivery's wall time goes). And a sequential in-process calibration of the
+same Deliverer (not timed against the others): SQL statements, transactions and pool check-outs per
+delivery, and the time spent rendering, signing, sending and in the rest.
 """
 
 from __future__ import annotations
@@ -65,19 +77,31 @@ NOOP_QUEUE = "bench-noop"
 # -- the pipeline -----------------------------------------------------------------------------------------
 
 class Pipeline:
-    def __init__(self, args, workdir: Path, fakes: h.Fakes, database_url: str) -> None:
+    def __init__(self, args, workdir: Path, database_url: str) -> None:
         from worker.store import make_engine
 
         self.args = args
         self.workdir = workdir
-        self.fakes = fakes
+        self.fakes: h.Fakes | None = None  # started afresh for every run, at that run's latency
         self.database_url = database_url
         self.engine = make_engine(database_url)
         self.namespaces: list[str] = []
 
     def env(self, namespace: str) -> dict[str, str]:
         return h.remind_env(self.database_url, namespace, self.workdir, self.fakes.env(),
-                            REMIND_WORKER_THREADS=str(self.args.threads))
+                            REMIND_WORKER_THREADS=str(self.args.threads), **h.provider_settings(self.args))
+
+    def start_fakes(self, latency: tuple[float, float]) -> h.Fakes:
+        self.fakes = h.Fakes(self.workdir, latency).start()
+        return self.fakes
+
+    def stop_fakes(self) -> dict:
+        """Stop the run's fakes; their summary, the most requests each held at once, and any problem."""
+        fakes, self.fakes = self.fakes, None
+        if fakes is None:
+            return {}
+        summary = fakes.stop()
+        return {"fakes": summary, "max_in_flight": fakes.max_in_flight(), "fake_problems": fakes.problems()}
 
     def prepare(self, n_tx: int, label: str):
         """Register ``n_tx`` transactions whose final warning is due, tick once; returns (env, figures)."""
@@ -126,9 +150,20 @@ class Pipeline:
 
         return conn, counts
 
-    def run(self, processes: int, n_tx: int, *, profile: dict | None = None) -> dict:
-        label = f"{processes}p" + ("prof" if profile else "")
-        h.log(f"[pipeline {label}] registering {n_tx} transactions and ticking ...")
+    def run(self, processes: int, n_tx: int, latency: tuple[float, float], *, profile: dict | None = None) -> dict:
+        label = f"{latency_label(latency)}-{processes}p" + ("-prof" if profile else "")
+        h.log(f"[pipeline {label}] fakes answering after {h.format_latency(latency)} s; registering {n_tx} "
+              f"transactions and ticking ...")
+        self.start_fakes(latency)
+        try:
+            fig = self._run(processes, n_tx, label, profile)
+        finally:
+            done = self.stop_fakes()
+        fig.update(done)
+        fig["latency"] = latency
+        return fig
+
+    def _run(self, processes: int, n_tx: int, label: str, profile: dict | None) -> dict:
         env, fig = self.prepare(n_tx, label)
         n = fig["enqueued"]
         h.log(f"[pipeline {label}] registered in {fig['register_s']:.1f}s, tick enqueued {n} in "
@@ -455,11 +490,17 @@ def summarize(path: str, *, only_delivery: bool) -> tuple[int, list[tuple[str, f
         [(k, 100 * v / total) for k, v in leaves.most_common(12)]
 
 
+def latency_label(latency: tuple[float, float]) -> str:
+    """``0ms``, ``200ms`` (the mean of a uniform latency): the key of a run in the figures."""
+    return f"{round(500 * (latency[0] + latency[1]))}ms"
+
+
 # -- main -----------------------------------------------------------------------------------------------------
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Delivery throughput against the no-op Dramatiq ceiling.")
-    parser.add_argument("--small", action="store_true", help="a quick run (under a minute)")
+    parser = argparse.ArgumentParser(description="Delivery throughput at 0 ms and at the providers' latency, "
+                                                 "against the no-op Dramatiq ceiling.")
+    parser.add_argument("--small", action="store_true", help="a quick run (about a minute or two)")
     parser.add_argument("--tx", type=int, default=None, help="transactions per run (3 deliveries each); "
                                                              "default 3000, --small 200")
     parser.add_argument("--processes", default="1,2", help="worker process counts to run (default 1,2)")
@@ -467,7 +508,10 @@ def main() -> int:
                                                                "service's default)")
     parser.add_argument("--noop-min", type=int, default=None, help="at least this many no-op messages "
                                                                    "(default 20000, --small 3000)")
-    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile and calibration")
+    h.add_provider_flags(parser)
+    parser.add_argument("--profile", action="store_true", help="also a py-spy profile of one more 1-process run "
+                                                               "at 0 ms, and the in-process calibration")
+    parser.add_argument("--no-profile", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--profile-seconds", type=float, default=None, help="per py-spy pass (default 10, small 3)")
     parser.add_argument("--stall", type=float, default=60.0, help="give up after this long without progress")
     parser.add_argument("--out", type=Path, default=None, help="keep logs and profiles here (default: a temp dir)")
@@ -477,17 +521,25 @@ def main() -> int:
     noop_min = args.noop_min or (3000 if args.small else 20000)
     prof_s = args.profile_seconds or (3.0 if args.small else 10.0)
     counts = [int(p) for p in args.processes.split(",")]
+    zero = (0.0, 0.0)
+    latencies = [zero] + ([args.latency] if args.latency != zero else [])
+    labels = [latency_label(lat) for lat in latencies]
     workdir = args.out or Path(tempfile.mkdtemp(prefix="remind-bench-tp-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    limits = {name: getattr(args, flag) for name, flag in h.LIMIT_FLAG.items()}
 
     private = None if args.shared_redis else h.PrivateRedis(workdir)
     if private is not None:
         private.start()
-    h.log(f"[setup] database {DB_NAME}, redis {h.REDIS_URL}, fakes, logs in {workdir}")
+    h.log(f"[setup] database {DB_NAME}, redis {h.REDIS_URL}, logs in {workdir}")
+    busy0, total0 = h.machine_cpu()
+    time.sleep(1.0)
+    busy1, total1 = h.machine_cpu()
+    busy_before = 100 * (busy1 - busy0) / max(1e-9, total1 - total0)
     database_url = h.create_database(DB_NAME)
-    fakes = h.Fakes(workdir).start()
+    wall0 = time.monotonic()
     pipeline = None
-    results: dict[int, dict] = {}
+    results: dict[tuple[str, int], dict] = {}
     noop: dict[int, dict] = {}
     profile: dict = {}
     cal: dict = {}
@@ -498,29 +550,34 @@ def main() -> int:
         engine = make_engine(database_url)
         upgrade(engine)
         engine.dispose()
-        pipeline = Pipeline(args, workdir, fakes, database_url)
-        for p in counts:
-            results[p] = pipeline.run(p, n_tx)
-            r = results[p]
-            h.log(f"[pipeline {p}p] {r['rate']:.0f}/s steady, {r['run_rate']:.0f}/s whole run, "
-                  f"{r['sent']} sent, {r['failed']} failed")
+        pipeline = Pipeline(args, workdir, database_url)
+        for lat, label in zip(latencies, labels, strict=True):
+            for p in counts:
+                r = results[label, p] = pipeline.run(p, n_tx, lat)
+                h.log(f"[pipeline {label}-{p}p] {r['rate']:.0f}/s steady, {r['run_rate']:.0f}/s whole run, "
+                      f"{r['sent']} sent, {r['failed']} failed; most in flight {r['max_in_flight']}")
         n_noop = max(noop_min, max(r["enqueued"] for r in results.values()))
         for p in counts:
             noop[p] = run_noop(args, workdir, database_url, p, n_noop, noop_namespaces)
             h.log(f"[noop {p}p] {noop[p]['rate']:.0f}/s steady, {noop[p]['run_rate']:.0f}/s whole run")
-        if not args.no_profile and not (h.BIN / "py-spy").exists():
+        if args.profile and not (h.BIN / "py-spy").exists():
             h.log("[profile] skipped: py-spy is not installed (.venv/bin/pip install py-spy)")
             profile = {"error": "skipped: py-spy is not installed (.venv/bin/pip install py-spy)"}
-        elif not args.no_profile:
-            rate1 = results[counts[0]]["rate"] if math.isfinite(results[counts[0]]["rate"]) else 100
+        elif args.profile:
+            rate1 = results[labels[0], counts[0]]["rate"]
+            rate1 = rate1 if math.isfinite(rate1) else 100
             prof_tx = max(60, int(rate1 * (2 * prof_s + 4) / 3))
             profile = {"dir": str(workdir), "seconds": prof_s, "rate": 200}
-            profile["run"] = pipeline.run(1, prof_tx, profile=profile)
-        if not args.no_profile:
-            cal = calibrate(pipeline, 30 if args.small else 120)
+            profile["run"] = pipeline.run(1, prof_tx, zero, profile=profile)
+        if args.profile:
+            pipeline.start_fakes(zero)
+            try:
+                cal = calibrate(pipeline, 30 if args.small else 120)
+            finally:
+                pipeline.stop_fakes()
     finally:
-        summary = fakes.stop()
         if pipeline is not None:
+            pipeline.stop_fakes()
             pipeline.engine.dispose()
             for ns in pipeline.namespaces:
                 h.drop_namespace(ns)
@@ -529,38 +586,48 @@ def main() -> int:
         h.drop_database(DB_NAME)
         if private is not None:
             private.stop()
+    wall_s = time.monotonic() - wall0
 
     # -- report --------------------------------------------------------------------------------------------
     print(f"throughput: {n_tx} transactions a run, final warning due: 3 deliveries each (sms/twilio, "
-          f"email/sendgrid, push/fcm); {args.threads} threads per worker process; {os.cpu_count()} cores; "
-          f"redis {'private' if private else 'shared'} {h.REDIS_URL}")
-    for p in counts:
-        r = results[p]
-        print(f"pipeline {p}p: {r['rate']:.1f} deliveries/s steady (10-90 %), {r['run_rate']:.1f}/s whole run "
+          f"email/sendgrid, push/fcm); fakes answering at once (0ms) and after uniform "
+          f"{h.format_latency(args.latency)} s ({labels[-1]}); {args.threads} threads per worker process, "
+          f"REMIND_SEND_CONCURRENCY={args.send_concurrency}, in-flight limits sms {args.inflight_sms} / email "
+          f"{args.inflight_email} / push {args.inflight_push}; {os.cpu_count()} cores ({busy_before:.0f} % busy "
+          f"before the run); redis {'private' if private else 'shared'} {h.REDIS_URL}")
+    for (label, p), r in results.items():
+        cpu_ms = worker_cpu_ms(r)
+        print(f"pipeline {label} {p}p: {r['rate']:.1f} deliveries/s steady (10-90 %), {r['run_rate']:.1f}/s whole run "
               f"({r['enqueued']} in {r['total_s']:.1f}s after {r['startup_s']:.1f}s start-up), "
               f"{r['db_rate']:.1f}/s from the rows' started_at..sent_at; {r['sent']} sent, {r['failed']} failed; "
               f"mix {r['mix']}; worker peak RSS {r['worker_hwm_mb']:.0f} MiB; log errors {r['log_errors']}, "
               f"warnings {r['log_warnings']}")
+        print("  most requests in flight at once: " + ", ".join(
+            f"{name} {r['max_in_flight'].get(name, 0)} (limit {limits[name]})" for name in h.Fakes.NAMES)
+              + f"; worker CPU {cpu_ms:.2f} ms per delivery")
         print(f"  setup: register {r['register_s'] / r['claimed'] * 1000:.1f} ms/transaction, tick (claim, plan, "
               f"insert, enqueue) {r['tick_s']:.2f}s for {r['enqueued']} deliveries")
         print(f"  cores over the steady window: {h.cores_line(r['cores'])}")
+        if r["fake_problems"]:
+            print("  WARNING: the fakes refused requests or failed: " + "; ".join(r["fake_problems"]))
     for p in counts:
         r = noop[p]
         print(f"noop {p}p: {r['rate']:.1f} messages/s steady, {r['run_rate']:.1f}/s whole run ({r['n']} in "
-              f"{r['total_s']:.2f}s; enqueue took {r['enqueue_s']:.1f}s); worker peak RSS {r['worker_hwm_mb']:.0f} MiB")
+              f"{r['total_s']:.2f}s; enqueue took {r['enqueue_s']:.1f}s); worker peak RSS {r['worker_hwm_mb']:.0f} "
+              f"MiB; worker CPU {worker_cpu_ms(r):.2f} ms per message")
         print(f"  cores over the steady window: {h.cores_line(r['cores'])}")
     for p in counts:
-        print(f"ratio {p}p: pipeline / no-op = {results[p]['rate'] / noop[p]['rate']:.3f} (target >= 0.5)")
-    print(f"fakes: {summary}")
-    problems = fakes.problems()
-    if problems:
-        print("WARNING: the fakes refused requests or failed: " + "; ".join(problems))
-    first = results[counts[0]]
-    cpu_ms = 1000 * first["cores"].get("workers", 0) / first["rate"] if first["cores"] and counts[0] == 1 else 0
-    if cpu_ms:
-        noop_ms = 1000 * noop[1]["cores"].get("workers", 0) / noop[1]["rate"] if noop[1]["cores"] else 0
-        print(f"worker CPU per delivery (1 process): {cpu_ms:.2f} ms; per no-op message: {noop_ms:.2f} ms")
+        print(f"ratio {p}p: pipeline 0ms / no-op = {ratio(results[labels[0], p], noop[p]):.3f}"
+              + (f"; pipeline {labels[-1]} / 0ms = {ratio(results[labels[-1], p], results[labels[0], p]):.3f} "
+                 f"(1.0: the latency is hidden entirely)" if len(labels) > 1 else ""))
+    if 1 in counts:
+        print(f"CPU ratio (pipeline 0ms 1p / no-op 1p): {ratio(results[labels[0], 1], noop[1]):.3f}")
+    print("fakes per run (accepted / send requests / refused / bugs): " + "; ".join(
+        f"{label} {p}p " + ", ".join(f"{name} {f.get('messages')}/{f.get('requests')}/{f.get('rejected')}/"
+                                     f"{len(f.get('errors') or [])}" for name, f in r["fakes"].items())
+        for (label, p), r in results.items()))
     if profile:
+        cpu_ms = worker_cpu_ms(results[labels[0], counts[0]]) if counts[0] == 1 else 0
         if profile.get("error"):
             print(f"profile: {profile['error']}")
         for name, title, only in (("cpu", "CPU (samples of the thread holding the GIL)", False),
@@ -588,17 +655,49 @@ def main() -> int:
               f"transactions (each adds a BEGIN and a COMMIT round trip) on {per.get('checkouts', 0):.1f} pool "
               f"check-outs (each a pre-ping SELECT 1)")
     print(f"logs and profiles: {workdir}")
-    hwm = max(r["worker_hwm_mb"] for r in results.values())
+
     figures = {}
-    for p in counts:
-        figures[f"pipeline_{p}p_per_s"] = f"{results[p]['rate']:.1f}"
+    for label in labels:
+        for p in counts:
+            figures[f"pipeline_{label}_{p}p_per_s"] = f"{results[label, p]['rate']:.1f}"
     for p in counts:
         figures[f"noop_{p}p_per_s"] = f"{noop[p]['rate']:.1f}"
+    if len(labels) > 1:
+        for p in counts:
+            figures[f"ratio_{labels[-1]}_0ms_{p}p"] = f"{ratio(results[labels[-1], p], results[labels[0], p]):.3f}"
     for p in counts:
-        figures[f"ratio_{p}p"] = f"{results[p]['rate'] / noop[p]['rate']:.3f}"
-    figures["worker_peak_rss_mb"] = f"{hwm:.0f}"
-    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+        figures[f"ratio_noop_{p}p"] = f"{ratio(results[labels[0], p], noop[p]):.3f}"
+    if 1 in counts:
+        figures["cpu_ratio"] = f"{ratio(results[labels[0], 1], noop[1]):.3f}"
+    for label in labels:
+        for p in counts:
+            figures[f"cpu_ms_per_delivery_{label}_{p}p"] = f"{worker_cpu_ms(results[label, p]):.2f}"
+    for name in h.Fakes.NAMES:
+        figures[f"max_in_flight_{name}"] = max(r["max_in_flight"].get(name, 0) for r in results.values())
+        figures[f"limit_{name}"] = limits[name]
+    figures["send_concurrency"] = args.send_concurrency
+    figures["threads"] = args.threads
+    figures["latency_s"] = h.format_latency(args.latency)
+    figures["deliveries_per_run"] = max(r["enqueued"] for r in results.values())
+    figures["failed"] = sum(r["failed"] for r in results.values())
+    figures["fake_problems"] = sum(len(r["fake_problems"]) for r in results.values())
+    figures["worker_peak_rss_mb"] = f"{max(r['worker_hwm_mb'] for r in results.values()):.0f}"
+    figures["wall_s"] = f"{wall_s:.0f}"
+    figures["cpu_busy_before_pct"] = f"{busy_before:.0f}"
+    print("throughput: " + " ".join(f"{k}={v}" for k, v in figures.items()))
     return 0
+
+
+def ratio(a: dict, b: dict) -> float:
+    return a["rate"] / b["rate"] if b["rate"] and math.isfinite(b["rate"]) else float("nan")
+
+
+def worker_cpu_ms(r: dict) -> float:
+    """CPU milliseconds the worker processes (all of them) spent per delivery over the steady window."""
+    cores = r.get("cores") or {}
+    if not cores or not r["rate"] or not math.isfinite(r["rate"]):
+        return float("nan")
+    return 1000 * cores.get("workers", 0) / r["rate"]
 
 
 if __name__ == "__main__":
