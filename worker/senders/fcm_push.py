@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,17 @@ import requests
 from google.auth.exceptions import RefreshError, TransportError
 from google.auth.transport.requests import AuthorizedSession, Request
 from google.oauth2 import service_account
-from requests.adapters import HTTPAdapter
 
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_token
-from .base import OutgoingMessage, read_environment_once, retry_after
+from .base import DEFAULT_POOL_SIZE, OutgoingMessage, mount_pool, read_environment_once, retry_after
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+#: Keep-alive connections to the token endpoint: a token is fetched about once an hour.
+TOKEN_POOL_SIZE = 4
+#: What FCM answers "too many requests" with (HTTP 429): Google's status, and FCM's error code.
+THROTTLED_STATUS, THROTTLED_CODE = "RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED"
 
 
 def _error_codes(response: requests.Response) -> tuple[str | None, str | None]:
@@ -41,6 +45,15 @@ def _error_codes(response: requests.Response) -> tuple[str | None, str | None]:
     return (status if isinstance(status, str) else None), next((c for c in codes if isinstance(c, str)), None)
 
 
+def _token_failure(exc: TransportError | RefreshError) -> SendError:
+    """What a failure to fetch an access token means for the send."""
+    if isinstance(exc, TransportError):
+        return TransientSendError("FCM access token not fetched: the token endpoint was not reached")
+    if exc.retryable:
+        return TransientSendError("FCM access token not fetched: the token endpoint failed")
+    return PermanentSendError("FCM access token refused: check the service-account credentials")
+
+
 def _string(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
 
@@ -53,27 +66,39 @@ class FcmSender:
         credentials_file: a service-account JSON file; its ``token_uri`` is where tokens come from.
         base_url: where FCM is (a fake in tests).
         timeout: seconds to wait for FCM, and for the token endpoint when a token is due.
+        pool_size: keep-alive connections kept to FCM: the number of ``send`` calls the caller runs at once
+            (from as many threads) on this one sender. The token endpoint is called about once an hour, by
+            the threads that find the token due at the same moment, and keeps a small pool.
 
     What still retries inside google-auth, none of which can deliver a message twice: a 401 makes the
     session fetch a new token and post once more (FCM accepted nothing; limited to one here), and fetching
     a token (about once an hour) is tried up to 3 times on 429/5xx by google-auth's token client, 1 s and
     2 s apart. The transport never retries: both sessions use requests' adapters with ``max_retries=0``
     (AuthorizedSession's own token session would retry connection errors 3 times, so ours replaces it).
+    A full pool opens an extra connection rather than making a thread wait (see ``mount_pool``).
+
+    Throttling: a 429 (``RESOURCE_EXHAUSTED`` / ``QUOTA_EXCEEDED``) is a ``TransientSendError`` with
+    ``throttled=True`` and FCM's Retry-After; 5xx are transient and not throttled.
     """
 
     name = "fcm"
 
     def __init__(self, project_id: str, credentials_file: str | os.PathLike[str], *,
-                 base_url: str = "https://fcm.googleapis.com", timeout: float = 10.0) -> None:
+                 base_url: str = "https://fcm.googleapis.com", timeout: float = 10.0,
+                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
         info = json.loads(Path(credentials_file).read_text(encoding="utf-8"))
         credentials = service_account.Credentials.from_service_account_info(info, scopes=[SCOPE])
         self.url = f"{base_url.rstrip('/')}/v1/projects/{project_id}/messages:send"
         self.timeout = timeout
         token_session = requests.Session()
-        self.session = AuthorizedSession(credentials, max_refresh_attempts=1, auth_request=Request(token_session))
-        for session in (token_session, self.session):  # room for every worker thread, no retries
-            for prefix in ("https://", "http://"):
-                session.mount(prefix, HTTPAdapter(pool_maxsize=32, max_retries=0))
+        self._credentials = credentials
+        self._token_request = Request(token_session)
+        self._token_lock = threading.Lock()
+        self._token_fetches = 0
+        self._token_failure: SendError | None = None
+        self.session = AuthorizedSession(credentials, max_refresh_attempts=1, auth_request=self._token_request)
+        mount_pool(self.session, pool_size)  # a keep-alive connection for every send in flight, no retries
+        mount_pool(token_session, TOKEN_POOL_SIZE)
         read_environment_once(token_session, info["token_uri"])
         read_environment_once(self.session, base_url)
 
@@ -88,19 +113,41 @@ class FcmSender:
             body["data"] = {str(key): _string(value) for key, value in message.data.items()}
         return {"message": body}
 
+    def _fresh_token(self) -> None:
+        """Fetch an access token when one is due, one thread at a time.
+
+        google-auth has no lock: every thread that finds the token due (at start, and about once an hour)
+        would sign a JWT and fetch its own token, up to one per send in flight. Here the first fetches it
+        and the others wait for it; when that fetch fails, the threads that waited for it fail with the same
+        classified error instead of queueing a fetch each (which would hold the last of them for many
+        timeouts). The next thread to arrive after that tries again."""
+        if self._credentials.valid:
+            return
+        seen = self._token_fetches
+        with self._token_lock:
+            if self._credentials.valid:
+                return
+            failure = self._token_failure
+            if failure is None or self._token_fetches == seen:
+                self._token_fetches += 1
+                try:
+                    self._credentials.refresh(self._token_request)
+                    self._token_failure = None
+                    return
+                except (TransportError, RefreshError) as exc:
+                    failure = self._token_failure = _token_failure(exc)
+        raise type(failure)(failure.reason, code=failure.code)
+
     def send(self, message: OutgoingMessage) -> str | None:
         try:
+            self._fresh_token()  # before the post, else AuthorizedSession fetches it in every thread at once
             response = self.session.post(self.url, json=self.payload(message), timeout=self.timeout)
         except requests.Timeout:
             raise TransientSendError(f"FCM did not answer within {self.timeout:g} s") from None
         except requests.RequestException as exc:
             raise TransientSendError(f"FCM not reached: {type(exc).__name__}") from None
-        except TransportError:
-            raise TransientSendError("FCM access token not fetched: the token endpoint was not reached") from None
-        except RefreshError as exc:
-            if exc.retryable:
-                raise TransientSendError("FCM access token not fetched: the token endpoint failed") from None
-            raise PermanentSendError("FCM access token refused: check the service-account credentials") from None
+        except (TransportError, RefreshError) as exc:  # refreshing after a 401, inside AuthorizedSession
+            raise _token_failure(exc) from None
         if response.status_code == 200:
             try:
                 return response.json().get("name")
@@ -115,7 +162,11 @@ class FcmSender:
         if status == 404 or error_code == "UNREGISTERED":
             return PermanentSendError(f"FCM no longer knows the push token {mask_token(token)} (UNREGISTERED)",
                                       code="UNREGISTERED")
-        if status == 429 or status >= 500:
+        if status == 429 or status_name == THROTTLED_STATUS or error_code == THROTTLED_CODE:
+            return TransientSendError(f"FCM rate limit (HTTP {status}, {code})",
+                                      retry_after=retry_after(response.headers.get("Retry-After")), code=code,
+                                      throttled=True)
+        if status >= 500:
             return TransientSendError(f"FCM answered HTTP {status} ({code})",
                                       retry_after=retry_after(response.headers.get("Retry-After")), code=code)
         return PermanentSendError(f"FCM refused the push to {mask_token(token)}: HTTP {status} ({code})", code=code)

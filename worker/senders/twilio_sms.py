@@ -9,7 +9,6 @@ A reminder never arrives after its deadline: ``ValidityPeriod`` is the whole sec
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -17,7 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
@@ -25,7 +23,7 @@ from twilio.rest import Client
 
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_phone
-from .base import OutgoingMessage, read_environment_once, retry_after
+from .base import DEFAULT_POOL_SIZE, OutgoingMessage, mount_pool, read_environment_once, retry_after
 
 #: Twilio's accepted ``ValidityPeriod``, in seconds.
 MIN_VALIDITY, MAX_VALIDITY = 1, 36_000
@@ -42,16 +40,21 @@ REFUSALS = {
 
 class _HttpClient(TwilioHttpClient):
     """Sends every request to ``base_url`` (scheme, host and path prefix), and keeps each thread's last
-    response headers, since ``TwilioRestException`` carries none (Retry-After)."""
+    response headers, since ``TwilioRestException`` carries none (Retry-After).
 
-    def __init__(self, base_url: str, timeout: float) -> None:
+    One instance serves every sending thread: its ``requests.Session`` pools ``pool_size`` keep-alive
+    connections for http and https (the SDK mounts only https, with ``min(32, cpus + 4)``, so at more
+    threads than that requests would open and throw away a connection per send). See ``mount_pool`` for
+    why a full pool does not block."""
+
+    def __init__(self, base_url: str, timeout: float, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         super().__init__(timeout=timeout)
         target = urlsplit(base_url)
         if target.scheme not in ("http", "https") or not target.netloc:
             raise ValueError(f"base_url must be an http(s) URL, not {base_url!r}")
         self._target = (target.scheme, target.netloc, target.path.rstrip("/"))
-        if self.session is not None:  # the SDK sizes only its https pool
-            self.session.mount("http://", HTTPAdapter(pool_maxsize=min(32, (os.cpu_count() or 1) + 4)))
+        if self.session is not None:
+            mount_pool(self.session, pool_size)
             read_environment_once(self.session, base_url)
         self._local = threading.local()
 
@@ -82,6 +85,8 @@ class TwilioSender:
         status_callback: the URL Twilio posts delivery status to.
         base_url: where the REST API is (a fake in tests); honoured for every request.
         timeout: seconds to wait for Twilio (connect and each read).
+        pool_size: keep-alive connections kept to Twilio: the number of ``send`` calls the caller runs at
+            once (from as many threads) on this one sender.
         clock: the time ``expires_at`` is measured against (default: now in UTC).
     """
 
@@ -90,7 +95,7 @@ class TwilioSender:
     def __init__(self, account_sid: str, auth_token: str, *, messaging_service_sid: str | None = None,
                  from_number: str | None = None, status_callback: str | None = None,
                  base_url: str = "https://api.twilio.com", timeout: float = 10.0,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 pool_size: int = DEFAULT_POOL_SIZE, clock: Callable[[], datetime] | None = None) -> None:
         if not (messaging_service_sid or from_number):
             raise ValueError("TwilioSender needs a messaging_service_sid or a from_number")
         if not (account_sid and auth_token):
@@ -100,7 +105,7 @@ class TwilioSender:
         self.status_callback = status_callback
         self.timeout = timeout
         self.clock = clock or (lambda: datetime.now(UTC))
-        self._http = _HttpClient(base_url, timeout)
+        self._http = _HttpClient(base_url, timeout, pool_size=pool_size)
         self.client = Client(account_sid, auth_token, http_client=self._http)
         self.client.edge = None  # else TWILIO_EDGE / TWILIO_REGION from the environment rewrite every host
         self.client.region = None
@@ -141,7 +146,7 @@ class TwilioSender:
         wait = retry_after(self._http.last_headers().get("Retry-After"))
         if code == RATE_LIMITED or status == 429:
             return TransientSendError(f"Twilio rate limit (HTTP {status}, code {code_text})", retry_after=wait,
-                                      code=code_text)
+                                      code=code_text, throttled=True)
         if status >= 500 or status == 0:
             return TransientSendError(f"Twilio answered HTTP {status} (code {code_text})", retry_after=wait,
                                       code=code_text)
