@@ -225,3 +225,54 @@ def test_the_token_endpoint_checks_the_jwt_grant(fcm_fake):
     assert refused.status_code == 400 and refused.json() == {"error": "invalid_grant",
                                                              "error_description": "Invalid JWT Signature."}
     assert grant(grant_type="client_credentials").json()["error"] == "unsupported_grant_type"
+
+
+# Many threads, one sender: the worker keeps up to REMIND_SEND_CONCURRENCY sends in flight per process.
+
+def test_concurrent_sends_share_pool_size_keep_alive_connections(fcm_fake, connections, slow, at_once, pool_full):
+    s = sender(fcm_fake, pool_size=64)
+    opened = connections(fcm_fake)
+    slow(fcm_fake, 0.05)
+
+    first = at_once(lambda i: s.send(push(idempotency_key=f"dl_{i}")), 64)
+    second = at_once(lambda i: s.send(push(idempotency_key=f"dl_{64 + i}")), 64)
+
+    assert all(isinstance(name, str) for name in first + second), [r for r in first + second
+                                                                   if not isinstance(r, str)]
+    assert len(fcm_fake.messages) == 128 and fcm_fake.rejected == []
+    assert fcm_fake.token_requests == 1  # one thread fetched the token, the 63 others waited for it
+    assert opened.opened <= 64 + 1  # and the token endpoint (on the same fake) one more
+    assert pool_full() == []
+
+
+def test_threads_that_waited_for_a_failed_token_fetch_do_not_each_try_again(fcm_fake, tmp_path, slow, at_once):
+    info = json.loads(fcm_fake.credentials_file.read_text())
+    info["client_email"] = "someone-else@remind-test.iam.gserviceaccount.com"
+    (tmp_path / "other.json").write_text(json.dumps(info))
+    s = FcmSender(fcm_fake.project_id, tmp_path / "other.json", base_url=fcm_fake.base_url, pool_size=16)
+    slow(fcm_fake, 0.2)  # every thread is waiting before the first fetch is refused
+
+    results = at_once(lambda i: s.send(push()), 16)
+
+    assert all(isinstance(r, PermanentSendError) and "credentials" in r.reason for r in results)
+    assert fcm_fake.token_requests <= 2 and fcm_fake.requests == 0
+
+
+@pytest.mark.parametrize(("kind", "throttled"), [("429", True), ("500", False), ("503", False),
+                                                 ("INVALID_ARGUMENT", False)])
+def test_only_too_many_requests_is_throttled(fcm_fake, kind, throttled):
+    fcm_fake.fail_next(1, kind)
+    with pytest.raises((TransientSendError, PermanentSendError)) as caught:
+        sender(fcm_fake).send(push())
+    assert caught.value.throttled is throttled
+
+
+def test_resource_exhausted_is_throttled_whatever_the_http_status(fcm_fake):
+    s = sender(fcm_fake)
+    response = requests.Response()
+    response.status_code = 403  # what a quota error could come back as: the body still says it
+    response._content = json.dumps({"error": {"code": 403, "status": "RESOURCE_EXHAUSTED", "message": "quota"}}
+                                   ).encode()
+    response.headers["Retry-After"] = "9"
+    error = s._classify(response, TOKEN)
+    assert isinstance(error, TransientSendError) and error.throttled and error.retry_after == 9

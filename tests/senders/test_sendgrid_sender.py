@@ -3,6 +3,7 @@ with openapi-core against SendGrid's OpenAPI document."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -189,3 +190,82 @@ def test_the_fake_wants_a_bearer_key_and_json(sendgrid_fake):
     assert requests.get(f"{sendgrid_fake.base_url}/v3/mail/send", timeout=5).status_code == 405
     accepted = post(sendgrid_fake, mail())
     assert accepted.status_code == 202 and accepted.content == b"" and accepted.headers["X-Message-Id"]
+
+
+# Many threads, one sender: the worker keeps up to REMIND_SEND_CONCURRENCY sends in flight per process.
+
+def test_sequential_sends_reuse_one_connection(sendgrid_fake, connections):
+    s = sender(sendgrid_fake)
+    opened = connections(sendgrid_fake)
+
+    ids = [s.send(email(idempotency_key=f"dl_{i}")) for i in range(20)]
+
+    assert ids == [m.message_id for m in sendgrid_fake.messages] and len(set(ids)) == 20
+    assert opened.opened == 1  # the SDK alone opens one per email
+
+
+def test_concurrent_sends_share_pool_size_keep_alive_connections(sendgrid_fake, connections, slow, at_once,
+                                                                 pool_full):
+    s = sender(sendgrid_fake, pool_size=64)
+    opened = connections(sendgrid_fake)
+    slow(sendgrid_fake, 0.05)
+
+    first = at_once(lambda i: s.send(email(idempotency_key=f"dl_{i}")), 64)
+    second = at_once(lambda i: s.send(email(idempotency_key=f"dl_{64 + i}")), 64)
+
+    assert all(isinstance(mid, str) for mid in first + second), [r for r in first + second if not isinstance(r, str)]
+    assert len(sendgrid_fake.messages) == 128 and sendgrid_fake.rejected == []
+    assert sorted(m.custom_args["delivery_key"] for m in sendgrid_fake.messages) == sorted(
+        f"dl_{i}" for i in range(128))
+    assert opened.opened <= 64
+    assert pool_full() == []
+
+
+def test_errors_on_a_pooled_connection_leave_the_next_send_working(sendgrid_fake, connections):
+    s = sender(sendgrid_fake)
+    opened = connections(sendgrid_fake)
+    for kind in ("429", "400", "500"):
+        sendgrid_fake.fail_next(1, kind)
+        with pytest.raises((TransientSendError, PermanentSendError)):
+            s.send(email())
+        assert s.send(email()) == sendgrid_fake.messages[-1].message_id
+    assert opened.opened == 1  # an error answer does not cost the connection
+
+
+@pytest.mark.parametrize(("kind", "throttled"), [("429", True), ("500", False), ("503", False), ("400", False)])
+def test_only_too_many_requests_is_throttled(sendgrid_fake, kind, throttled):
+    sendgrid_fake.fail_next(1, kind)
+    with pytest.raises((TransientSendError, PermanentSendError)) as caught:
+        sender(sendgrid_fake).send(email())
+    assert caught.value.throttled is throttled
+
+
+def test_the_request_is_the_sdks(sendgrid_fake):
+    seen = []
+    handle = sendgrid_fake._handle
+    sendgrid_fake._handle = lambda request: seen.append(request) or handle(request)
+    s = sender(sendgrid_fake)
+
+    s.send(email())
+
+    (request,) = seen
+    assert request.header("Authorization") == f"Bearer {sendgrid_fake.api_key}"
+    assert request.header("User-Agent") == s.client.useragent and request.header("Accept") == "application/json"
+    assert request.header("Content-Type") == "application/json"
+    assert request.body == json.dumps(s.build(email()).get()).encode("utf-8")  # as python_http_client encodes it
+
+
+def test_proxy_settings_come_from_the_environment_as_it_was_at_start(sendgrid_fake, monkeypatch, closed_port):
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port}")  # a proxy that is down
+    proxied = sender(sendgrid_fake)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = sender(sendgrid_fake)
+    monkeypatch.delenv("NO_PROXY")
+
+    with pytest.raises(TransientSendError, match="not reached"):
+        proxied.send(email())  # still goes through the proxy it was started with
+    direct.send(email())  # and this one still not
+
+    assert len(sendgrid_fake.messages) == 1

@@ -252,3 +252,40 @@ def test_proxy_settings_come_from_the_environment_as_it_was_at_start(twilio_fake
     direct.send(sms())
 
     assert len(twilio_fake.messages) == 1
+
+
+# Many threads, one sender: the worker keeps up to REMIND_SEND_CONCURRENCY sends in flight per process.
+
+def test_concurrent_sends_share_pool_size_keep_alive_connections(twilio_fake, connections, slow, at_once,
+                                                                 pool_full):
+    s = sender(twilio_fake, pool_size=64)
+    opened = connections(twilio_fake)
+    slow(twilio_fake, 0.05)  # the sends of a wave overlap
+
+    first = at_once(lambda i: s.send(sms(idempotency_key=f"dl_{i}")), 64)
+    second = at_once(lambda i: s.send(sms(idempotency_key=f"dl_{64 + i}")), 64)
+
+    assert all(isinstance(sid, str) for sid in first + second), [r for r in first + second if not isinstance(r, str)]
+    assert len(twilio_fake.messages) == 128
+    assert opened.opened <= 64  # the second wave reused the first wave's connections
+    assert pool_full() == []
+
+
+def test_a_pool_smaller_than_the_concurrency_does_not_hold_threads_back(twilio_fake, slow, at_once):
+    s = sender(twilio_fake, pool_size=2, timeout=1.0)
+    slow(twilio_fake, 0.2)
+
+    started = time.monotonic()
+    results = at_once(lambda i: s.send(sms()), 16)
+
+    assert all(isinstance(sid, str) for sid in results)
+    assert time.monotonic() - started < 0.2 * 4  # not 16 / 2 answers one after another
+
+
+@pytest.mark.parametrize(("kind", "throttled"), [("20429", True), ("500", False), ("503", False),
+                                                 ("21211", False)])
+def test_only_too_many_requests_is_throttled(twilio_fake, kind, throttled):
+    twilio_fake.fail_next(1, kind)
+    with pytest.raises((TransientSendError, PermanentSendError)) as caught:
+        sender(twilio_fake).send(sms())
+    assert caught.value.throttled is throttled
