@@ -31,6 +31,7 @@ def senders_from_settings(settings: Settings, *, clock=None) -> Mapping[str, Sen
     dev = _dev_sender(settings)
     chosen: dict[str, Sender] = {"sms": dev, "email": dev, "push": dev}
     timeout = settings.provider_timeout
+    pool = settings.send_concurrency  # one keep-alive connection per send the process may have in flight
     if settings.twilio_account_sid and settings.twilio_auth_token:
         from .twilio_sms import TwilioSender
 
@@ -38,24 +39,25 @@ def senders_from_settings(settings: Settings, *, clock=None) -> Mapping[str, Sen
             settings.twilio_account_sid, settings.twilio_auth_token,
             messaging_service_sid=settings.twilio_messaging_service_sid, from_number=settings.twilio_from_number,
             status_callback=f"{settings.public_base}/webhooks/twilio/status", base_url=settings.twilio_api_base_url,
-            timeout=timeout, clock=clock)
+            timeout=timeout, clock=clock, pool_size=pool)
     if settings.sendgrid_api_key:
         from .sendgrid_email import SendGridSender
 
         if not settings.sendgrid_from_email:
             raise ValueError("SENDGRID_FROM_EMAIL is required with SENDGRID_API_KEY")
         chosen["email"] = SendGridSender(settings.sendgrid_api_key, settings.sendgrid_from_email,
-                                         base_url=settings.sendgrid_api_base_url, timeout=timeout)
+                                         base_url=settings.sendgrid_api_base_url, timeout=timeout,
+                                         pool_size=pool)
     if settings.fcm_project_id and settings.fcm_credentials_file:
         from .fcm_push import FcmSender
 
         chosen["push"] = FcmSender(settings.fcm_project_id, settings.fcm_credentials_file,
-                                   base_url=settings.fcm_api_base_url, timeout=timeout)
+                                   base_url=settings.fcm_api_base_url, timeout=timeout, pool_size=pool)
     if settings.platform_webhook_url:
         secret = settings.webhook_secret or ""
         if not secret.startswith("whsec_"):
             raise ValueError("REMIND_WEBHOOK_SECRET (whsec_...) is required with REMIND_PLATFORM_WEBHOOK_URL")
-        chosen["webhook"] = WebhookSender(secret, timeout=timeout)
+        chosen["webhook"] = WebhookSender(secret, timeout=timeout, pool_size=pool)
     return chosen
 
 
