@@ -131,3 +131,44 @@ def test_the_provider_rate_limit_holds_across_worker_processes(tmp_path, postgre
     assert (sent[-1] - sent[0]).total_seconds() >= 24 / 4 - 2
     in_any_3s = max(sum(1 for t in sent if start <= t < start + timedelta(seconds=3)) for start in sent)
     assert in_any_3s <= 3 * 4 + 4, Counter(t.replace(microsecond=0) for t in sent)
+
+
+def test_two_worker_processes_overlap_sends_but_never_exceed_the_providers_limit(tmp_path, postgres_url, redis_url,
+                                                                                  twilio_fake):
+    """Each process keeps many sends in flight (one dramatiq thread each here: without the send pool
+    they could hold 2 at once), and the Twilio limit holds across both processes through Redis."""
+    from support import reset_database
+
+    reset_database(postgres_url)
+    twilio_fake.latency = (0.05, 0.1)
+    namespace = f"remind-proc-{uuid.uuid4().hex}"
+    schedules = daytime_schedules(tmp_path)
+    settings = make_settings(tmp_path, postgres_url, redis_url=redis_url, redis_namespace=namespace,
+                             schedules_dir=schedules)
+    env = {**os.environ, "DATABASE_URL": postgres_url, "REDIS_URL": redis_url,
+           "REMIND_REDIS_NAMESPACE": namespace, "REMIND_OUTBOX": str(settings.outbox),
+           "REMIND_DEV_SENDER": "outbox", "REMIND_SCHEDULES_DIR": str(schedules),
+           "REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_PUBLIC_URL": "https://pay.example",
+           "REMIND_SECRET_KEY": "a-long-random-test-secret", "REMIND_INFLIGHT_SMS": "5",
+           "TWILIO_ACCOUNT_SID": twilio_fake.account_sid, "TWILIO_AUTH_TOKEN": twilio_fake.auth_token,
+           "TWILIO_MESSAGING_SERVICE_SID": twilio_fake.messaging_service_sid,
+           "TWILIO_API_BASE_URL": twilio_fake.base_url}
+    remind = Remind.from_settings(settings)
+    bind(remind, make_broker(settings))
+    started = datetime.now(UTC) - timedelta(minutes=125)  # the 2 h reminder (SMS + push) is due
+    for i in range(40):
+        remind.register(transaction(f"tx_l{i}", created_at=started.isoformat()))
+    enqueued = remind.tick().enqueued
+    assert len(enqueued) == 80
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "remind"), "worker", "-p", "2", "-t", "1"],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(twilio_fake.messages) < 40:
+            time.sleep(0.2)
+    finally:
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+    assert sorted(m.to for m in twilio_fake.messages) == ["+8613800138000"] * 40, output[-2000:]
+    assert twilio_fake.max_in_flight == 5  # more than the 2 threads could hold, never more than the limit
+    assert not twilio_fake.rejected
