@@ -54,7 +54,7 @@ def make_throttle(settings: Settings) -> Callable[[str], bool] | None:
     if settings.redis_url:
         from dramatiq.rate_limits.backends import RedisBackend
 
-        backend = RedisBackend(url=settings.redis_url)
+        backend = RedisBackend(client=redis_client(settings))
     else:
         from dramatiq.rate_limits.backends import StubBackend
 
@@ -76,14 +76,21 @@ def make_throttle(settings: Settings) -> Callable[[str], bool] | None:
     return throttle
 
 
+def redis_client(settings: Settings):
+    """A client for the send path's limits, its pool sized for every send thread at once: redis-py's
+    default pool refuses the 101st connection (MaxConnectionsError); a blocking pool waits instead."""
+    import redis
+
+    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.send_concurrency + 8,
+                                                 timeout=settings.provider_timeout)
+    return redis.Redis(connection_pool=pool)
+
+
 def make_slots(settings: Settings) -> RedisSlots:
     """The providers' in-flight limits, shared through Redis by every worker process on every machine.
     A slot outlives any send (three provider timeouts: a push to several devices), so the slots of a
     killed worker come back by themselves."""
-    import redis
-
-    client = redis.Redis.from_url(settings.redis_url)
-    return RedisSlots(client, settings.redis_namespace, settings.inflight_limits,
+    return RedisSlots(redis_client(settings), settings.redis_namespace, settings.inflight_limits,
                       lease=3 * settings.provider_timeout + 5)
 
 

@@ -190,7 +190,11 @@ class Deliverer:
                 # Left queued with its lease: the caller sends it again after the pause.
                 return delivery_id, "throttled", TransientSendError(
                     f"{channel} rate limit reached", retry_after=0.5 + random.random(), throttled=True)
-            slot = self.slots.acquire(channel, self.slot_wait)
+            try:
+                slot = self.slots.acquire(channel, self.slot_wait)
+            except Exception as exc:  # noqa: BLE001 - Redis away: nothing claimed, try again later
+                log.warning("%s: no in-flight slot (%s); will retry", channel, type(exc).__name__)
+                slot = None
             if slot is None:
                 return delivery_id, "throttled", TransientSendError(
                     f"{channel}: the provider's limit of requests in flight is reached",

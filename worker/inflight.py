@@ -19,6 +19,7 @@ expiry, taken and given back by one Lua script each, so a dead holder's slot exp
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -26,6 +27,10 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
+
+import redis
+
+log = logging.getLogger("remind.inflight")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -155,8 +160,13 @@ class RedisSlots:
             pause = min(pause * 2, 0.05)
 
     def release(self, channel: str, slot: str) -> None:
+        """Never raises: the send is over whatever Redis says, and a slot not given back expires."""
         if channel in self.keys:
-            self.client.zrem(self.keys[channel], slot)
+            try:
+                self.client.zrem(self.keys[channel], slot)
+            except redis.RedisError as exc:
+                log.warning("%s in-flight slot not given back (%s); it expires with its lease", channel,
+                            type(exc).__name__)
 
     def held(self, channel: str) -> int:
         """Slots held now (expired ones included until the next acquire drops them)."""
