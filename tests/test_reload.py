@@ -8,7 +8,7 @@ import time
 from datetime import timedelta
 
 from starlette.testclient import TestClient
-from support import ROOT, make_settings, transaction
+from support import ROOT, T0, make_settings, transaction
 
 from worker.runner import Embedded
 from worker.service import Remind
@@ -77,7 +77,11 @@ def test_a_running_service_picks_up_a_valid_edit_and_refuses_an_invalid_one(tmp_
             assert ready["status"] == "ok" and "reload refused" in ready["checks"]["config"]
             metrics = client.get("/metrics").text
             assert "remind_config_reload_failures_total 2.0" in metrics and "remind_config_ok 0.0" in metrics
-        remind.register(transaction(created_at=None))  # still serving on the last good files
+        # still serving on the last good files: a new transaction runs on the restored 10m ladder
+        registered = remind.register(transaction(created_at=None))
+        assert registered.created and registered.schedule == "default"
+        tx = remind.store.get_transaction("tx_1")
+        assert tx["next_due_at"] == tx["created_at"] + timedelta(minutes=10)
     finally:
         engine.stop()
 
@@ -99,3 +103,32 @@ def test_an_edit_moves_future_steps_and_leaves_past_ones_past(make_harness, tmp_
     assert sorted(steps[-2:]) == [("reminder", "push"), ("reminder", "sms")]
     assert h.remind.show("tx_1")["schedule_version"] != v1
     assert h.remind.reload_if_changed(reschedule=True) is None  # nothing changed since
+
+
+def test_a_comment_only_edit_reschedules_nothing(make_harness, tmp_path):
+    h = make_harness(schedules_dir=folder(tmp_path))
+    h.remind.register(transaction())
+    h.at(minutes=11).tick()  # the nudge went out; the next step is the 2h reminder
+    before = h.remind.store.get_transaction("tx_1")
+    path = tmp_path / "schedules" / "default.yaml"
+    path.write_text("# reviewed by ops\n" + path.read_text().replace("match: {}", "match: {}  # everyone"))
+    h.at(minutes=12)
+    assert h.remind.reload_if_changed(reschedule=True) is True
+    after = h.remind.store.get_transaction("tx_1")
+    assert after["next_due_at"] == before["next_due_at"] == T0 + timedelta(hours=2)
+    assert h.remind.registry.get("default").version == before["schedule_version"]
+
+
+def test_a_name_the_store_cannot_hold_is_refused_and_the_service_keeps_running(make_harness, tmp_path):
+    """A 39-character variant passed validation before, then every tick on PostgreSQL failed."""
+    h = make_harness(schedules_dir=folder(tmp_path))
+    h.remind.register(transaction())
+    path = tmp_path / "schedules" / "default.yaml"
+    path.write_text(LADDER.format(extra="").replace("    template: nudge\n", "    template: nudge\n    variants:\n"
+                    "      - {name: a_variant_named_with_39_characters_long, template: nudge, weight: 1}\n"))
+    assert h.remind.reload_if_changed(reschedule=True) is False
+    assert "steps[0].variants[0].name" in h.remind.config_state["error"]
+    assert "at most 32 (deliveries.variant)" in h.remind.config_state["error"]
+    assert h.remind.registry.get("default").steps[0].variants == ()  # the last good ladder
+    h.at(minutes=11).tick()
+    assert [(line["step"], line["variant"]) for line in h.lines()] == [("nudge", "default")]

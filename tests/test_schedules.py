@@ -148,3 +148,74 @@ def test_reload_keeps_the_last_good_config_when_the_new_one_is_invalid(tmp_path)
         remind.reload()
     assert [s.name for s in remind.registry] == ["mine"]
     assert remind.registry.get("mine").steps[1].template == "reminder"
+
+
+# -- what the store can hold: every identifier a schedule names is written to a column of fixed length --
+
+VARIANTS = GOOD.replace("""    template: reminder
+""", """    template: reminder
+    variants:
+      - {{name: {variant}, template: reminder, weight: 1}}
+      - {{name: b, template: nudge, weight: 1}}
+""")
+
+
+def test_a_variant_name_longer_than_the_store_holds_is_refused_naming_file_line_and_field(tmp_path):
+    """39 characters passed `schedules check`, then every tick on PostgreSQL failed on deliveries.variant."""
+    out = problems(tmp_path, VARIANTS.format(name="x", variant="v" * 39))
+    assert f"s.yaml:12: steps[1].variants[0].name: {'v' * 39!r} is 39 characters; the store holds at most 32 " \
+           "(deliveries.variant)" in out
+    assert load_dir(write(tmp_path, VARIANTS.format(name="x", variant="v" * 32)))  # 32 fits
+
+
+@pytest.mark.parametrize("edit,where", [
+    (lambda t: t.replace("name: x", "name: " + "n" * 65), "s.yaml:1: name: 'nnn"),
+    (lambda t: t.replace("  - after: 15m", "  - id: " + "i" * 65 + "\n    after: 15m"), "s.yaml:5: steps[0].id: 'iii"),
+    (lambda t: t.replace("template: nudge", "template: " + "t" * 65), "s.yaml:7: steps[0].template: 'ttt"),
+    (lambda t: t.replace("template: cancelled", "template: " + "c" * 65), "s.yaml:13: cancel.template: 'ccc"),
+    (lambda t: t.replace("match: {}", "match: {segment: " + "s" * 33 + "}"), "s.yaml:2: match.segment: 'sss"),
+])
+def test_every_identifier_is_checked_against_its_column(tmp_path, edit, where):
+    out = problems(tmp_path, edit(GOOD.format(name="x")))
+    assert where in out and "the store holds at most" in out
+
+
+def test_the_limits_are_the_store_columns():
+    from worker.ladder.model import MAX_LENGTH
+    from worker.store.tables import metadata
+
+    for column, limit in MAX_LENGTH.values():
+        table, name = column.split(".")
+        assert metadata.tables[table].c[name].type.length == limit, column
+
+
+def test_schedules_check_refuses_a_name_the_store_cannot_hold(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    folder = write(tmp_path, VARIANTS.format(name="x", variant="a_variant_named_with_39_characters_long"))
+    monkeypatch.chdir(tmp_path)
+    for key, value in {"REMIND_SCHEDULES_DIR": str(folder), "REMIND_TEMPLATES_DIR": str(ROOT / "templates"),
+                       "DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}"}.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(main, ["schedules", "check"])
+    assert result.exit_code == 1
+    assert "error: " in result.stderr and "s.yaml:12: steps[1].variants[0].name:" in result.stderr
+    assert "at most 32 (deliveries.variant)" in result.stderr
+
+
+# -- a schedule's version is what it means, not how its file is spelled --
+
+def test_a_comment_description_or_layout_edit_keeps_the_version_and_a_real_edit_changes_it(tmp_path):
+    from worker.ladder import load_file
+
+    path = write(tmp_path, GOOD.format(name="x")) / "s.yaml"
+    before = load_file(path).version
+    path.write_text("# ops: tuned on Monday\n" + GOOD.format(name="x").replace("after: 2h", "after: 120m")
+                    .replace("priority: 100", "priority: 100   # the default\ndescription: everyone else"))
+    assert load_file(path).version == before
+    path.write_text(GOOD.format(name="x").replace("after: 2h", "after: 3h"))
+    assert load_file(path).version != before
+    path.write_text(GOOD.format(name="x").replace("reason: not_confirmed", "reason: expired"))
+    assert load_file(path).version != before

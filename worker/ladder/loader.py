@@ -6,9 +6,11 @@ A load is all or nothing: the caller keeps its last good registry when this rais
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from dataclasses import fields, is_dataclass, replace
+from datetime import time, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import yaml
 
 from ..errors import ConfigError
 from .durations import format_duration, parse_duration
-from .model import CHANNELS, Final, Match, Schedule, Step, Variant
+from .model import CHANNELS, MAX_LENGTH, Final, Match, Schedule, Step, Variant
 from .quiet import QuietHours, parse_clock
 
 _TOP_KEYS = {"name", "match", "priority", "steps", "cancel", "escalate", "description", "quiet_hours"}
@@ -93,6 +95,16 @@ def _channels(doc: _Doc, path: tuple[Any, ...], value: Any, *, default: tuple[st
     return tuple(c for c in value if c in CHANNELS)
 
 
+def _fits(doc: _Doc, path: tuple[Any, ...], kind: str, value: Any) -> bool:
+    """False (and an error naming the column) when ``value`` is longer than the store can hold: SQLite
+    would take it, PostgreSQL would refuse the row and with it every tick until the file is fixed."""
+    column, limit = MAX_LENGTH[kind]
+    if isinstance(value, str) and len(value) > limit:
+        doc.error(path, f"{value!r} is {len(value)} characters; the store holds at most {limit} ({column})")
+        return False
+    return True
+
+
 def _unknown_keys(doc: _Doc, path: tuple[Any, ...], value: dict, allowed: set[str]) -> None:
     for key in value:
         if key not in allowed:
@@ -112,6 +124,8 @@ def _match(doc: _Doc, raw: Any) -> Match:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
             doc.error(("match", key), "a name or a list of names")
             return ()
+        for v in value:
+            _fits(doc, ("match", key), "segment" if key == "segment" else "currency", v)
         return tuple(value)
 
     segments, currencies = names("segment"), names("currency")
@@ -156,6 +170,9 @@ def _variants(doc: _Doc, path: tuple[Any, ...], raw: Any) -> tuple[Variant, ...]
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
             doc.error(path + (i, "weight"), "a whole number of at least 1")
             continue
+        if not (_fits(doc, path + (i, "name"), "variant", name)
+                and _fits(doc, path + (i, "template"), "template", template)):
+            continue
         if any(v.name == name for v in out):
             doc.error(path + (i, "name"), f"variant {name!r} is listed twice")
             continue
@@ -195,6 +212,7 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
     if not isinstance(name, str) or not name.strip():
         doc.error(("name",), "required: the schedule's name")
         name = doc.path.stem
+    _fits(doc, ("name",), "schedule", name)
     priority = raw.get("priority", 100)
     if not isinstance(priority, int) or isinstance(priority, bool):
         doc.error(("priority",), "an integer (lower is tried first)")
@@ -216,6 +234,8 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
             if key not in item:
                 doc.error(path + (key,), "required")
         variants = _variants(doc, path + ("variants",), item.get("variants")) if "variants" in item else ()
+        if "template" in item:
+            _fits(doc, path + ("template",), "template", item["template"])
         if variants and "template" not in item:
             item = {**item, "template": variants[0].template}
         after = _duration(doc, path + ("after",), item.get("after"))
@@ -226,6 +246,8 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
             doc.error(path + ("template",), "the name of a template folder")
             template = None
         step_id = str(item.get("id") or template or f"step{i + 1}")
+        if item.get("id"):
+            _fits(doc, path + ("id",), "step", step_id)
         if step_id in seen or step_id in ("cancel", "escalate"):
             doc.error(path + ("id",), f"step id {step_id!r} is used twice; give the step its own id:")
         seen.add(step_id)
@@ -261,6 +283,7 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
     after = _duration(doc, path + ("after",), fin.get("after"))
     channels = _channels(doc, path + ("channels",), fin.get("channels"), default=CHANNELS)
     template, reason = fin.get("template"), fin.get("reason")
+    _fits(doc, path + ("template",), "template", template)
     if after is not None and steps and after <= steps[-1].after:
         doc.error(path + ("after",), f"the {action} step must come after the last reminder "
                   f"({steps[-1].id!r} at {raw_steps[len(steps) - 1].get('after')})")
@@ -274,10 +297,10 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
     if doc.problems or after is None:
         return None
     final = Final(action=action, after=after, template=str(template), reason=str(reason), channels=channels)
-    version = hashlib.sha256(doc.path.read_bytes()).hexdigest()[:12]
     quiet = _quiet(doc, raw["quiet_hours"]) if "quiet_hours" in raw else None
     schedule = Schedule(name=name, match=match, priority=priority, steps=tuple(steps), final=final,
-                        version=version, source=str(doc.path), quiet_hours=quiet)
+                        version="", source=str(doc.path), quiet_hours=quiet)
+    schedule = replace(schedule, version=schedule_version(schedule))
     if check_template:  # a step may fall back to another channel: its template must exist there too
         for i, step in enumerate(schedule.steps):
             for channel in schedule.fallback_for(step.id):
@@ -285,6 +308,26 @@ def _parse(doc: _Doc, check_template: TemplateCheck | None) -> Schedule | None:
                     for problem in check_template(step.template, channel):
                         doc.error(("steps", i, "template"), f"{problem} (used when falling back)")
     return None if doc.problems else schedule
+
+
+def _meaning(value: Any) -> Any:
+    """A schedule as plain JSON values: what it does, without where it came from or how it was spelled."""
+    if is_dataclass(value):
+        return {f.name: _meaning(getattr(value, f.name)) for f in fields(value) if f.name not in ("version", "source")}
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, Decimal | time):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_meaning(v) for v in value]
+    return value
+
+
+def schedule_version(schedule: Schedule) -> str:
+    """The hash of what a schedule means (its parsed model as canonical JSON), not of its file's bytes:
+    an edit to a comment, the description or the layout keeps the version, so it reschedules nothing."""
+    canonical = json.dumps(_meaning(schedule), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 # -- the final-gap rule ---------------------------------------------------------------------------

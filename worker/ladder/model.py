@@ -10,6 +10,18 @@ from .quiet import QuietHours
 
 CHANNELS = ("sms", "email", "push")
 
+#: The longest value the store can hold for each identifier a schedule names (the column lengths in
+#: worker/store/tables.py; a test keeps the two equal). SQLite ignores lengths but PostgreSQL refuses
+#: the row, so the loader refuses a longer name before a tick ever tries to write it.
+MAX_LENGTH = {
+    "schedule": ("transactions.schedule", 64),
+    "step": ("deliveries.step", 64),
+    "template": ("deliveries.template", 64),
+    "variant": ("deliveries.variant", 32),
+    "segment": ("transactions.segment", 32),
+    "currency": ("transactions.currency", 3),
+}
+
 
 @dataclass(frozen=True)
 class Variant:
