@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from .contacts import all_pairs, choose
 from .ladder import Decision, Registry, Schedule, choose_variant, decide
@@ -75,6 +76,15 @@ def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: b
     return d, cursor, rows
 
 
+#: One claimed transaction and what the tick decided for it: (row, decision, cursor, new deliveries).
+_Planned = tuple[dict, Decision, Cursor, list[NewDelivery]]
+
+
+def _set_aside(row: dict, now: datetime) -> Cursor:
+    """The cursor of a transaction that cannot be planned or written: as it was, due again later."""
+    return Cursor(row["id"], row["handled_until"], now + RETRY_BROKEN, None, None, row["schedule_version"])
+
+
 class Scheduler:
     """Claims due work in batches; ``enqueue`` hands delivery ids to the broker after each commit."""
 
@@ -95,6 +105,41 @@ class Scheduler:
                                        amount=row["amount"], currency=row["currency"])
         return schedule
 
+    def _write(self, conn: Any, planned: list[_Planned], broken: list[Cursor], now: datetime) -> tuple[
+            list[int], list[_Planned]]:
+        """Write a batch's cursors and deliveries; return the queued ids and the transactions written.
+
+        One statement each for the whole batch, inside a savepoint. When the store refuses the batch (a
+        value PostgreSQL cannot hold, a bug), each transaction is written again under its own savepoint,
+        and the one that still fails is set aside like one that cannot be planned: one bad row never
+        stops the tick for the others."""
+        try:
+            with conn.begin_nested():
+                self.store.advance(conn, [p[2] for p in planned] + broken, now)
+                ids = self.store.add_deliveries(conn, [d for p in planned for d in p[3]], now, self.lease)
+            return ids, planned
+        except Exception as exc:
+            if getattr(exc, "connection_invalidated", False):
+                raise  # the database is gone, not one row: nothing to set aside
+            log.exception("a batch of %d transactions cannot be written; writing each on its own", len(planned))
+        ids, written, aside = [], [], list(broken)
+        for p in planned:
+            row, _, cursor, new = p
+            try:
+                with conn.begin_nested():
+                    self.store.advance(conn, [cursor], now)
+                    queued = self.store.add_deliveries(conn, new, now, self.lease)
+            except Exception as exc:
+                if getattr(exc, "connection_invalidated", False):
+                    raise
+                log.exception("%s: cannot be written; looking again in %s", row["id"], RETRY_BROKEN)
+                aside.append(_set_aside(row, now))
+                continue
+            ids += queued
+            written.append(p)
+        self.store.advance(conn, aside, now)  # values the rows hold already, so these always fit
+        return ids, written
+
     def tick(self, now: datetime | None = None) -> TickResult:
         """Claim and enqueue everything due at ``now``, batch by batch, until nothing is left."""
         result = TickResult()
@@ -104,25 +149,22 @@ class Scheduler:
                 claimed = self.store.claim_due(conn, now_, self.batch_size)
                 suppressed = self.store.suppressed(conn, [p for row in claimed
                                                           for p in all_pairs(row["content"]["customer"])])
-                cursors, rows = [], []
+                planned: list[_Planned] = []
+                broken: list[Cursor] = []
                 for row in claimed:
                     try:
-                        decision, cursor, new = plan_transaction(row, self._schedule_for(row), now_,
-                                                                 webhook=self.webhook, suppressed=suppressed)
+                        planned.append((row, *plan_transaction(row, self._schedule_for(row), now_,
+                                                               webhook=self.webhook, suppressed=suppressed)))
                     except Exception:  # one bad transaction must not stall everyone's reminders
                         log.exception("%s: cannot plan; looking again in %s", row["id"], RETRY_BROKEN)
-                        cursors.append(Cursor(row["id"], row["handled_until"], now_ + RETRY_BROKEN, None, None,
-                                              row["schedule_version"]))
-                        continue
-                    cursors.append(cursor)
-                    rows += new
+                        broken.append(_set_aside(row, now_))
+                ids, written = self._write(conn, planned, broken, now_)
+                for row, decision, cursor, new in written:
                     result.skipped += sum(1 for r in new if r.status == "skipped")
                     if decision.settle:
                         result.settled += 1
                         log.info("%s %s: deadline reached", row["id"],
                                  "cancelling" if cursor.settle_status == CANCELLED else "escalating")
-                self.store.advance(conn, cursors, now_)
-                ids = self.store.add_deliveries(conn, rows, now_, self.lease)
                 again, lost = self.store.claim_expired(conn, now_, self.batch_size, self.lease)
             result.claimed += len(claimed)
             result.recovered += len(again)
