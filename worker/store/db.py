@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 
 
 def normalize_url(url: str) -> str:
@@ -23,9 +25,11 @@ def make_engine(url: str, **kwargs) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
-        kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("hide_parameters", True)  # errors must not carry phone numbers into logs
-        return create_engine(url, **kwargs)
+        engine = create_engine(url, **kwargs)
+        if not kwargs.get("pool_pre_ping"):
+            _ping_when_idle(engine)
+        return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     kwargs.setdefault("hide_parameters", True)
@@ -47,6 +51,32 @@ def make_engine(url: str, **kwargs) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+#: A pooled connection idle longer than this is pinged before use (the server may have restarted).
+IDLE_PING_SECONDS = 5.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pessimistic disconnect handling, but only for connections that sat idle: ``pool_pre_ping``
+    pings on every checkout, and the send path checks a connection out twice per delivery (claim,
+    then record), so the ping was a third of the worker's database time. A connection in steady use
+    is not pinged; one idle past ``IDLE_PING_SECONDS`` is, and a dead one is replaced (SQLAlchemy
+    retries the checkout on ``DisconnectionError``)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn, record, _proxy) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # noqa: BLE001 - any failure: this connection is not usable
+            raise DisconnectionError(f"idle connection failed its ping: {type(exc).__name__}") from exc
 
 
 def is_postgres(engine: Engine) -> bool:
