@@ -64,7 +64,8 @@ def make_harness(tmp_path, backend) -> Iterator[Callable[..., Harness]]:
     database_url, redis = backend
 
     def build(*, start_worker: bool = True, senders=None, **overrides) -> Harness:
-        settings = make_settings(tmp_path, database_url, redis_url=redis, **overrides)
+        # retries wait REMIND_MIN_BACKOFF_MS (1 s in production) and more: milliseconds keep the suite quick
+        settings = make_settings(tmp_path, database_url, redis_url=redis, **{"min_backoff_ms": 20, **overrides})
         clock = Clock()
         remind = Remind.from_settings(settings, clock=clock, senders=senders)
         broker = make_broker(settings)

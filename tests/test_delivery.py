@@ -3,7 +3,6 @@ are signed (Standard Webhooks) and retried until the platform answers 2xx."""
 
 from __future__ import annotations
 
-import json
 import threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,7 +159,10 @@ def test_cancellation_webhook_is_signed_and_retried_with_the_same_event_id(make_
     assert event["data"]["id"] == "tx_1" and event["data"]["reason"] == "not_confirmed"
     [hook] = [e for e in h.remind.show("tx_1")["timeline"] if e["channel"] == "webhook"]
     assert hook["status"] == "sent" and hook["attempts"] == 2
-    assert json.dumps(event)  # a plain JSON object
+    at = "2026-11-25T11:00:00Z"  # the tick at +2h cancelled it
+    assert event == {"type": "transaction.cancelled", "timestamp": at, "data": {
+        "id": "tx_1", "status": "cancelled", "reason": "not_confirmed", "at": at, "customer_id": "c_42",
+        "amount": "1000.00", "currency": "CNY"}}
 
 
 def test_risk_transactions_escalate_instead_of_cancelling(make_harness, platform):
@@ -281,3 +283,63 @@ def test_a_reminder_refused_before_the_deadline_still_falls_back(make_harness, t
     assert h.remind.deliver(delivery_id) == "failed"
     stored = {d["channel"]: d["status"] for d in h.remind.store.deliveries_of("tx_1") if d["step"] == "nudge"}
     assert stored == {"push": "failed", "sms": "queued"}  # the fallback waits for a worker
+
+
+@pytest.mark.parametrize("ops", ["cancel", "confirm"])
+def test_an_escalation_settled_otherwise_before_it_went_out_is_never_announced(make_harness, platform, ops):
+    """The "under review" notice and transaction.escalated wait in the queue; meanwhile ops cancel (or
+    confirm) the transaction. Neither may go out: the customer and the platform would be told a review
+    is pending for a transfer that was cancelled."""
+    url, received = platform
+    h = make_harness(platform_webhook_url=url, webhook_secret=SECRET)
+    real_enqueue, held = h.remind.enqueue, []
+    h.remind.enqueue = held.extend
+    h.remind.register(transaction(risk_flag=True))
+    h.at(hours=9).tick(settle=False)
+    assert h.remind.show("tx_1")["status"] == "escalated" and held  # the notices and the webhook wait
+    if ops == "cancel":
+        h.remind.cancel("tx_1", "customer asked support")
+    else:
+        h.remind.confirm("tx_1")
+    real_enqueue(held)
+    h.drain()
+    assert h.lines() == [] and received == []
+    view = h.remind.show("tx_1")
+    final = [e for e in view["timeline"] if e["step"] == "escalate"]
+    assert len(final) == len(held) and "webhook" in {e["channel"] for e in final}
+    assert {(e["status"], e["reason"]) for e in final} == {
+        ("skipped", f"not sent: the transaction was {view['status']} first")}
+
+
+@pytest.fixture
+def unreachable_platform():
+    """A platform that answers every webhook with 503."""
+    received: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["content-length"]))
+            received.append(self.headers["webhook-id"])
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hooks", received
+    server.shutdown()
+
+
+def test_a_webhook_the_platform_never_takes_gives_up_after_its_max_attempts(make_harness, unreachable_platform):
+    url, received = unreachable_platform
+    h = make_harness(platform_webhook_url=url, webhook_secret=SECRET, webhook_max_attempts=3, max_attempts=8)
+    h.remind.register(transaction(expires_at=(T0 + timedelta(hours=1)).isoformat()))
+    h.at(hours=2).tick()
+    assert len(received) == 3 and len(set(received)) == 1  # one event, tried three times
+    [hook] = [e for e in h.remind.show("tx_1")["timeline"] if e["channel"] == "webhook"]
+    assert hook["status"] == "failed" and hook["attempts"] == 3
+    assert hook["reason"].startswith("gave up after 3 attempts")
+    h.at(hours=3).tick()  # the lease does not bring it back
+    assert len(received) == 3

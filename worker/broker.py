@@ -25,14 +25,13 @@ from .settings import Settings, parse_rate
 
 log = logging.getLogger("remind.broker")
 
-MIN_BACKOFF_MS = 1_000
 MAX_BACKOFF_MS = 5 * 60_000
 
 
 def make_broker(settings: Settings) -> Broker:
     """A broker with retries sized to our own attempt limits (the delivery row also counts them)."""
     retries = Retries(max_retries=max(settings.max_attempts, settings.webhook_max_attempts) + 5,
-                      min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS)
+                      min_backoff=settings.min_backoff_ms, max_backoff=MAX_BACKOFF_MS)
     if settings.redis_url:
         from dramatiq.brokers.redis import RedisBroker
 
@@ -127,7 +126,8 @@ def bind(remind: Remind, broker: Broker) -> Actors:
     def again_later(delivery_id: int, exc: TransientSendError) -> None:
         """A fresh message: a throttled delivery (and a batch member's retry) starts with none of
         dramatiq's retries used. Recorded already: if this send is lost, the lease sends it."""
-        deliver_actor.send_with_options(args=(delivery_id,), delay=_delay_ms(exc) or _first_backoff_ms())
+        delay = _delay_ms(exc) or _first_backoff_ms(remind.settings)
+        deliver_actor.send_with_options(args=(delivery_id,), delay=delay)
 
     def deliver(delivery_id: int) -> None:
         result = remind.deliverer.deliver_many([delivery_id])
@@ -161,9 +161,9 @@ def _delay_ms(exc: TransientSendError) -> int | None:
     return int(exc.retry_after * 1000) if exc.retry_after is not None else None
 
 
-def _first_backoff_ms() -> int:
+def _first_backoff_ms(settings: Settings) -> int:
     """What dramatiq's Retries would wait before a first retry: the minimum backoff, with jitter."""
-    return compute_backoff(0, factor=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS)[1]
+    return compute_backoff(0, factor=settings.min_backoff_ms, max_backoff=MAX_BACKOFF_MS)[1]
 
 
 class InProcessWorker:

@@ -27,9 +27,18 @@ from .store import CANCELLED, ESCALATED, PENDING, Store
 
 log = logging.getLogger("remind.delivery")
 
-#: The status a transaction must still have when each kind of delivery goes out
-#: (a reminder.failed webhook goes out whatever happened since).
-REQUIRED_STATUS = {"reminder": (PENDING,), "notice": (CANCELLED, ESCALATED), "webhook": (CANCELLED, ESCALATED)}
+#: The status a transaction must still have when a delivery goes out: a reminder while it is pending; a
+#: final notice or webhook only while it still has that step's own outcome, so an "under review" notice
+#: never follows a cancellation, nor a cancellation notice a confirmation (a reminder.failed webhook goes
+#: out whatever happened since).
+REQUIRED_STATUS = {"reminder": (PENDING,), "cancel": (CANCELLED,), "escalate": (ESCALATED,)}
+
+
+def required_status(d: dict[str, Any]) -> tuple[str, ...] | None:
+    """What ``REQUIRED_STATUS`` asks of this delivery: by kind for a reminder, by its final step else."""
+    if d["template"] == "reminder.failed":
+        return None
+    return REQUIRED_STATUS["reminder"] if d["kind"] == "reminder" else REQUIRED_STATUS.get(d["step"], ())
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,7 @@ class Deliverer:
             facts_cache: dict[tuple[str, str], dict[str, Any]] = {}
             for d in rows:
                 tx = txs[d["transaction_id"]]
-                required = None if d["template"] == "reminder.failed" else REQUIRED_STATUS[d["kind"]]
+                required = required_status(d)
                 if required is not None and tx["status"] not in required:
                     skipped.append(_skip(d, f"the transaction was {tx['status']} first"))
                     result.outcomes[d["id"]] = "skipped"

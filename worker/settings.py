@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     delivery_batch: int = Field(20, alias="REMIND_DELIVERY_BATCH", gt=0, le=500)
     max_attempts: int = Field(8, alias="REMIND_MAX_ATTEMPTS", gt=0)
     webhook_max_attempts: int = Field(20, alias="REMIND_WEBHOOK_MAX_ATTEMPTS", gt=0)
+    #: The first retry's wait; dramatiq's backoff doubles it (with jitter) up to 5 minutes.
+    min_backoff_ms: int = Field(1000, alias="REMIND_MIN_BACKOFF_MS", gt=0)
     worker_threads: int = Field(8, alias="REMIND_WORKER_THREADS", gt=0)
     secret_key: str = Field("dev-secret-change-me", alias="REMIND_SECRET_KEY")
     public_url: str = Field("http://127.0.0.1:8000", alias="REMIND_PUBLIC_URL")
