@@ -68,10 +68,16 @@ def test_registering_again_is_a_no_op_and_different_content_a_conflict(remind):
 
 
 def test_created_at_defaults_to_now_and_a_repeat_without_it_is_still_the_same(remind):
+    from datetime import timedelta
+
     payload = transaction()
     del payload["created_at"]
-    assert remind.register(payload).created
-    assert not remind.register(payload).created
+    assert remind.register(payload, now=T0 + timedelta(hours=1)).created
+    view = remind.show("tx_1")
+    assert view["created_at"] == "2026-11-25T10:00:00Z"  # the time it was registered
+    assert view["deadline"] == "2026-11-26T10:00:00Z"  # and the ladder counts from it
+    again = remind.register(payload, now=T0 + timedelta(hours=2))  # a retry an hour later: the same one
+    assert not again.created and remind.show("tx_1")["created_at"] == "2026-11-25T10:00:00Z"
 
 
 def test_invalid_input_writes_nothing(remind):

@@ -209,13 +209,17 @@ def test_cli_check_warns_about_an_sms_over_the_segment_budget(env, tmp_path, mon
     assert run("schedules", "check").stderr == ""
 
 
-def test_cli_check_budget_defaults_to_3(env):
-    from worker.settings import Settings
-
-    assert Settings(_env_file=None).sms_segment_budget == 3
+def test_cli_check_budget_defaults_to_3(env, tmp_path, monkeypatch):
+    """Unset, the budget is 3: the shipped zh-CN reminders (3 UCS-2 segments) pass, a 4-segment SMS warns."""
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    (templates / "en" / "reminder" / "sms.txt").write_text("Reminder " * 50 + "{{ confirm_url }}\n")
+    monkeypatch.setenv("REMIND_TEMPLATES_DIR", str(templates))
     result = run("schedules", "check")
-    assert result.exit_code == 0
-    assert all(line.startswith("warning: ") and "over the budget of 3" in line for line in result.stderr.splitlines())
+    assert result.exit_code == 0, result.output
+    [warning] = result.stderr.splitlines()
+    assert warning.startswith(f"warning: {templates / 'en' / 'reminder' / 'sms.txt'}: 4 SMS segments (GSM-7, ")
+    assert warning.endswith("over the budget of 3 (REMIND_SMS_SEGMENT_BUDGET)")
 
 
 # -- the final-gap rule ---------------------------------------------------------------------------
