@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import uuid
 from decimal import Decimal
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from support import T0, make_settings, transaction
 
 from worker.errors import Conflict, InvalidInput
@@ -92,3 +95,117 @@ def test_new_and_risk_flagged_customers_get_their_schedules(remind):
     view = remind.show("r")
     assert view["deadline"] == "2026-11-25T17:00:00Z"  # risk_review escalates after 8h
     assert T0.isoformat().startswith(view["created_at"][:10])
+
+
+# -- text that cannot be stored, read back or shown -------------------------------------------------
+
+
+def test_a_lone_surrogate_in_metadata_is_refused_naming_the_field_and_writes_nothing(remind):
+    payload = json.loads(json.dumps(transaction()).replace('"app"', '"\\ud800"'))  # what JSON "\ud800" parses to
+    with pytest.raises(InvalidInput) as info:
+        remind.register(payload)
+    assert "lone surrogate" in info.value.problems["metadata.channel"]
+    assert remind.store.counts() == {}
+
+
+@pytest.mark.parametrize("change,field,says", [
+    ({"customer": {"email": "a@b.co\n"}}, "customer.email", "not an email address"),
+    ({"customer": {"email": "li.wei@example"}}, "customer.email", "not an email address"),
+    ({"customer": {"name": "Li\nWei"}}, "customer.name", "control character (U+000A"),
+    ({"customer": {"name": "Li\u202eWei"}}, "customer.name", "control character (U+202E"),
+    ({"customer": {"id": "c\x00"}}, "customer.id", "NUL"),
+    ({"customer": {"segment": "new\x00"}}, "customer.segment", "NUL"),
+    ({"payment_method": "card\r\n1234"}, "payment_method", "control character"),
+    ({"customer": {"push_tokens": ["tok\x07"]}}, "customer.push_tokens.0", "control character"),
+    ({"metadata": {"n": float("nan")}}, "metadata.n", "finite"),
+    ({"metadata": {"note": "a\x00b"}}, "metadata.note", "NUL"),
+    ({"metadata": {"\udc80": "x"}}, "metadata.\\udc80", "the key contains invalid Unicode"),
+    ({"metadata": {"deep": json.loads("[" * 100 + "]" * 100)}}, "metadata.deep", "nested more than"),
+    ({"unknown\ud800": 1}, "unknown\\ud800", "invalid Unicode"),
+])
+def test_text_that_cannot_be_kept_is_refused_naming_the_field(change, field, says):
+    with pytest.raises(InvalidInput) as info:
+        parse_transaction(transaction(**change))
+    found = {k: v for k, v in info.value.problems.items() if k.startswith(field)}
+    assert found and says in next(iter(found.values())), info.value.problems
+
+
+def test_ordinary_international_text_is_kept_as_sent():
+    tx = parse_transaction(transaction(
+        customer={"name": "李 伟 🙂", "email": "李伟@例子.中国"}, payment_method="Carte bancaire • 1234",
+        metadata={"note": "line one\nline two\ttabbed", "emoji": "👍🏽", "nested": {"list": [1, "二", None]}}))
+    data = tx.canonical()
+    assert data["customer"]["name"] == "李 伟 🙂" and data["customer"]["email"] == "李伟@例子.中国"
+    assert data["metadata"]["note"] == "line one\nline two\ttabbed"
+    json.dumps(data, ensure_ascii=False).encode("utf-8")  # storable and readable as UTF-8
+
+
+# -- fuzzing: nothing a client sends gives anything but a valid transaction or InvalidInput -----------
+
+#: Text as a hostile or broken client sends it: lone surrogates, controls, format characters, anything.
+nasty_text = st.one_of(
+    st.text(st.characters(categories=["Cs", "Cc", "Cf", "Zl", "Zp", "L", "N", "S"]), max_size=40),
+    st.text(st.characters(categories=["Cs", "Cc", "L"]), min_size=1, max_size=10),
+    st.text(max_size=20),
+    st.builds(lambda piece, times: piece * times, st.text(min_size=1, max_size=4), st.integers(1, 200_000)),
+    st.sampled_from(["a@b.co\n", "li.wei@example.com", "+8613800138000", "", " ", "\x00", "\ud800", "NaN"]),
+)
+json_leaf = st.one_of(nasty_text, st.integers(-(10**30), 10**30), st.booleans(), st.none(),
+                      st.floats(allow_nan=True, allow_infinity=True), st.decimals(allow_nan=True))
+json_value = st.recursive(json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(nasty_text, inner, max_size=4)), max_leaves=12)
+
+#: Where a fuzzed value lands in an otherwise valid transaction; the free-text fields, which accept
+#: the most, come up most often.
+FREE_TEXT = [("customer", "name"), ("customer", "id"), ("customer", "segment"), ("payment_method",),
+             ("metadata", "note"), ("metadata", "channel")]
+FIELDS = [*FREE_TEXT, *FREE_TEXT, ("id",), ("customer", "phone"), ("customer", "email"),
+          ("customer", "push_tokens"), ("customer", "locale"), ("customer", "timezone"), ("amount",),
+          ("currency",), ("fee",), ("expected_arrival",), ("created_at",), ("expires_at",), ("metadata",),
+          ("risk_flag",), ("extra",)]
+
+
+@st.composite
+def payloads(draw, tx_id: str = "tx_fuzz") -> dict:
+    """A valid transaction with one field (sometimes two) replaced by fuzz, mostly text."""
+    data = transaction(tx_id)
+    chosen = [draw(st.sampled_from(FIELDS))]
+    if draw(st.integers(0, 3)) == 0:
+        chosen.append(draw(st.sampled_from(FIELDS)))
+    for path in sorted(set(chosen), key=len, reverse=True):  # a field inside metadata before metadata itself
+        value = draw(nasty_text if draw(st.integers(0, 3)) else json_value)
+        target = data
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = value
+    return data
+
+
+@given(payloads())
+@example(transaction(metadata={"note": "\ud800"}))
+@settings(max_examples=300, deadline=None)
+def test_fuzzed_payloads_parse_to_a_storable_transaction_or_name_the_problem(payload):
+    try:
+        tx = parse_transaction(payload)
+    except InvalidInput as exc:
+        assert exc.problems and all(isinstance(k, str) and v for k, v in exc.problems.items())
+        json.dumps(exc.problems, ensure_ascii=False).encode("utf-8")  # the 422 body itself can be sent
+        return
+    json.dumps(tx.canonical(), ensure_ascii=False).encode("utf-8")
+
+
+@given(payloads())
+@example(transaction("tx_fuzz", metadata={"note": "\ud800"}))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzzed_registrations_store_a_readable_row_or_none(remind, payload):
+    if payload["id"] == "tx_fuzz":  # one database for every example: a fresh id for each
+        payload = {**payload, "id": f"fz_{uuid.uuid4().hex[:12]}"}
+    before = remind.store.counts().get("transactions_pending", 0)
+    try:
+        remind.register(payload)
+    except InvalidInput:
+        assert remind.store.counts().get("transactions_pending", 0) == before  # a refusal writes nothing
+        return
+    except Conflict:
+        return
+    json.dumps(remind.show(payload["id"]), ensure_ascii=False).encode("utf-8")  # every read still works

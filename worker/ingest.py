@@ -7,24 +7,116 @@ Money is Decimal end to end: a JSON number must reach us already parsed exactly
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 from zoneinfo import available_timezones
 
 import phonenumbers
 from babel.numbers import get_currency_precision, list_currencies
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidInput
 
 _ID = r"^[A-Za-z0-9_.:\-]{1,64}$"
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 _BCP47 = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
 _CURRENCIES = frozenset(list_currencies())
 _ZONES = frozenset(available_timezones()) - {"localtime", "posixrules", "Factory"}
+
+
+#: Characters a one-line field (a name, an id, a payment method) may not hold: C0/C1 controls (a
+#: newline or a NUL would break an SMS, a log line or a PostgreSQL text column), the Unicode line
+#: separators, and the bidi overrides that can make a name reorder the message it is shown in.
+_NOT_IN_A_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: A lone UTF-16 surrogate: a Python str can hold one (JSON "\\ud800" parses to it) but UTF-8 cannot,
+#: so it could be stored and then never be read back out as JSON.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Deeper than this is no metadata a platform means to send, and deep enough to exhaust a recursion.
+_MAX_DEPTH = 32
+
+
+def _one_line(value: str) -> str:
+    found = _NOT_IN_A_LINE.search(value)
+    if found:
+        raise ValueError(f"contains a control character (U+{ord(found.group()):04X} at position {found.start()})")
+    return value
+
+
+#: A single-line text field.
+Line = Annotated[str, AfterValidator(_one_line)]
+
+
+def _text_problems(payload: Any) -> dict[str, str]:
+    """Every string anywhere in ``payload`` (keys too) that cannot be stored and read back: a lone
+    surrogate or a NUL. Iterative, so any depth costs no recursion; named by the field's dotted path."""
+    problems: dict[str, str] = {}
+    stack: list[tuple[str, Any, int]] = [("", payload, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        if isinstance(value, str):
+            why = _bad_text(value)
+            if why:
+                problems[path or "(body)"] = why
+        elif isinstance(value, Mapping | list | tuple):
+            if depth > _MAX_DEPTH:
+                problems[path or "(body)"] = f"nested more than {_MAX_DEPTH} levels deep"
+                continue
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            for key, item in items:
+                bad_key = _bad_text(key) if isinstance(key, str) else None
+                name = repr(key)[1:-1] if bad_key else str(key)  # escaped: the name itself is not UTF-8
+                child = f"{path}.{name}" if path else name
+                if bad_key:
+                    problems[child] = f"the key {bad_key}"
+                else:
+                    stack.append((child, item, depth + 1))
+    return problems
+
+
+def _bad_text(value: str) -> str | None:
+    found = _SURROGATE.search(value)
+    if found:
+        return (f"contains invalid Unicode (a lone surrogate U+{ord(found.group()):04X} at position "
+                f"{found.start()}); send UTF-8 text")
+    if "\x00" in value:
+        return f"contains a NUL character (at position {value.index(chr(0))})"
+    return None
+
+
+def _json_metadata(value: Any, path: str = "metadata") -> dict[str, str]:
+    """Metadata is kept as JSON: only JSON values (string keys, finite numbers) are accepted."""
+    problems: dict[str, str] = {}
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if not isinstance(key, str):
+                    problems[where] = "keys must be strings"
+                    continue
+                stack.append((f"{where}.{key}", inner))
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{where}.{i}", inner) for i, inner in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            problems[where] = "a finite number (not NaN or Infinity)"
+        elif isinstance(item, Decimal) and not item.is_finite():
+            problems[where] = "a finite number (not NaN or Infinity)"
+        elif not isinstance(item, str | int | float | Decimal | bool | type(None)):
+            problems[where] = f"a JSON value (string, number, boolean, null, list or object), not {type(item).__name__}"
+    return problems
 
 
 def _exact_decimal(value: Any) -> Any:
@@ -38,14 +130,14 @@ def _exact_decimal(value: Any) -> Any:
 class Customer(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(min_length=1, max_length=128)
-    name: str = Field(min_length=1, max_length=200)
+    id: Line = Field(min_length=1, max_length=128)
+    name: Line = Field(min_length=1, max_length=200)
     phone: str | None = None
     email: str | None = Field(None, max_length=254)
-    push_tokens: tuple[str, ...] = ()
+    push_tokens: tuple[Line, ...] = ()
     locale: str = "en"
     timezone: str = "UTC"
-    segment: str | None = Field(None, max_length=32)
+    segment: Line | None = Field(None, max_length=32)
 
     @field_validator("phone")
     @classmethod
@@ -64,8 +156,13 @@ class Customer(BaseModel):
     @field_validator("email")
     @classmethod
     def _email(cls, value: str | None) -> str | None:
-        if value is not None and not _EMAIL.match(value):
-            raise ValueError("not an email address")
+        """Syntax only (no DNS lookup at registration); the address is kept as the platform sent it."""
+        if value is None:
+            return None
+        try:
+            validate_email(value, check_deliverability=False)
+        except EmailNotValidError as exc:
+            raise ValueError(f"not an email address: {exc}") from None
         return value
 
     @field_validator("push_tokens")
@@ -108,7 +205,7 @@ class Transaction(BaseModel):
     amount: Decimal
     currency: str
     fee: Decimal = Decimal("0")
-    payment_method: str = Field(min_length=1, max_length=200)
+    payment_method: Line = Field(min_length=1, max_length=200)
     expected_arrival: AwareDatetime
     created_at: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
@@ -136,6 +233,9 @@ class Transaction(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problems = _json_metadata(value)
+        if problems:
+            raise ValueError(json.dumps({k.removeprefix("metadata."): v for k, v in problems.items()}))
         if len(json.dumps(value, default=str)) > 8192:
             raise ValueError("at most 8 KiB of metadata")
         return value
@@ -183,6 +283,9 @@ def parse_transaction(payload: Mapping[str, Any] | Transaction, *, now: datetime
     else:
         if not isinstance(payload, Mapping):
             raise InvalidInput({"(body)": "a JSON object describing one transaction"})
+        problems = _text_problems(payload)  # before anything else reads a string of it
+        if problems:
+            raise InvalidInput(problems)
         try:
             tx = Transaction.model_validate(dict(payload))
         except ValidationError as exc:
