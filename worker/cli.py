@@ -9,40 +9,80 @@ from decimal import Decimal
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
-from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound
+from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound, SettingsError, Unavailable
 from .logs import setup
-from .settings import Settings
+from .settings import Settings, describe_invalid
+
+#: sysexits.h: EX_TEMPFAIL (try again later: the database or Redis is down) and EX_CONFIG (fix a setting).
+EXIT_UNAVAILABLE = 75
+EXIT_CONFIG = 78
+
+
+class Refused(click.ClickException):
+    """One line on stderr, ``remind: ...``, and a distinct exit code: never a traceback."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"remind: {self.format_message()}", err=True, file=file)
+
+
+class _Main(click.Group):
+    """Turns the failures a user can act on into one line and an exit code; the rest stay tracebacks."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SettingsError as exc:
+            raise Refused(str(exc), EXIT_CONFIG) from None
+        except ConfigError as exc:
+            raise Refused("invalid configuration (`remind schedules check` shows every problem): "
+                          + "; ".join(exc.problems), EXIT_CONFIG) from None
+        except ValidationError as exc:
+            raise Refused("; ".join(describe_invalid(exc)), EXIT_CONFIG) from None
+        except Exception as exc:
+            outage = Unavailable.of(exc)
+            if outage is None:
+                raise
+            raise Refused(str(outage), EXIT_UNAVAILABLE) from None
 
 
 def _settings() -> Settings:
-    try:
-        return Settings()
-    except Exception as exc:  # pydantic's ValidationError names the variable
-        raise click.ClickException(f"invalid settings: {exc}") from None
+    return Settings()
 
 
-def _serving(settings: Settings) -> Settings:
-    """Refuse to serve with a forgeable confirmation-link key, except on the local embedded default."""
-    weak = settings.weak_secret()
-    if weak and not settings.local_only:
-        raise click.ClickException(weak)
-    if weak:
-        click.secho(f"warning: {weak} (fine on this laptop, refused with REDIS_URL or a public host)",
-                    fg="yellow", err=True)
+def _folders(settings: Settings) -> Settings:
+    problems = settings.folder_problems()
+    if problems:
+        raise problems[0]
     return settings
 
 
 def _remind(settings: Settings | None = None, *, migrate: bool = True):
     from .service import Remind
 
-    try:
-        return Remind.from_settings(settings or _settings(), migrate=migrate)
-    except ConfigError as exc:
-        raise click.ClickException("invalid configuration:\n" + "\n".join(exc.problems)) from None
+    settings = _folders(settings or _settings())
+    return Remind.from_settings(settings, migrate=migrate)
 
 
-@click.group()
+def _serving(settings: Settings, *, migrate: bool = True):
+    """The service for a long-running process, after the checks every such process makes: folders, a
+    strong signing key (a development one is generated), and in production a provider for every channel."""
+    from .runner import preflight, prepare
+    from .store import upgrade
+
+    remind = _remind(prepare(settings), migrate=False)
+    preflight(remind)
+    if migrate:
+        upgrade(remind.store.engine)
+    return remind
+
+
+@click.group(cls=_Main)
 @click.option("--json-logs", is_flag=True, help="Log one JSON object a line (or REMIND_LOG_FORMAT=json).")
 @click.pass_context
 def main(ctx: click.Context, json_logs: bool) -> None:
@@ -58,7 +98,7 @@ def run(port: int | None) -> None:
     from .runner import Embedded, wait_for_signal
     from .senders import describe
 
-    remind = _remind(_serving(_settings()))
+    remind = _serving(_settings())
     click.echo(f"remind: database {remind.store.engine.url.render_as_string(hide_password=True)}, "
                f"broker {'redis' if remind.settings.redis_url else 'in-process'}, "
                f"senders {describe(remind.senders)}, tick every {remind.settings.tick_seconds}s", err=True)
@@ -84,7 +124,7 @@ def web(port: int | None) -> None:
     """The web app alone: the platform API, confirmation pages, health and metrics."""
     from .runner import watch_config, web_server
 
-    remind = _remind(_serving(_settings()))
+    remind = _serving(_settings())
     watch_config(remind)
     web_server(remind, port=port).run()
 
@@ -96,8 +136,9 @@ def scheduler() -> None:
 
     settings = _settings()
     if not settings.redis_url:
-        raise click.ClickException("remind scheduler needs REDIS_URL; use `remind run` for the embedded default")
-    run_scheduler(_remind(_serving(settings)))
+        raise SettingsError("REDIS_URL", "remind scheduler needs it, to enqueue for `remind worker` processes; "
+                            "use `remind run` for the embedded default")
+    run_scheduler(_serving(settings))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -106,9 +147,11 @@ def scheduler() -> None:
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def worker(processes: int | None, threads: int | None, extra: tuple[str, ...]) -> None:
     """Dramatiq worker processes on Redis (extra arguments go to dramatiq)."""
-    settings = _serving(_settings())
+    settings = _settings()
     if not settings.redis_url:
-        raise click.ClickException("remind worker needs REDIS_URL; use `remind run` for the embedded default")
+        raise SettingsError("REDIS_URL", "remind worker needs it, to consume what `remind scheduler` enqueues; "
+                            "use `remind run` for the embedded default")
+    _serving(settings, migrate=False)  # refuse here, once, rather than in every worker process
     from dramatiq.cli import main as dramatiq_main
 
     args = ["dramatiq", "worker.dramatiq_app", "--threads", str(threads or settings.worker_threads),
@@ -145,7 +188,7 @@ def schedules_check() -> None:
     from .ladder import format_duration
     from .service import load_config
 
-    settings = _settings()
+    settings = _folders(_settings())
     try:
         registry, templates = load_config(settings)
     except ConfigError as exc:
@@ -174,7 +217,7 @@ def schedules_preview(name: str, tx_file, locale: str | None, as_json: bool) -> 
     from .preview import preview, to_text
     from .service import load_config
 
-    settings = _settings()
+    settings = _folders(_settings())
     try:
         config = load_config(settings)
     except ConfigError as exc:

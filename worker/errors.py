@@ -77,3 +77,51 @@ class TransientSendError(SendError):
 
 class PermanentSendError(SendError):
     """The provider refused the message for good (invalid number, opted out): never retried."""
+
+
+class SettingsError(RemindError):
+    """A setting stops a process from starting: ``setting`` names the variable, the message what to do."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        self.setting = setting
+        self.message = message
+        super().__init__(f"{setting}: {message}")
+
+
+class Unavailable(RemindError):
+    """The database or Redis cannot be reached right now; the same call may succeed in a minute."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"the {what} is unreachable ({reason}); try again in a minute (repeating is safe)")
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Unavailable | None:
+        """``exc`` as an outage when it is one (a refused or dropped connection, a locked SQLite file), else
+        None: a bug or a constraint violation must not pass for an outage."""
+        import redis.exceptions
+        import sqlalchemy.exc
+
+        if isinstance(exc, cls):
+            return exc
+        if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+            return cls("Redis broker", cls._first_line(exc))
+        if isinstance(exc, sqlalchemy.exc.DBAPIError) and (exc.connection_invalidated or isinstance(
+                exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)):
+            reason = cls._first_line(exc.orig or exc)
+            if type(exc.orig).__module__ == "sqlite3" and not reason.startswith(cls._SQLITE_OUTAGES):
+                return None  # "no such table" and the like are bugs, not outages
+            return cls("database", reason)
+        if isinstance(exc, sqlalchemy.exc.TimeoutError):  # the connection pool stayed empty
+            return cls("database", "no free connection in the pool")
+        return None
+
+
+    #: SQLite errors that mean "busy or not there", unlike "no such table".
+    _SQLITE_OUTAGES = ("database is locked", "unable to open database file", "disk I/O error")
+
+    @staticmethod
+    def _first_line(exc: BaseException) -> str:
+        text = str(exc).strip().splitlines()
+        return text[0][:200] if text else type(exc).__name__

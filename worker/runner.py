@@ -11,9 +11,32 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from .broker import InProcessWorker, bind, make_broker
+from .errors import SettingsError
+from .senders import check_channels
 from .service import Remind
+from .settings import Settings
 
 log = logging.getLogger("remind.runner")
+
+
+def prepare(settings: Settings) -> Settings:
+    """What every long-running process checks before it builds anything: folders, then the signing key (a
+    development key is generated into a local file). Raises SettingsError naming the setting."""
+    problems = settings.folder_problems()
+    if problems:
+        raise problems[0]
+    settings = settings.with_secret()
+    if settings.production and "public_url" not in settings.model_fields_set:
+        raise SettingsError("REMIND_PUBLIC_URL", "required in production: the https:// address customers open "
+                            "confirmation links on")
+    return settings
+
+
+def preflight(remind: Remind) -> None:
+    """After the schedules are loaded: in production every channel they use must reach a real provider."""
+    channels = {c for s in remind.registry for step in s.steps for c in (*step.channels, *(step.fallback or ()))}
+    channels |= {c for s in remind.registry for c in s.final.channels}
+    check_channels(remind.settings, channels)
 
 
 def _tick(remind: Remind) -> None:
@@ -66,8 +89,8 @@ def web_server(remind: Remind, host: str | None = None, port: int | None = None)
 
     from .web.app import create_app
 
-    config = uvicorn.Config(create_app(remind), host=host or remind.settings.host,
-                            port=remind.settings.port if port is None else port, log_level="warning",
+    config = uvicorn.Config(create_app(remind), host=host or remind.settings.listen_host,
+                            port=remind.settings.listen_port if port is None else port, log_level="warning",
                             server_header=False, proxy_headers=True)
     return uvicorn.Server(config)
 

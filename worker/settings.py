@@ -2,14 +2,63 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .errors import SettingsError
 from .ladder.durations import parse_duration
 
+#: Published values (old defaults, examples): a key anyone can read lets anyone forge a confirmation link.
 _KNOWN_SECRETS = frozenset({"dev-secret-change-me", "change-me", "changeme", "secret"})
+_MIN_SECRET = 16
+#: Where development keeps its generated key, next to the SQLite database (gitignored).
+SECRET_FILE = ".remind-secret"
+
+
+def secret_problem(value: str) -> str | None:
+    """Why ``value`` cannot sign confirmation links, or None. Anyone who knows the key can confirm anyone's
+    transfer, so a published or guessable key is refused everywhere, development included."""
+    if value in _KNOWN_SECRETS:
+        return "is a published example value"
+    if len(value) < _MIN_SECRET:
+        return f"is shorter than {_MIN_SECRET} characters"
+    if len(set(value)) < 8:
+        return "is too repetitive to be random"
+    return None
+
+
+def describe_invalid(exc: ValidationError) -> list[str]:
+    """pydantic's report as one line a variable, without the values (a secret may be one of them)."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(message if not where or message.startswith(where) else f"{where}: {message}")
+    return list(dict.fromkeys(lines))
+
+
+def local_secret(path: Path) -> str:
+    """The development key: read from ``path``, or generated there once (mode 0600), as Rails keeps
+    tmp/local_secret.txt. Links sent before a restart keep working; nobody else knows the key."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        value = path.read_text(encoding="utf-8").strip()
+        if secret_problem(value):
+            raise SettingsError("REMIND_SECRET_KEY", f"{path} {secret_problem(value)}; delete it to have a new "
+                                "key generated, or set REMIND_SECRET_KEY") from None
+        return value
+    except OSError as exc:
+        raise SettingsError("REMIND_SECRET_KEY", f"cannot create {path} ({exc.strerror}); set "
+                            "REMIND_SECRET_KEY to a long random value, e.g. `openssl rand -hex 32`") from None
+    value = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value + "\n")
+    return value
 
 
 def parse_rate(text: str) -> tuple[int, int]:
@@ -29,12 +78,16 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
+    #: ``production`` makes every process refuse to start without a strong secret and provider credentials;
+    #: a PostgreSQL DATABASE_URL or a REDIS_URL implies it.
+    env: str = Field("development", alias="REMIND_ENV")
     database_url: str = Field("sqlite:///remind.db", alias="DATABASE_URL")
     redis_url: str | None = Field(None, alias="REDIS_URL")
     schedules_dir: Path = Field(Path("schedules"), alias="REMIND_SCHEDULES_DIR")
     templates_dir: Path = Field(Path("templates"), alias="REMIND_TEMPLATES_DIR")
     outbox: Path = Field(Path("outbox.jsonl"), alias="REMIND_OUTBOX")
-    dev_sender: str = Field("outbox,console", alias="REMIND_DEV_SENDER")
+    #: Sinks for channels without provider credentials. Unset: outbox,console in development, none in production.
+    dev_sender: str | None = Field(None, alias="REMIND_DEV_SENDER")
     tick_seconds: float = Field(5.0, alias="REMIND_TICK_SECONDS", gt=0)
     reload_seconds: float = Field(2.0, alias="REMIND_RELOAD_SECONDS", ge=0)  # 0: no hot reload
     lease_seconds: float = Field(300.0, alias="REMIND_LEASE_SECONDS", gt=0)
@@ -46,7 +99,8 @@ class Settings(BaseSettings):
     #: The first retry's wait; dramatiq's backoff doubles it (with jitter) up to 5 minutes.
     min_backoff_ms: int = Field(1000, alias="REMIND_MIN_BACKOFF_MS", gt=0)
     worker_threads: int = Field(8, alias="REMIND_WORKER_THREADS", gt=0)
-    secret_key: str = Field("dev-secret-change-me", alias="REMIND_SECRET_KEY")
+    #: Signs confirmation links. Unset: development generates one into SECRET_FILE; production refuses to start.
+    secret_key: str = Field("", alias="REMIND_SECRET_KEY")
     public_url: str = Field("http://127.0.0.1:8000", alias="REMIND_PUBLIC_URL")
     restart_url: str | None = Field(None, alias="REMIND_RESTART_URL")
     platform_webhook_url: str | None = Field(None, alias="REMIND_PLATFORM_WEBHOOK_URL")
@@ -79,15 +133,33 @@ class Settings(BaseSettings):
     fcm_credentials_file: Path | None = Field(None, alias="FCM_CREDENTIALS_FILE")
     fcm_api_base_url: str = Field("https://fcm.googleapis.com", alias="FCM_API_BASE_URL")
     provider_timeout: float = Field(10.0, alias="REMIND_PROVIDER_TIMEOUT", gt=0)
-    host: str = Field("127.0.0.1", alias="REMIND_HOST")
-    port: int = Field(8000, alias="PORT", ge=0, le=65535)
+    #: Unset: 0.0.0.0 when PORT is set (a platform such as Heroku routes to it), else 127.0.0.1.
+    host: str | None = Field(None, alias="REMIND_HOST")
+    port: int | None = Field(None, alias="PORT", ge=0, le=65535)
     api_tokens: str = Field("", alias="REMIND_API_TOKEN")
     max_body_bytes: int = Field(65536, alias="REMIND_MAX_BODY_BYTES", gt=0)
     sms_segment_budget: int = Field(3, alias="REMIND_SMS_SEGMENT_BUDGET", gt=0)  # `schedules check` warns above
 
+    @field_validator("env")
+    @classmethod
+    def _known_env(cls, value: str) -> str:
+        if value not in ("development", "production"):
+            raise ValueError("REMIND_ENV is development or production")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _not_published(cls, value: str) -> str:
+        if value in _KNOWN_SECRETS:
+            raise ValueError(f"REMIND_SECRET_KEY {secret_problem(value)}: set a long random value "
+                             "(`openssl rand -hex 32`), or leave it unset in development")
+        return value
+
     @field_validator("dev_sender")
     @classmethod
-    def _known_sinks(cls, value: str) -> str:
+    def _known_sinks(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         sinks = [s.strip() for s in value.split(",") if s.strip()]
         unknown = [s for s in sinks if s not in ("outbox", "console")]
         if not sinks or unknown:
@@ -116,17 +188,60 @@ class Settings(BaseSettings):
     def public_base(self) -> str:
         return self.public_url.rstrip("/")
 
-    def weak_secret(self) -> str | None:
-        """Why REMIND_SECRET_KEY cannot sign confirmation links here, or None. A known or short key lets
-        anyone forge a link and confirm someone else's transfer."""
-        if self.secret_key in _KNOWN_SECRETS or len(self.secret_key) < 16:
-            return "REMIND_SECRET_KEY is a known default or shorter than 16 characters; set a long random value"
-        return None
+    @property
+    def production(self) -> bool:
+        """Customers are real here: REMIND_ENV=production, or a shared database or broker implies it."""
+        return self.env == "production" or not self.database_url.startswith("sqlite") or bool(self.redis_url)
 
     @property
-    def local_only(self) -> bool:
-        """The embedded default on a laptop: no Redis, serving on loopback."""
-        return not self.redis_url and self.host in ("127.0.0.1", "localhost", "::1")
+    def dev_sinks(self) -> str | None:
+        """The sinks standing in for providers: what REMIND_DEV_SENDER says, else outbox,console in
+        development and none in production (a missing credential must not pass for a sent message)."""
+        if self.dev_sender:
+            return self.dev_sender
+        return None if self.production else "outbox,console"
+
+    @property
+    def listen_host(self) -> str:
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.port is not None else "127.0.0.1"
+
+    @property
+    def listen_port(self) -> int:
+        return 8000 if self.port is None else self.port
+
+    @property
+    def secret_file(self) -> Path:
+        """SECRET_FILE beside the SQLite database file (the working folder for an in-memory database)."""
+        rest = self.database_url.split("?", 1)[0].partition("://")[2]  # sqlite:///rel.db, sqlite:////abs.db
+        path = rest[1:] if rest.startswith("/") else ""
+        return (Path(path).parent if path and path != ":memory:" else Path(".")) / SECRET_FILE
+
+    def with_secret(self) -> Settings:
+        """These settings with the key a process signs links with. Raises SettingsError naming
+        REMIND_SECRET_KEY when it is weak, or unset in production."""
+        if self.secret_key:
+            problem = secret_problem(self.secret_key)
+            if problem:
+                raise SettingsError("REMIND_SECRET_KEY", f"{problem}: anyone who guesses it can confirm any "
+                                    "transfer; set a long random value, e.g. `openssl rand -hex 32`")
+            return self
+        if self.production:
+            raise SettingsError("REMIND_SECRET_KEY", "required in production (REMIND_ENV=production, a PostgreSQL "
+                                "DATABASE_URL or REDIS_URL): set a long random value, e.g. `openssl rand -hex 32`")
+        return self.model_copy(update={"secret_key": local_secret(self.secret_file)})
+
+    def folder_problems(self) -> list[SettingsError]:
+        """The schedules and templates folders that are missing, each naming its setting and what to do."""
+        problems = []
+        for setting, what, folder in (("REMIND_SCHEDULES_DIR", "schedules", self.schedules_dir),
+                                      ("REMIND_TEMPLATES_DIR", "templates", self.templates_dir)):
+            if not Path(folder).is_dir():
+                shown = folder if Path(folder).is_absolute() else f"./{folder}"
+                problems.append(SettingsError(setting, f"the {what} folder {shown} does not exist; set {setting} "
+                                              f"to your {what} folder, or run from the folder that holds {what}/"))
+        return problems
 
     @property
     def api_token_list(self) -> list[str]:
