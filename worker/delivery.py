@@ -16,7 +16,7 @@ from jinja2 import TemplateError
 
 from .contacts import CONTACT_FIELD, all_pairs, usable
 from .errors import PermanentSendError, SendError, TransientSendError
-from .inflight import ProviderSlots, SendPool, Unlimited
+from .inflight import Gather, ProviderSlots, SendPool, Unlimited
 from .links import confirm_url
 from .masking import mask_recipient
 from .outcomes import Outcomes
@@ -138,6 +138,9 @@ class Deliverer:
         self.slots: ProviderSlots = slots or Unlimited()
         #: How long a send waits for room at its provider before it is handed back as throttled.
         self.slot_wait = slot_wait
+        #: Claims and results of the sends in flight, gathered into one statement per round trip.
+        self._claim = Gather(self._claim_bulk)
+        self._record = Gather(self._record_bulk)
         #: Set by the broker wiring: throttle(channel) -> False when the provider's rate limit is reached.
         self.throttle: Callable[[str], bool] | None = None
 
@@ -221,9 +224,7 @@ class Deliverer:
 
     def _claim_and_send(self, item: _Ready, release: Callable[[], None]) -> tuple[int, str, TransientSendError | None]:
         delivery_id = item.d["id"]
-        now = self.store.clock()
-        with self.store.autocommit() as conn:
-            attempts = self.store.claim_delivery(conn, delivery_id, item.required, now, now + self.opts.lease)
+        attempts = self._claim((delivery_id, item.required))
         if attempts is None:
             return delivery_id, self._not_claimed(item), None
         item.attempts = attempts
@@ -239,11 +240,23 @@ class Deliverer:
                 "id": delivery_id, "status": "failed", "lease_until": None,
                 "reason": f"outcome unknown: the send raised {type(exc).__name__}; not resent"}
         if record is not None:
-            # Only over our own claim: a status callback (delivered) or the lease (failed) may have
-            # written first, and their word stands.
-            with self.store.autocommit() as conn:
-                self.store.update_deliveries(conn, [record], if_status="sending")
+            self._record(record)
         return delivery_id, outcome, again
+
+    def _claim_bulk(self, claims: list[tuple[int, tuple[str, ...] | None]]) -> list[int | None]:
+        """The attempt number of each claim, None where it was not claimed. An id asked twice at once
+        (duplicate messages in one process) is given to the first asker only."""
+        now = self.store.clock()
+        with self.store.autocommit() as conn:
+            claimed = self.store.claim_deliveries(conn, claims, now, now + self.opts.lease)
+        return [claimed.pop(delivery_id, None) for delivery_id, _ in claims]
+
+    def _record_bulk(self, records: list[dict[str, Any]]) -> list[None]:
+        # Only over our own claim: a status callback (delivered) or the lease (failed) may have
+        # written first, and their word stands.
+        with self.store.autocommit() as conn:
+            self.store.update_deliveries(conn, records, if_status="sending")
+        return [None] * len(records)
 
     def _prepare(self, d: dict[str, Any], tx: dict[str, Any], required: tuple[str, ...] | None,
                  suppressed: set[tuple[str, str]], now: datetime,

@@ -96,6 +96,20 @@ _ADVANCE_UNNEST = text("""
     WHERE tx.id = c.id""")
 
 
+#: ``claim_delivery`` for many ids (PostgreSQL): the same conditions, the same share lock on each
+#: delivery's transaction, one fixed statement text.
+_CLAIM_MANY = text("""
+    UPDATE deliveries AS d
+    SET status = 'sending', started_at = :now, attempts = d.attempts + 1, lease_until = :lease_until,
+        updated_at = :now
+    WHERE d.id = ANY(CAST(:ids AS bigint[])) AND d.status = 'queued'
+      AND (CAST(:any_status AS boolean) OR EXISTS (
+          SELECT 1 FROM transactions AS t
+          WHERE t.id = d.transaction_id AND t.status = ANY(CAST(:statuses AS text[]))
+          FOR SHARE OF t))
+    RETURNING d.id, d.attempts""")
+
+
 class Store:
     def __init__(self, engine: Engine, *, clock=None) -> None:
         self.engine = engine
@@ -297,6 +311,25 @@ class Store:
             return conn.execute(self._claim_any, {"b_id": delivery_id, "b_now": now, "b_lease": lease_until}).scalar()
         return conn.execute(self._claim_if, {"b_id": delivery_id, "b_now": now, "b_lease": lease_until,
                                              "b_statuses": list(tx_statuses)}).scalar()
+
+    def claim_deliveries(self, conn: Connection | None, claims: Sequence[tuple[int, Sequence[str] | None]],
+                         now: datetime, lease_until: datetime) -> dict[int, int]:
+        """Many ``claim_delivery`` calls at once: {delivery id: attempt number} of those claimed. On
+        PostgreSQL one statement per set of statuses, each row decided exactly as alone (the send pool
+        gathers the claims its threads make at the same moment, a round trip for many)."""
+        groups: dict[tuple[str, ...] | None, list[int]] = {}
+        for delivery_id, statuses in claims:
+            groups.setdefault(tuple(statuses) if statuses is not None else None, []).append(delivery_id)
+        if conn is None or not self.pg:
+            return {i: n for statuses, ids in groups.items() for i in ids
+                    if (n := self.claim_delivery(conn, i, statuses, now, lease_until)) is not None}
+        claimed: dict[int, int] = {}
+        for statuses, ids in groups.items():
+            rows = conn.execute(_CLAIM_MANY, {"ids": sorted(set(ids)), "any_status": statuses is None,
+                                              "statuses": list(statuses or ()), "now": now,
+                                              "lease_until": lease_until})
+            claimed.update({row.id: row.attempts for row in rows})
+        return claimed
 
     def _claim_statements(self) -> None:
         """Built once: building a Core statement per call cost more CPU than executing it."""
