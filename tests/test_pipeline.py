@@ -4,6 +4,7 @@ in-process broker and on PostgreSQL with the real Redis broker."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -146,26 +147,46 @@ def test_two_schedulers_never_double_send(make_harness):
 
 
 def test_confirm_and_deadline_race_settles_each_transaction_once(make_harness):
-    h = make_harness()
+    """Customers confirm while the tick settles the passed deadlines, batch after batch. The race is
+    forced: the confirmations start while the tick holds its first batch, and the tick's later batches
+    wait until one confirmation got in first, so both outcomes happen on every run."""
+    h = make_harness(batch_size=10)
     ids = [f"tx_{i:03}" for i in range(40)]
     for tx_id in ids:
         h.remind.register(transaction(tx_id, expires_at=(T0 + timedelta(hours=1)).isoformat()))
     h.clock.set(T0 + timedelta(hours=2))
     outcomes = {}
+    holding, one_confirmed = threading.Event(), threading.Event()
+    store, real_advance, real_enqueue = h.remind.store, h.remind.store.advance, h.remind.enqueue
+
+    def advance(conn, cursors, now):  # inside the tick's database transaction: its rows are claimed
+        holding.set()
+        time.sleep(0.1)  # let the confirmations run into the claim
+        return real_advance(conn, cursors, now)
+
+    def enqueue(ids_):  # after a batch committed: the next batch waits for a confirmation to land first
+        assert one_confirmed.wait(10), "no confirmation got in between two batches"
+        real_enqueue(ids_)
+
+    store.advance, h.remind.enqueue = advance, enqueue
 
     def confirm_all():
+        assert holding.wait(10)
         for tx_id in ids:
             try:
                 h.remind.confirm(tx_id)
                 outcomes[tx_id] = "confirmed"
+                one_confirmed.set()
             except AlreadySettled:
                 outcomes[tx_id] = "cancelled"
 
     t = threading.Thread(target=confirm_all)
     t.start()
-    h.remind.tick(h.clock())
+    result = h.remind.tick(h.clock())
     t.join()
     h.drain()
+    assert set(outcomes.values()) == {"confirmed", "cancelled"}, outcomes  # the race happened both ways
+    assert result.settled == list(outcomes.values()).count("cancelled")
     for tx_id in ids:
         view = h.remind.show(tx_id)
         assert view["status"] == outcomes[tx_id]

@@ -136,3 +136,16 @@ def test_a_sendgrid_bounce_fails_the_email_and_an_unsubscribe_stops_email(setup,
     h.tick()  # new_customer's guide goes by email + push: email is now off for this customer
     guide = {e["channel"]: e for e in h.remind.show("tx_2")["timeline"] if e["step"] == "guide"}
     assert guide["email"]["status"] == "skipped" and "unsubscribed" in guide["email"]["reason"]
+
+
+def test_an_inbound_start_after_stop_turns_sms_back_on(setup):
+    h, client = setup
+    stop = twilio_post(client, "/webhooks/twilio/inbound", {"From": "+8613800138000", "Body": "STOP"})
+    assert stop.status_code == 200
+    response = twilio_post(client, "/webhooks/twilio/inbound", {"From": "+8613800138000", "Body": " Start "})
+    assert response.status_code == 200 and "<Response>" in response.text
+    h.at(minutes=1205).tick()
+    final = entries(h, "final_warning")
+    assert final["sms"]["status"] == "sent"  # re-subscribed: the final warning goes by SMS again
+    assert [line["recipient"] for line in h.lines("tx_1") if line["step"] == "final_warning"
+            and line["channel"] == "sms"] == ["+8613800138000"]

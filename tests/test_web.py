@@ -220,3 +220,30 @@ def test_scheduler_lag_is_measured_on_the_service_clock(remind, client):
     remind.store.clock.set(T0 + timedelta(hours=1))
     metrics = client.get("/metrics").text
     assert "remind_scheduler_lag_seconds 2700.0" in metrics
+
+
+def test_a_customer_link_never_overrides_a_review(client, remind):
+    """A risk-flagged transfer escalated to ops review at its deadline; the web process's clock is a second
+    behind the scheduler's, so the link is still alive. The customer's tap must not confirm a transfer
+    that ops are reviewing (only ops may)."""
+    from datetime import datetime
+
+    assert post_tx(client, transaction("tx_risk", risk_flag=True, customer={"locale": "en"})).status_code == 201
+    deadline = datetime.fromisoformat(remind.show("tx_risk")["deadline"])
+    remind.enqueue = lambda ids: None  # the notices are not what this test is about
+    remind.tick(deadline)  # the scheduler reached the deadline: escalated
+    remind.store.clock.set(deadline - timedelta(seconds=1))
+    path = "/c/" + make_token(remind.settings.secret_key, "tx_risk", deadline)
+    page = client.get(path)
+    assert page.status_code == 409 and "under review" in page.text and "<form" not in page.text
+    tapped = client.post(path)
+    assert tapped.status_code == 409 and "under review" in tapped.text
+    assert remind.show("tx_risk")["status"] == "escalated"
+    assert remind.confirm("tx_risk")["status"] == "confirmed"  # ops still can
+
+
+def test_a_valid_token_for_an_unknown_transaction_changes_nothing(client, remind):
+    path = "/c/" + make_token(remind.settings.secret_key, "tx_nobody", T0 + timedelta(days=1))
+    for response in (client.get(path), client.post(path)):
+        assert response.status_code == 404 and "not valid" in response.text
+    assert remind.store.counts() == {}
