@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..ingest import Line
+
 Status = Literal["pending", "confirmed", "cancelled", "escalated"]
 
 
@@ -42,7 +44,7 @@ class TransactionView(BaseModel):
 
 class CancelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str = Field(min_length=1, max_length=500)
+    reason: Line = Field(min_length=1, max_length=500)  # one line of text: no NUL or control characters
 
 
 class ErrorBody(BaseModel):
