@@ -72,3 +72,23 @@ def test_schedules_check_passes_on_the_shipped_files_and_fails_on_a_broken_one(e
 def test_db_upgrade_is_idempotent(env):
     assert run("db", "upgrade").exit_code == 0
     assert run("db", "upgrade").output.strip() == "database is up to date"
+
+
+@pytest.mark.parametrize("command", [["tx", "show", "tx_1"], ["schedules", "check"], ["demo"], ["run"]])
+def test_a_missing_templates_folder_is_one_line_naming_the_setting(env, monkeypatch, command):
+    monkeypatch.setenv("REMIND_TEMPLATES_DIR", "templates")  # relative: the working folder has none
+    result = run(*command)
+    assert result.exit_code == 78
+    assert result.output.splitlines() == [
+        "remind: REMIND_TEMPLATES_DIR: the templates folder ./templates does not exist; set REMIND_TEMPLATES_DIR "
+        "to your templates folder, or run from the folder that holds templates/"]
+
+
+def test_an_invalid_setting_is_one_line_naming_the_variable_without_its_value(env, monkeypatch):
+    monkeypatch.setenv("REMIND_TICK_SECONDS", "often")
+    monkeypatch.setenv("REMIND_SECRET_KEY", "change-me")
+    result = run("tx", "show", "tx_1")
+    assert result.exit_code == 78
+    line, = result.output.splitlines()
+    assert line.startswith("remind: REMIND_TICK_SECONDS: Input should be a valid number")
+    assert "REMIND_SECRET_KEY is a published example value" in line

@@ -6,6 +6,7 @@ escalate across push, SMS and email, then the transaction is cancelled with a no
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import tempfile
 import time
@@ -18,6 +19,9 @@ from ..service import Remind
 from ..settings import Settings
 
 DEMO_SCHEDULE = Path(__file__).parent / "demo.yaml"
+#: The templates the package ships (a link to the top-level templates/ in the source tree, files in a
+#: wheel), so the demo runs from any directory.
+SHIPPED_TEMPLATES = Path(__file__).parent / "templates"
 
 
 def demo_transactions(now: datetime) -> list[dict]:
@@ -39,15 +43,23 @@ def demo_transactions(now: datetime) -> list[dict]:
 
 
 def run_demo(base: Settings, say: Callable[[str], None], timeout: float = 55.0) -> bool:
-    """Run the demo; True when both transactions settled in time."""
+    """Run the demo; True when both transactions settled in time. It keeps nothing but the outbox: a fresh
+    database, the package's templates (unless REMIND_TEMPLATES_DIR is set) and a key nobody else knows."""
     work = Path(tempfile.mkdtemp(prefix="remind-demo-"))
     try:
         schedules = work / "schedules"
         schedules.mkdir()
         shutil.copy(DEMO_SCHEDULE, schedules / "demo.yaml")
+        templates = base.templates_dir if "templates_dir" in base.model_fields_set else SHIPPED_TEMPLATES
         settings = base.model_copy(update={
-            "database_url": f"sqlite:///{work / 'demo.db'}", "redis_url": None, "schedules_dir": schedules,
-            "tick_seconds": 0.5, "worker_threads": 4, "platform_webhook_url": None})
+            "env": "development", "database_url": f"sqlite:///{work / 'demo.db'}", "redis_url": None,
+            "schedules_dir": schedules, "templates_dir": templates, "secret_key": secrets.token_urlsafe(32),
+            "tick_seconds": 0.5, "worker_threads": 4, "platform_webhook_url": None,
+            # never the real providers: the demo's customers are made up
+            "twilio_account_sid": None, "sendgrid_api_key": None, "fcm_project_id": None})
+        problems = settings.folder_problems()
+        if problems:
+            raise problems[0]
         settings.outbox.unlink(missing_ok=True)
         remind = Remind.from_settings(settings)
         engine = Embedded(remind).start()
