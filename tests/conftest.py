@@ -11,11 +11,43 @@ from pathlib import Path
 import pytest
 from fakes import FcmFake, SendGridFake, TwilioFake
 from sqlalchemy import text
-from support import PG_ADMIN_URL, REDIS_URL, Clock, Harness, make_settings, reset_database, unavailable
+from support import (
+    PG_ADMIN_URL,
+    REDIS_URL,
+    Clock,
+    Harness,
+    folder_digest,
+    make_settings,
+    reset_database,
+    unavailable,
+)
 
 from worker.broker import InProcessWorker, bind, make_broker
 from worker.service import Remind
 from worker.store import make_engine, upgrade
+
+
+@pytest.fixture(scope="session", autouse=True)
+def config_loaded_once_per_content() -> Iterator[None]:
+    """Loading and checking schedules and templates takes ~0.4 s, and most tests load the same shipped
+    folders: each successful load is kept for the session under its folders' paths and file bytes, so an
+    edited file (a reload test) is loaded afresh and a refused one is never cached."""
+    import worker.service as service
+
+    real = service.load_config
+    loaded: dict[tuple, tuple] = {}
+
+    def load_config(settings, *args, **kwargs):
+        if args or kwargs:
+            return real(settings, *args, **kwargs)
+        key = (folder_digest(settings.schedules_dir), folder_digest(settings.templates_dir))
+        if key not in loaded:
+            loaded[key] = real(settings)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(service, "load_config", load_config)
+        yield
 
 
 @pytest.fixture(scope="session")

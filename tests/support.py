@@ -149,3 +149,18 @@ def daytime_schedules(tmp_path: Path) -> Path:
         text = re.sub(r"quiet_hours:.*?\n(?=steps:)", "", path.read_text(), flags=re.S)
         (folder / path.name).write_text(text)
     return folder
+
+
+def folder_digest(folder: Path) -> tuple[str, str | None]:
+    """A folder's path and a hash of every file's name and bytes: the key under which a loaded
+    configuration may be reused; any edit (even within one mtime tick) makes a new key."""
+    import hashlib
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return str(folder), None
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return str(folder.resolve()), digest.hexdigest()
