@@ -118,7 +118,7 @@ def test_a_timeout_is_transient_and_bounded_by_the_timeout(fcm_fake):
     started = time.monotonic()
     with pytest.raises(TransientSendError, match="did not answer within 0.5 s"):
         s.send(push())
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 0.5 + 3.0  # the timeout plus a slow machine's margin; the fake hangs 5 s
 
 
 def test_a_lost_response_is_transient_though_the_provider_has_the_message(fcm_fake):

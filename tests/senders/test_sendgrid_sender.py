@@ -107,7 +107,7 @@ def test_a_timeout_is_transient_and_bounded_by_the_timeout(sendgrid_fake):
     started = time.monotonic()
     with pytest.raises(TransientSendError, match="did not answer within 0.5 s"):
         s.send(email())
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 0.5 + 3.0  # the timeout plus a slow machine's margin; the fake hangs 5 s
 
     assert s.send(email()) == sendgrid_fake.messages[-1].message_id
 
