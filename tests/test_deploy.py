@@ -3,6 +3,7 @@ the web process is reachable on a platform's PORT, and every setting the code re
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 from support import ROOT, make_settings, transaction
 
 from worker.links import make_token
-from worker.runner import prepare, web_server
+from worker.runner import web_server
 from worker.senders import senders_from_settings
 from worker.service import Remind
 from worker.settings import Settings
@@ -77,6 +78,8 @@ def test_a_laptop_run_with_the_old_built_in_key_is_refused_too(tmp_path):
 
 
 def test_development_generates_its_own_key_once_and_a_link_forged_with_the_old_default_opens_nothing(tmp_path):
+    from worker.runner import prepare
+
     base = make_settings(tmp_path, f"sqlite:///{tmp_path / 'dev.db'}")
     settings = prepare(base.model_copy(update={"secret_key": ""}))
     secret_file = tmp_path / ".remind-secret"
@@ -174,3 +177,50 @@ def test_env_example_names_exactly_the_settings_the_code_reads():
     # A copy used as .env must not pin the web app to loopback, nor turn the outbox on in production.
     pinned = r"^(PORT|REMIND_HOST|REMIND_DEV_SENDER|REMIND_SECRET_KEY)="
     assert not re.search(pinned, (ROOT / ".env.example").read_text(), flags=re.M)
+
+
+# -- 5. outages --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def down_database(closed_port) -> str:
+    """A PostgreSQL URL nobody answers on: the database is down (or restarting)."""
+    return f"postgresql+psycopg://postgres@127.0.0.1:{closed_port}/remind"
+
+
+@pytest.mark.parametrize("command", [["tx", "submit", "-"], ["tx", "confirm", "tx_1"],
+                                     ["tx", "cancel", "tx_1", "--reason", "customer asked"], ["tx", "show", "tx_1"],
+                                     ["stats"], ["db", "upgrade"]])
+def test_the_cli_says_try_again_with_exit_75_while_the_database_is_down(tmp_path, monkeypatch, down_database,
+                                                                        command):
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    for key, value in clean_env(tmp_path, DATABASE_URL=down_database).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    result = CliRunner().invoke(main, command, input=json.dumps(transaction("tx_1")))
+    assert result.exit_code == 75, result.output  # EX_TEMPFAIL: a script or an operator retries
+    line, = result.output.splitlines()
+    assert line.startswith("remind: the database is unreachable (") and "Connection refused" in line
+    assert line.endswith("try again in a minute (repeating is safe)")
+
+
+def test_the_api_and_the_confirmation_page_answer_503_with_retry_after_while_the_database_is_down(
+        tmp_path, down_database):
+    settings = make_settings(tmp_path, down_database, api_tokens="tok")
+    remind = Remind.from_settings(settings, migrate=False)
+    auth = {"Authorization": "Bearer tok"}
+    link = "/c/" + make_token(settings.secret_key, "tx_1", remind.store.clock() + timedelta(hours=1))
+    with TestClient(create_app(remind), raise_server_exceptions=False) as client:
+        for response in (client.post("/v1/transactions", json=transaction("tx_1"), headers=auth),
+                         client.get("/v1/transactions/tx_1", headers=auth),
+                         client.post("/v1/transactions/tx_1/confirm", headers=auth)):
+            assert response.status_code == 503 and response.headers["retry-after"] == "30"
+            assert response.json()["error"] == "unavailable"
+            assert "try again in a minute" in response.json()["detail"]
+        for response in (client.get(link), client.post(link)):
+            assert response.status_code == 503 and response.headers["retry-after"] == "30"
+            assert "Please try again in a minute" in response.text and "press the button again" in response.text
+        chinese = client.post(link, headers={"accept-language": "zh-CN"})
+        assert chinese.status_code == 503 and "请一分钟后再试" in chinese.text

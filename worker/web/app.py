@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import logging
 
+import redis.exceptions
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import Unavailable
 from ..service import Remind
 from . import api, health, ops, pages, provider_hooks
 from .security import BodyLimit, SecurityHeaders
 
 log = logging.getLogger("remind.web")
+
+#: Seconds a client should wait after a 503 while the database or Redis is unreachable.
+RETRY_AFTER = 30
+_OUTAGES = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError, redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError)
 
 
 def create_app(remind: Remind) -> FastAPI:
@@ -32,6 +40,22 @@ def create_app(remind: Remind) -> FastAPI:
         code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
         return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    async def outage(request: Request, exc: Exception):
+        """The database or Redis is down: 503 and Retry-After, never a 500; the client repeats the call
+        (every write here is idempotent) and the customer's page says to try again in a minute."""
+        unavailable = Unavailable.of(exc)
+        if unavailable is None:  # a constraint or a bug, not an outage
+            log.error("unhandled error", exc_info=exc)
+            return JSONResponse({"error": "internal", "detail": "internal error"}, status_code=500)
+        log.warning("%s %s: %s", request.method, request.url.path, unavailable)
+        headers = {"Retry-After": str(RETRY_AFTER)}
+        if request.url.path.startswith("/c/"):
+            return pages.outage_page(request, headers)
+        return JSONResponse({"error": "unavailable", "detail": str(unavailable)}, status_code=503, headers=headers)
+
+    for kind in _OUTAGES:
+        app.add_exception_handler(kind, outage)
 
     @app.exception_handler(Exception)
     async def crashed(_request: Request, exc: Exception):

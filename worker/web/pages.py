@@ -35,6 +35,8 @@ TEXT = {
         "open the app.",
         "expired": "This link has expired", "expired_line": "The time to confirm this transfer has passed. "
         "Start a new transfer in the app if you still want to send money.",
+        "unavailable": "Please try again in a minute", "unavailable_line": "We cannot reach our records right "
+        "now. Nothing has changed: open this link again in a minute, or press the button again.",
     },
     "zh-CN": {
         "lang": "zh-CN", "amount": "金额", "fee": "手续费", "total": "合计", "method": "付款方式",
@@ -52,6 +54,8 @@ TEXT = {
         "invalid_line": "请打开我们最新发送给您的消息，或直接打开 App。",
         "expired": "链接已过期",
         "expired_line": "确认时间已过。如仍需转账，请在 App 中重新发起。",
+        "unavailable": "请一分钟后再试",
+        "unavailable_line": "系统暂时无法处理您的请求，转账状态没有任何变化。请一分钟后重新打开此链接或再次点击按钮。",
     },
 }
 
@@ -72,6 +76,18 @@ def _page(t: dict[str, str], title_key: str, line_key: str, status: int, *, fact
         lang=t["lang"], t=t, title=t[title_key], lines=[t[line_key].format(**fmt)], facts=facts, form=form,
         tone=tone)
     return HTMLResponse(html, status_code=status)
+
+
+def _request_text(request: Request) -> dict[str, str]:
+    return _text("zh-CN" if request.headers.get("accept-language", "").lower().startswith("zh") else "en")
+
+
+def outage_page(request: Request, headers: dict[str, str]) -> HTMLResponse:
+    """The page for a link opened (or a button pressed) while the database is down: 503, try again in a
+    minute. Confirming twice is harmless, so pressing the button again later is the whole recovery."""
+    page = _page(_request_text(request), "unavailable", "unavailable_line", 503, tone="bad")
+    page.headers.update(headers)
+    return page
 
 
 def router(remind: Remind) -> APIRouter:
