@@ -149,3 +149,92 @@ def test_an_inbound_start_after_stop_turns_sms_back_on(setup):
     assert final["sms"]["status"] == "sent"  # re-subscribed: the final warning goes by SMS again
     assert [line["recipient"] for line in h.lines("tx_1") if line["step"] == "final_warning"
             and line["channel"] == "sms"] == ["+8613800138000"]
+
+
+# -- a status callback that beats the worker's write of the message id --------------------------------
+
+
+class CallbackFirst(WithIds):
+    """Twilio at its fastest: the status callback reaches us before send() has even returned the sid,
+    so before the worker can write it on the delivery."""
+
+    def __init__(self, path, status: str, code: str | None = None) -> None:
+        super().__init__(path)
+        self.client = None
+        self.status, self.code = status, code
+        self.answers: list[int] = []
+
+    def send(self, message):
+        sid = super().send(message)
+        if message.channel == "sms":
+            params = {"MessageSid": sid, "MessageStatus": self.status}
+            if self.code:
+                params["ErrorCode"] = self.code
+            self.answers.append(twilio_post(self.client, "/webhooks/twilio/status", params).status_code)
+        return sid
+
+
+def early(make_harness, tmp_path, status, code=None):
+    sender = CallbackFirst(tmp_path / "outbox.jsonl", status, code)
+    h = make_harness(senders={"sms": sender, "email": sender, "push": sender}, twilio_auth_token=AUTH_TOKEN)
+    return h, sender
+
+
+def test_a_twilio_callback_before_the_sid_is_written_is_kept_and_applied(make_harness, tmp_path):
+    h, sender = early(make_harness, tmp_path, "delivered")
+    with TestClient(create_app(h.remind)) as client:
+        sender.client = client
+        h.remind.register(transaction())
+        h.at(minutes=125).tick()  # the reminder: SMS + push; Twilio says "delivered" mid-send
+    assert sender.answers == [204]
+    assert entries(h, "reminder")["sms"]["status"] == "delivered"
+    assert entries(h, "reminder")["push"]["status"] == "sent"  # only the message the callback named
+
+
+def test_an_early_undelivered_callback_falls_back_once_the_sid_is_written(make_harness, tmp_path):
+    h, sender = early(make_harness, tmp_path, "undelivered", "30003")
+    with TestClient(create_app(h.remind)) as client:
+        sender.client = client
+        h.remind.register(transaction())
+        h.at(minutes=125).tick()
+        h.drain()
+    reminder = entries(h, "reminder")
+    assert reminder["sms"]["status"] == "failed" and "30003" in reminder["sms"]["reason"]
+    assert reminder["email"]["status"] == "sent" and reminder["email"]["reason"].startswith("fallback: sms failed")
+
+
+def test_a_kept_callback_is_applied_by_the_sweep_when_the_worker_stopped_before_looking(setup):
+    h, client = setup
+    sid = sms_sid(h)
+    d = h.remind.store.delivery_by_provider_id(sid)
+    h.remind.store.update_delivery(None, d["id"], provider_id=None)  # as if the worker had not written it yet
+    assert twilio_post(client, "/webhooks/twilio/status", {"MessageSid": sid, "MessageStatus": "delivered"}
+                       ).status_code == 204
+    assert entries(h, "reminder")["sms"]["status"] == "sent"  # kept, not lost, not applied to anything
+    h.remind.store.update_delivery(None, d["id"], provider_id=sid)  # ... and then it wrote it, and stopped
+    assert h.remind.outcomes.sweep_early_callbacks() == 1
+    assert entries(h, "reminder")["sms"]["status"] == "delivered"
+    assert h.remind.outcomes.sweep_early_callbacks() == 0  # applied once
+
+
+# -- hard bounces and blocks stop email like an unsubscribe --------------------------------------------
+
+
+@pytest.mark.parametrize("event", [
+    {"event": "bounce", "type": "bounce", "reason": "550 5.1.1 mailbox does not exist"},
+    {"event": "bounce", "type": "blocked", "reason": "554 5.7.1 blocked by policy"},
+    {"event": "dropped", "reason": "Bounced Address"},
+])
+def test_a_hard_bounce_or_block_suppresses_the_address_for_later_reminders(setup, ec_key, event):
+    h, client = setup
+    key = email_key(h)
+    assert sendgrid_post(client, ec_key[0], [{**event, "email": "li.wei@example.com", "delivery_key": key}]
+                         ).status_code == 204
+    assert entries(h, "final_warning")["email"]["status"] == "failed"
+    h.remind.register(transaction("tx_2", created_at=(h.clock() - timedelta(minutes=35)).isoformat(),
+                                  customer={"segment": "new"}))
+    h.tick()  # new_customer's guide goes by email + push
+    guide = {e["channel"]: e for e in h.remind.show("tx_2")["timeline"] if e["step"] == "guide"}
+    assert guide["email"]["status"] == "skipped" and "bounced" in guide["email"]["reason"]
+    assert guide["push"]["status"] == "sent"
+

@@ -12,7 +12,8 @@ from typing import Any
 CONTACT_FIELD = {"sms": "phone", "email": "email", "push": "push_tokens"}
 NO_CONTACT = {"sms": "no phone number on file", "email": "no email address on file",
               "push": "no push token on file"}
-OPTED_OUT = {"sms": "the customer opted out of SMS", "email": "the customer unsubscribed from email",
+OPTED_OUT = {"sms": "the customer opted out of SMS",
+             "email": "the customer unsubscribed from email, or the address bounced",
              "push": "every push token was reported unregistered"}
 
 

@@ -256,6 +256,8 @@ class Deliverer:
         # written first, and their word stands.
         with self.store.autocommit() as conn:
             self.store.update_deliveries(conn, records, if_status="sending")
+            early = self.store.take_early_callbacks(conn, [r["provider_id"] for r in records if r.get("provider_id")])
+        self.outcomes.apply_early_callbacks(early)  # status callbacks that came before the provider id
         return [None] * len(records)
 
     def _prepare(self, d: dict[str, Any], tx: dict[str, Any], required: tuple[str, ...] | None,

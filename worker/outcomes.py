@@ -17,6 +17,10 @@ log = logging.getLogger("remind.outcomes")
 #: Provider codes that mean "this customer does not want this channel".
 OPT_OUT_CODES = {"21610": ("sms", "opted out of SMS (STOP)")}
 ALIVE = ("queued", "sending", "sent", "delivered")
+#: Provider message statuses that settle a delivery; the others (queued, sent, ...) change nothing.
+FINAL_STATUSES = ("delivered", "undelivered", "failed")
+#: How long a status callback for a message we have no provider id for yet is kept, waiting for it.
+EARLY_CALLBACK_KEEP = timedelta(days=1)
 
 
 class Outcomes:
@@ -96,3 +100,48 @@ class Outcomes:
         if new_ids:
             self.enqueue(new_ids)
         return alt
+
+    # -- status callbacks by provider message id ------------------------------------------------
+
+    def status_callback(self, provider: str, provider_id: str, status: str, code: str | None = None) -> str:
+        """A provider's status for one of its message ids. A final status for an id no delivery carries
+        yet (the callback beat the worker's write) is kept and applied once the id is recorded.
+
+        Returns "applied", "kept" or "ignored"."""
+        if status not in FINAL_STATUSES or not provider_id:
+            return "ignored"
+        d = self.store.delivery_by_provider_id(provider_id)
+        if d is not None:
+            self._apply(d["id"], provider, status, code)
+            return "applied"
+        self.store.keep_early_callback(provider, provider_id, status, code, keep=EARLY_CALLBACK_KEEP)
+        # The worker may have written the id between our read and our write: look once more. Each side
+        # writes, then reads the other's write, so at least one of them finds both.
+        if self.store.delivery_by_provider_id(provider_id) is not None:
+            self.apply_early_callbacks(self.store.take_early_callbacks(None, [provider_id]))
+            return "applied"
+        log.info("%s status %s for a message not recorded yet: kept", provider, status)
+        return "kept"
+
+    def apply_early_callbacks(self, rows: list[dict]) -> int:
+        """Apply callbacks taken from the early table (see ``Store.take_early_callbacks``)."""
+        applied = 0
+        for row in rows:
+            d = self.store.delivery_by_provider_id(row["provider_id"])
+            if d is not None:
+                self._apply(d["id"], row["provider"], row["status"], row["code"])
+                applied += 1
+        return applied
+
+    def sweep_early_callbacks(self) -> int:
+        """Apply kept callbacks whose delivery is now known (if a worker stopped between its write and
+        its look at the early table); for the scheduler's tick."""
+        ids = self.store.matched_early_callbacks()
+        return self.apply_early_callbacks(self.store.take_early_callbacks(None, ids)) if ids else 0
+
+    def _apply(self, delivery_id: int, provider: str, status: str, code: str | None) -> None:
+        if status == "delivered":
+            self.delivered(delivery_id)
+        else:
+            self.failed(delivery_id, f"{provider} reported {status}" + (f" (error {code})" if code else ""),
+                        code=code)

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, s
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_postgres
-from .tables import deliveries, suppressions, transactions
+from .tables import deliveries, early_callbacks, suppressions, transactions
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
 SETTLED = (CONFIRMED, CANCELLED, ESCALATED)
@@ -435,6 +435,48 @@ class Store:
             found = conn.execute(select(suppressions.c.address_hash).where(
                 suppressions.c.address_hash.in_(list(by_hash)))).scalars().all()
         return {by_hash[h] for h in found}
+
+    # -- early provider callbacks ----------------------------------------------------------------
+
+    def keep_early_callback(self, provider: str, provider_id: str, status: str, code: str | None, *,
+                            keep: timedelta) -> None:
+        """Keep a status callback whose message has no delivery with that provider id yet; callbacks
+        older than ``keep`` are dropped on the way (they belonged to no delivery of ours)."""
+        from sqlalchemy import delete
+
+        now = self.clock()
+        with self.begin() as conn:
+            conn.execute(delete(early_callbacks).where(early_callbacks.c.received_at < now - keep))
+            conn.execute(insert(early_callbacks).values(provider=provider, provider_id=provider_id, status=status,
+                                                        code=code, received_at=now))
+
+    def take_early_callbacks(self, conn: Connection | None, provider_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Remove and return the kept callbacks for these provider ids, oldest first. One statement
+        (DELETE ... RETURNING), so of two callers racing for a callback exactly one gets it."""
+        wanted = sorted({p for p in provider_ids if p})
+        if not wanted:
+            return []
+        if conn is None:
+            with self.begin() as c:
+                return self.take_early_callbacks(c, wanted)
+        from sqlalchemy import delete
+
+        e = early_callbacks.c
+        if self.pg:  # one array parameter: the same statement text for any number of ids
+            stmt = text("DELETE FROM early_callbacks WHERE provider_id = ANY(:ids) "
+                        "RETURNING id, provider, provider_id, status, code")
+            found = conn.execute(stmt, {"ids": wanted}).mappings()
+        else:
+            found = conn.execute(delete(early_callbacks).where(e.provider_id.in_(wanted))
+                                 .returning(e.id, e.provider, e.provider_id, e.status, e.code)).mappings()
+        return sorted((dict(r) for r in found), key=lambda r: r["id"])
+
+    def matched_early_callbacks(self, limit: int = 500) -> list[str]:
+        """Provider ids of kept callbacks whose delivery now carries that id (for a sweep)."""
+        e = early_callbacks.c
+        known = select(deliveries.c.id).where(deliveries.c.provider_id == e.provider_id).exists()
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(e.provider_id).where(known).distinct().limit(limit)).scalars())
 
     def deliveries_of(self, tx_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

@@ -122,3 +122,17 @@ suppressions = Table(
     Column("reason", Text, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
 )
+
+# Provider status callbacks that arrived before the worker recorded the message's provider id (Twilio
+# can call back within milliseconds of accepting a message). Kept until the id is known, then applied
+# and removed; ones never matched (another system's messages on the same account) expire.
+early_callbacks = Table(
+    "early_callbacks",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("provider", String(16), nullable=False),  # twilio
+    Column("provider_id", String(128), nullable=False, index=True),
+    Column("status", String(32), nullable=False),
+    Column("code", String(32)),
+    Column("received_at", UTCDateTime, nullable=False, index=True),
+)

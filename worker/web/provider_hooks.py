@@ -50,16 +50,8 @@ def router(remind: Remind) -> APIRouter:
         if params is None:
             return forbidden("missing or invalid X-Twilio-Signature")
         sid, status = params.get("MessageSid", ""), params.get("MessageStatus", "")
-        d = await run_in_threadpool(remind.store.delivery_by_provider_id, sid)
-        if d is None:
-            log.info("twilio status %s for an unknown message", status)
-            return Response(status_code=204)
-        if status == "delivered":
-            await run_in_threadpool(remind.outcomes.delivered, d["id"])
-        elif status in ("undelivered", "failed"):
-            code = params.get("ErrorCode") or None
-            await run_in_threadpool(remind.outcomes.failed, d["id"],
-                                    f"twilio reported {status}" + (f" (error {code})" if code else ""), code=code)
+        # Kept when it beats the worker's write of the message id, and applied once that is written.
+        await run_in_threadpool(remind.outcomes.status_callback, "twilio", sid, status, params.get("ErrorCode") or None)
         return Response(status_code=204)
 
     @hooks.post("/twilio/inbound")
@@ -97,21 +89,48 @@ def router(remind: Remind) -> APIRouter:
             events = json.loads(body)
         except ValueError:
             return JSONResponse({"error": "bad_json", "detail": "the body is not JSON"}, status_code=400)
-        for event in events if isinstance(events, list) else []:
-            if isinstance(event, dict):
-                await run_in_threadpool(_sendgrid_event, remind, event)
+        batch = [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []
+        await run_in_threadpool(_sendgrid_batch, remind, batch)  # one hop for the batch, not one per event
         return Response(status_code=204)
 
     return hooks
 
 
-def _sendgrid_event(remind: Remind, event: dict) -> None:
-    kind, email = str(event.get("event", "")), str(event.get("email", ""))
+#: SendGrid ``dropped`` reasons that are about the address (the others, such as "Spam Content" or
+#: "Invalid SMTPAPI header", are about the message).
+DROPPED_FOR_THE_ADDRESS = {"bounced address", "unsubscribed address", "spam reporting address", "invalid"}
+
+
+def sendgrid_suppression(event: dict) -> str | None:
+    """Why this event means the address must not be mailed again, or None. Unsubscribes and spam
+    reports; hard bounces and blocks (``bounce`` with type bounce or blocked); drops for the address."""
+    kind = str(event.get("event", ""))
+    if kind in ("spamreport", "unsubscribe", "group_unsubscribe"):
+        return f"email {kind}"
+    if kind == "bounce" and str(event.get("type") or "bounce") in ("bounce", "blocked"):
+        return f"email hard {event.get('type') or 'bounce'}"
+    if kind == "dropped" and str(event.get("reason", "")).strip().lower() in DROPPED_FOR_THE_ADDRESS:
+        return f"email dropped: {str(event.get('reason')).strip()}"
+    return None
+
+
+def _sendgrid_batch(remind: Remind, events: list[dict]) -> None:
+    """Suppressions first, in one database transaction for the batch, so a bounce's fallback already
+    sees the address gone; then each event's delivery outcome."""
+    stops = [(str(e["email"]), why) for e in events if e.get("email") and (why := sendgrid_suppression(e))]
+    if stops:
+        with remind.store.begin() as conn:
+            for email, why in stops:
+                if remind.store.suppress(conn, "email", email, None, why):
+                    log.info("email suppressed (%s): %s", why, mask_email(email))
+    for event in events:
+        _sendgrid_outcome(remind, event)
+
+
+def _sendgrid_outcome(remind: Remind, event: dict) -> None:
+    kind = str(event.get("event", ""))
     key = str(event.get("delivery_key", ""))
-    delivery_id = int(key[3:]) if key.startswith("dl_") and key[3:].isdigit() else None
-    if kind in ("spamreport", "unsubscribe", "group_unsubscribe") and email:
-        remind.store.suppress(None, "email", email, None, f"email {kind}")
-        log.info("email opt-out (%s) from %s", kind, mask_email(email))
+    delivery_id = int(key[3:]) if key.startswith("dl_") and key[3:].isdigit() and len(key) <= 20 else None
     if delivery_id is None:
         return
     if kind == "delivered":
