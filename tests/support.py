@@ -129,9 +129,9 @@ def reset_database(database_url: str) -> None:
     engine = make_engine(database_url)
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
-            conn.execute(text("TRUNCATE deliveries, transactions, suppressions CASCADE"))
+            conn.execute(text("TRUNCATE deliveries, transactions, suppressions, early_callbacks CASCADE"))
         else:
-            for table in ("deliveries", "transactions", "suppressions"):
+            for table in ("deliveries", "transactions", "suppressions", "early_callbacks"):
                 conn.execute(text(f"DELETE FROM {table}"))
     engine.dispose()
 

@@ -210,7 +210,14 @@ class Remind:
     # -- the engine's calls -----------------------------------------------------------------------
 
     def tick(self, now: datetime | None = None) -> TickResult:
-        return self.scheduler.tick(now)
+        result = self.scheduler.tick(now)
+        # Provider callbacks that came before their message id was written, for a worker that stopped
+        # between writing the id and applying them (the worker applies them itself otherwise).
+        try:
+            self.outcomes.sweep_early_callbacks()
+        except Exception:  # noqa: BLE001 - the sweep is a safety net; the next tick tries again
+            log.exception("early provider callbacks not swept; the next tick tries again")
+        return result
 
     def deliver(self, delivery_id: int) -> str:
         return self.deliverer.deliver(delivery_id)
