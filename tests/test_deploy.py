@@ -224,3 +224,15 @@ def test_the_api_and_the_confirmation_page_answer_503_with_retry_after_while_the
             assert "Please try again in a minute" in response.text and "press the button again" in response.text
         chinese = client.post(link, headers={"accept-language": "zh-CN"})
         assert chinese.status_code == 503 and "请一分钟后再试" in chinese.text
+
+
+def test_production_that_sends_for_real_needs_the_public_address_of_its_links(tmp_path):
+    from worker.errors import SettingsError
+    from worker.runner import prepare
+
+    production = make_settings(tmp_path, f"sqlite:///{tmp_path / 'r.db'}", secret_key=STRONG, env="production")
+    sending = Settings(_env_file=None, **{k: v for k, v in production.model_dump().items()
+                                          if k not in ("public_url", "dev_sender")})
+    with pytest.raises(SettingsError, match="^REMIND_PUBLIC_URL: required in production"):
+        prepare(sending)
+    assert prepare(sending.model_copy(update={"public_url": "https://pay.example"})).public_url == "https://pay.example"

@@ -26,7 +26,7 @@ def prepare(settings: Settings) -> Settings:
     if problems:
         raise problems[0]
     settings = settings.with_secret()
-    if settings.production and "public_url" not in settings.model_fields_set:
+    if settings.production and not settings.dev_sinks and "public_url" not in settings.model_fields_set:
         raise SettingsError("REMIND_PUBLIC_URL", "required in production: the https:// address customers open "
                             "confirmation links on")
     return settings
