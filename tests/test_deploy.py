@@ -236,3 +236,13 @@ def test_production_that_sends_for_real_needs_the_public_address_of_its_links(tm
     with pytest.raises(SettingsError, match="^REMIND_PUBLIC_URL: required in production"):
         prepare(sending)
     assert prepare(sending.model_copy(update={"public_url": "https://pay.example"})).public_url == "https://pay.example"
+
+
+def test_the_python_api_never_signs_links_with_an_empty_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'api.db'}",
+                        schedules_dir=ROOT / "schedules", templates_dir=ROOT / "templates")
+    assert settings.secret_key in ("", None)
+    remind = Remind.from_settings(settings)
+    assert len(remind.settings.secret_key) >= 32  # the development key, generated once into a local file
+    assert Remind.from_settings(settings).settings.secret_key == remind.settings.secret_key
