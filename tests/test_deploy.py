@@ -246,3 +246,19 @@ def test_the_python_api_never_signs_links_with_an_empty_key(tmp_path, monkeypatc
     remind = Remind.from_settings(settings)
     assert len(remind.settings.secret_key) >= 32  # the development key, generated once into a local file
     assert Remind.from_settings(settings).settings.secret_key == remind.settings.secret_key
+
+
+def test_an_empty_key_neither_signs_nor_opens_a_link():
+    from worker.links import InvalidToken, read_token
+
+    with pytest.raises(ValueError, match="REMIND_SECRET_KEY"):
+        make_token("", "tx_1", datetime_in(days=1))
+    forged = make_token("x" * 32, "tx_1", datetime_in(days=1))
+    with pytest.raises(InvalidToken):
+        read_token("", forged)
+
+
+def datetime_in(**delta: float):
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC) + timedelta(**delta)

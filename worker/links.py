@@ -32,6 +32,8 @@ def _unb64(text: str) -> bytes:
 
 
 def _sign(secret: str, body: str) -> str:
+    if not secret:  # an empty key is a key everyone knows: nothing is signed or accepted with it
+        raise ValueError("no signing key (REMIND_SECRET_KEY)")
     key = hashlib.sha256(_CONTEXT + secret.encode()).digest()  # a key for this purpose only
     return _b64(hmac.new(key, body.encode(), hashlib.sha256).digest()[:16])
 

@@ -79,8 +79,8 @@ class Remind:
     def from_settings(cls, settings: Settings | None = None, *, migrate: bool = True,
                       senders: Mapping[str, Sender] | None = None, clock=None) -> Remind:
         settings = settings or Settings()
-        if not settings.secret_key:  # never sign links with an empty key: generated in development, refused in
-            settings = settings.with_secret()  # production (processes check a given key's strength at start)
+        if not settings.secret_key and not settings.production:
+            settings = settings.with_secret()  # development: a key generated once; production processes check theirs
         registry, templates = load_config(settings)
         engine = make_engine(settings.database_url)
         if migrate:
