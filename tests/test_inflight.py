@@ -95,3 +95,34 @@ def test_local_slots_and_the_send_pool_overlap_calls_up_to_the_limit():
     pool.run(send, ["push"] * 12)
     assert time.monotonic() - started < 0.5  # no limit on push: all 12 overlap (one round, not 12)
     pool.close()
+
+
+def test_gather_runs_many_threads_calls_as_few_bulk_calls_and_hands_each_its_own_result():
+    from worker.inflight import Gather
+
+    calls: list[int] = []
+
+    def bulk(items: list[int]) -> list[int]:
+        calls.append(len(items))
+        time.sleep(0.01)  # a database round trip
+        if 13 in items:
+            raise ValueError("13")
+        return [i * 2 for i in items]
+
+    gather = Gather(bulk)
+    pool = SendPool(40)
+
+    def one(i: int):
+        try:
+            return gather(i)
+        except ValueError as exc:
+            return f"error {exc}"
+
+    results = pool.run(one, range(40))
+    wrong = [r for i, r in enumerate(results) if r not in (i * 2, "error 13")]
+    assert not wrong and "error 13" in results  # each its own answer; the failing call's callers get its error
+    assert sum(calls) == 40 and len(calls) < 20  # 40 calls travelled in far fewer round trips
+    later = gather.submit(5)
+    gather.flush()
+    assert later.done() and later.result() == 10
+    pool.close()

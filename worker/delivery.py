@@ -8,6 +8,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -187,21 +188,24 @@ class Deliverer:
                     continue
                 items.append(self._prepare(d, tx, required, suppressed, now, facts_cache))
             self.store.update_deliveries(conn, skipped, if_status="queued")
-        for delivery_id, outcome, again in self.pool.run(self._deliver_one, items):
+        for delivery_id, outcome, again, written in self.pool.run(self._deliver_one, items):
+            if written is not None:
+                written.result()  # the result is in the store before anyone sends this delivery again
             result.outcomes[delivery_id] = outcome
             if again is not None:
                 (result.throttled if again.throttled else result.retry)[delivery_id] = again
         return result
 
-    def _deliver_one(self, item: _Ready) -> tuple[int, str, TransientSendError | None]:
-        """One delivery of a batch, on a pool thread: room at the provider, claim, send, record."""
+    def _deliver_one(self, item: _Ready) -> tuple[int, str, TransientSendError | None, Future | None]:
+        """One delivery of a batch, on a pool thread: room at the provider, claim, send, record (the
+        record is handed over without waiting: the batch collects it before it returns)."""
         delivery_id, channel = item.d["id"], item.d["channel"]
         slot = "-"
         if item.failure is None:
             if self.throttle is not None and not self.throttle(channel):
                 # Left queued with its lease: the caller sends it again after the pause.
                 return delivery_id, "throttled", TransientSendError(
-                    f"{channel} rate limit reached", retry_after=0.5 + random.random(), throttled=True)
+                    f"{channel} rate limit reached", retry_after=0.5 + random.random(), throttled=True), None
             try:
                 slot = self.slots.acquire(channel, self.slot_wait)
             except Exception as exc:  # noqa: BLE001 - Redis away: nothing claimed, try again later
@@ -210,7 +214,7 @@ class Deliverer:
             if slot is None:
                 return delivery_id, "throttled", TransientSendError(
                     f"{channel}: the provider's limit of requests in flight is reached",
-                    retry_after=0.5 + random.random(), throttled=True)
+                    retry_after=0.5 + random.random(), throttled=True), None
         held = [slot]
 
         def release() -> None:  # as soon as the provider answered, before the result is written
@@ -222,16 +226,17 @@ class Deliverer:
         finally:
             release()
 
-    def _claim_and_send(self, item: _Ready, release: Callable[[], None]) -> tuple[int, str, TransientSendError | None]:
+    def _claim_and_send(self, item: _Ready, release: Callable[[], None]) -> tuple[
+            int, str, TransientSendError | None, Future | None]:
         delivery_id = item.d["id"]
         attempts = self._claim((delivery_id, item.required))
         if attempts is None:
-            return delivery_id, self._not_claimed(item), None
+            return delivery_id, self._not_claimed(item), None, None
         item.attempts = attempts
         if item.failure is not None:
             log.error("delivery %s of %s failed: %s", delivery_id, item.tx["id"], item.failure)
             self.outcomes.failed(delivery_id, item.failure)
-            return delivery_id, "failed", None
+            return delivery_id, "failed", None, None
         try:
             outcome, record, again = self._send(item, release)
         except Exception as exc:  # noqa: BLE001 - one broken send must not sink the batch
@@ -239,9 +244,7 @@ class Deliverer:
             outcome, again, record = "failed", None, {
                 "id": delivery_id, "status": "failed", "lease_until": None,
                 "reason": f"outcome unknown: the send raised {type(exc).__name__}; not resent"}
-        if record is not None:
-            self._record(record)
-        return delivery_id, outcome, again
+        return delivery_id, outcome, again, self._record.submit(record) if record is not None else None
 
     def _claim_bulk(self, claims: list[tuple[int, tuple[str, ...] | None]]) -> list[int | None]:
         """The attempt number of each claim, None where it was not claimed. An id asked twice at once

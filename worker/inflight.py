@@ -19,6 +19,7 @@ expiry, taken and given back by one Lua script each, so a dead holder's slot exp
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import random
@@ -28,8 +29,6 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, Protocol, TypeVar
-
-import redis
 
 log = logging.getLogger("remind.inflight")
 
@@ -65,6 +64,10 @@ class SendPool:
         self._executor.shutdown(wait=True)
 
 
+#: Passes through a Gather's queue to tell when what came before it is done (``Gather.flush``).
+_MARK = object()
+
+
 class Gather(Generic[T, R]):
     """Gathers the single calls many send threads make at the same moment into one bulk call, made by
     a thread of its own: the send pool's claims and records cost a database round trip per batch of
@@ -89,11 +92,15 @@ class Gather(Generic[T, R]):
 
     def __call__(self, item: T) -> R:
         """The result for ``item``, once its bulk call has run; its exception if that call raised."""
+        return self.submit(item).result()
+
+    def submit(self, item: T) -> Future[R]:
+        """``item`` on its way, without waiting: the caller collects the future when it needs to."""
         if not self._started:
             self._start()
         future: Future[R] = Future()
         self._queue.put((item, future))
-        return future.result()
+        return future
 
     def _start(self) -> None:
         with self._start_lock:
@@ -109,16 +116,27 @@ class Gather(Generic[T, R]):
                     waiting.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            marks = [future for item, future in waiting if item is _MARK]
+            waiting = [(item, future) for item, future in waiting if item is not _MARK]
             try:
-                results = self.bulk([item for item, _ in waiting])
+                results = self.bulk([item for item, _ in waiting]) if waiting else []
                 if len(results) != len(waiting):
                     raise RuntimeError(f"bulk call gave {len(results)} results for {len(waiting)} items")
             except BaseException as exc:  # noqa: BLE001 - each caller gets it, and this thread lives on
                 for _, future in waiting:
                     future.set_exception(exc)
-                continue
-            for (_, future), result in zip(waiting, results, strict=False):
-                future.set_result(result)
+            else:
+                for (_, future), result in zip(waiting, results, strict=False):
+                    future.set_result(result)
+            for future in marks:
+                future.set_result(None)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything submitted before now has been through its bulk call (at exit: a
+        slot's return that nobody waits for still reaches Redis)."""
+        if self._started:
+            self._queue.put((_MARK, mark := Future()))
+            mark.result(timeout)
 
 
 class ProviderSlots(Protocol):
@@ -193,6 +211,13 @@ return taken
 """
 
 
+def _warn_if_failed(future: Future) -> None:
+    """Nobody waits for a slot's return: a failure is only logged, and the slot expires with its lease."""
+    if future.exception() is not None:
+        log.warning("an in-flight slot was not given back (%s); it expires with its lease",
+                    type(future.exception()).__name__)
+
+
 class RedisSlots:
     """Per-channel leased semaphores on Redis, shared by every worker process on every machine.
 
@@ -216,6 +241,7 @@ class RedisSlots:
         self._acquire = client.register_script(_ACQUIRE)
         self._take = Gather(self._take_many)
         self._give = Gather(self._give_many)
+        atexit.register(self._give.flush)  # slots given back just before the process ends reach Redis
 
     def try_acquire(self, channel: str) -> str | None:
         """A slot now, or None when the channel's limit is reached."""
@@ -259,11 +285,7 @@ class RedisSlots:
     def release(self, channel: str, slot: str) -> None:
         """Never raises: the send is over whatever Redis says, and a slot not given back expires."""
         if channel in self.keys:
-            try:
-                self._give((channel, slot))
-            except redis.RedisError as exc:
-                log.warning("%s in-flight slot not given back (%s); it expires with its lease", channel,
-                            type(exc).__name__)
+            self._give.submit((channel, slot)).add_done_callback(_warn_if_failed)
 
     def held(self, channel: str) -> int:
         """Slots held now (expired ones included until the next acquire drops them)."""
