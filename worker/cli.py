@@ -313,6 +313,31 @@ def tx_show(tx_id: str, as_json: bool) -> None:
     click.echo(json.dumps(view, indent=2, ensure_ascii=False) if as_json else to_text(view))
 
 
+@main.group()
+def customer() -> None:
+    """Customers' personal data."""
+
+
+@customer.command("erase")
+@click.argument("customer_id")
+@click.option("--json", "as_json", is_flag=True, help="The same JSON as DELETE /v1/customers/{id}/personal-data.")
+def customer_erase(customer_id: str, as_json: bool) -> None:
+    """Erase name, phone, email and push tokens from every transaction of CUSTOMER_ID (pending ones are
+    cancelled); amounts, statuses and the timeline (masked) stay. Running it again is harmless."""
+    try:
+        result = _remind().erase_customer(customer_id)
+    except InvalidInput as exc:
+        raise click.BadParameter(exc.problems["customer_id"], param_hint="CUSTOMER_ID") from None
+    if as_json:
+        click.echo(json.dumps({"customer_id": customer_id, "transactions": result.transactions,
+                               "erased": result.erased, "cancelled": result.cancelled}, indent=2))
+        return
+    click.echo(f"{customer_id}: no personal data left in {result.transactions} transactions "
+               f"({len(result.erased)} erased now)")
+    if result.cancelled:
+        click.echo(f"cancelled (pending, the customer can no longer be reminded): {', '.join(result.cancelled)}")
+
+
 @main.command()
 @click.option("--since", default=None, help="Transactions created since: an ISO date/time or a duration (7d).")
 @click.option("--schedule", default=None, help="Only this schedule.")

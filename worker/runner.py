@@ -18,6 +18,9 @@ from .settings import Settings
 
 log = logging.getLogger("remind.runner")
 
+#: Seconds between retention sweeps (REMIND_RETENTION_DAYS); a job apart from the tick, so the tick stays fast.
+RETENTION_SECONDS = 300
+
 
 def prepare(settings: Settings) -> Settings:
     """What every long-running process checks before it builds anything: folders, then the signing key (a
@@ -50,6 +53,17 @@ def _tick(remind: Remind) -> None:
                  result.claimed, len(result.enqueued), result.skipped, result.settled, result.recovered)
 
 
+def _retention(remind: Remind) -> None:
+    try:
+        erased = remind.erase_expired()
+    except Exception:  # the next sweep tries again
+        log.exception("retention sweep failed")
+        return
+    if erased:
+        log.info("retention: personal data erased from %d transactions settled over %d days ago", erased,
+                 remind.settings.retention_days)
+
+
 def _reload(remind: Remind, reschedule: bool) -> None:
     try:
         remind.reload_if_changed(reschedule=reschedule)
@@ -62,6 +76,9 @@ def _add_tick(scheduler, remind: Remind) -> None:
     # processes); the database claim is what coordinates several schedulers.
     scheduler.add_job(_tick, "interval", args=[remind], seconds=remind.settings.tick_seconds,
                       id="tick", max_instances=1, coalesce=True, misfire_grace_time=None)
+    if remind.settings.retention_days:
+        scheduler.add_job(_retention, "interval", args=[remind], seconds=RETENTION_SECONDS, id="retention",
+                          max_instances=1, coalesce=True, misfire_grace_time=None)
     if remind.settings.reload_seconds:
         scheduler.add_job(_reload, "interval", args=[remind, True], seconds=remind.settings.reload_seconds,
                           id="reload", max_instances=1, coalesce=True, misfire_grace_time=None)

@@ -15,20 +15,30 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
+from .contacts import CONTACT_FIELD
 from .delivery import Deliverer, DeliveryOptions
 from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound
 from .inflight import LocalSlots, SendPool
-from .ingest import Transaction, differing_fields, parse_transaction
+from .ingest import Line, Transaction, differing_fields, parse_transaction
 from .ladder import Registry, load_dir, slots
+from .masking import mask_recipient
 from .outcomes import Outcomes
 from .render import Templates
 from .scheduler import Scheduler, TickResult
 from .senders import Sender, describe, senders_from_settings
 from .settings import Settings
 from .store import CANCELLED, CONFIRMED, ESCALATED, PENDING, NewTransaction, Store, make_engine, upgrade
+from .store.repo import Erasure
 from .timeline import build as build_timeline
 
 log = logging.getLogger("remind")
+
+#: The status reason of a pending transaction cancelled because its customer's data was erased.
+ERASED_REASON = "customer_request"
+#: Settled transactions the retention sweep erases per database transaction, and at most per run.
+RETENTION_BATCH, RETENTION_MOST = 500, 50_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,41 @@ def load_config(settings: Settings) -> tuple[Registry, Templates]:
     templates = Templates(settings.templates_dir)
     schedules = load_dir(settings.schedules_dir, templates.missing)
     return Registry(schedules), templates
+
+
+def erase_contact(content: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The transaction without the customer's name, phone, email and push tokens. Their masks stay
+    (``customer.masked``, by channel) so the timeline still says where each message went; the rest
+    (amounts, times, ids) is kept. Also returns each removed value with its mask, to scrub elsewhere.
+    Idempotent: erased content comes back unchanged."""
+    customer = dict(content["customer"])
+    masked: dict[str, str] = dict(customer.get("masked") or {})
+    removed: list[tuple[str, str]] = []
+    for channel, field in CONTACT_FIELD.items():
+        value = customer.get(field)
+        values = [v for v in (value if isinstance(value, list | tuple) else [value]) if v]
+        if values:
+            masked[channel] = mask_recipient(channel, values[0])  # what the timeline shows
+            removed += [(v, mask_recipient(channel, v)) for v in values]
+    customer.update(name="", phone=None, email=None, push_tokens=[], masked=masked, erased=True)
+    return {**content, "customer": customer}, removed
+
+
+#: A customer id as ingest accepts it, so every id that has transactions can be named for erasure.
+_CUSTOMER_ID = TypeAdapter(Line)
+
+
+def _customer_id_problem(customer_id: str) -> str | None:
+    if not 1 <= len(customer_id) <= 128:
+        return "1 to 128 characters"
+    try:
+        customer_id.encode("utf-8")
+        _CUSTOMER_ID.validate_python(customer_id)
+    except UnicodeEncodeError:
+        return "contains invalid Unicode (a lone surrogate); send UTF-8 text"
+    except ValidationError as exc:
+        return exc.errors()[0]["msg"].removeprefix("Value error, ")
+    return None
 
 
 class Remind:
@@ -174,6 +219,8 @@ class Remind:
         if existing is None:
             log.info("registered %s on schedule %s, deadline %s", tx.id, schedule.name, deadline.isoformat())
             return Registration(tx.id, True, PENDING, schedule.name)
+        if existing["content"]["customer"].get("erased"):  # the same transaction, but nothing of it is kept
+            content = erase_contact(content)[0]
         diff = differing_fields(existing["content"], content, ignore_created_at=omitted_created_at)
         if diff:
             raise Conflict(tx.id, diff)
@@ -207,7 +254,45 @@ class Remind:
         tx = self.store.get_transaction(tx_id)
         if tx is None:
             raise NotFound(tx_id)
-        return build_timeline(tx, self.store.deliveries_of(tx_id), self._registry.get(tx["schedule"]))
+        view = build_timeline(tx, self.store.deliveries_of(tx_id), self._registry.get(tx["schedule"]))
+        masked = view["customer"].get("masked")
+        if masked:  # erased: the masks kept say where each message went
+            for entry in view["timeline"]:
+                if entry["recipient"] is None and entry["state"] != "planned":
+                    entry["recipient"] = masked.get(entry["channel"])
+        view["erased_at"] = tx["erased_at"].isoformat().replace("+00:00", "Z") if tx["erased_at"] else None
+        return view
+
+    # -- personal data ------------------------------------------------------------------------------
+
+    def erase_customer(self, customer_id: str) -> Erasure:
+        """Erase the name, phone, email and push tokens from every transaction of ``customer_id``
+        (idempotent; an unknown customer has nothing to erase). Amounts, statuses and the timeline stay.
+        Pending transactions are cancelled (``customer_request``): nobody can be reminded any more, and
+        a link sent earlier must not confirm a transfer whose customer asked to be forgotten."""
+        problem = _customer_id_problem(customer_id)
+        if problem:
+            raise InvalidInput({"customer_id": problem})
+        result = self.store.erase_customer(customer_id, erase_contact, cancel_reason=ERASED_REASON)
+        if result.erased or result.cancelled:
+            log.info("personal data of customer %s erased from %d transactions; %d pending cancelled",
+                     customer_id, len(result.erased), len(result.cancelled))
+        return result
+
+    def erase_expired(self, now: datetime | None = None) -> int:
+        """REMIND_RETENTION_DAYS: erase personal data from transactions settled longer ago, oldest first,
+        in short batches (each its own database transaction). Returns how many were erased."""
+        days = self.settings.retention_days
+        if not days:
+            return 0
+        before = (now or self.store.clock()) - timedelta(days=days)
+        total = 0
+        while total < RETENTION_MOST:
+            erased = self.store.erase_settled(before, erase_contact, limit=RETENTION_BATCH)
+            total += len(erased)
+            if len(erased) < RETENTION_BATCH:
+                break
+        return total
 
     # -- the engine's calls -----------------------------------------------------------------------
 
@@ -233,4 +318,4 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-__all__ = ["ConfigError", "Registration", "Remind", "load_config", "utcnow"]
+__all__ = ["ConfigError", "Erasure", "Registration", "Remind", "erase_contact", "load_config", "utcnow"]

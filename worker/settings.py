@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     port: int | None = Field(None, alias="PORT", ge=0, le=65535)
     api_tokens: str = Field("", alias="REMIND_API_TOKEN")
     max_body_bytes: int = Field(65536, alias="REMIND_MAX_BODY_BYTES", gt=0)
+    #: Days after a transaction settles before its customer's name, phone, email and push tokens are erased
+    #: (0: kept until erased on request).
+    retention_days: int = Field(90, alias="REMIND_RETENTION_DAYS", ge=0)
     sms_segment_budget: int = Field(3, alias="REMIND_SMS_SEGMENT_BUDGET", gt=0)  # `schedules check` warns above
 
     @field_validator("env")

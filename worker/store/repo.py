@@ -13,7 +13,7 @@ Concurrency rules, in one place:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, s
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_postgres
-from .tables import deliveries, early_callbacks, suppressions, transactions
+from .tables import SETTLED_AT, deliveries, early_callbacks, suppressions, transactions
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
 SETTLED = (CONFIRMED, CANCELLED, ESCALATED)
@@ -58,6 +58,19 @@ class NewDelivery:
     status: str  # queued | skipped
     reason: str | None = None
     variant: str = "default"
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What erasing one customer's personal data did."""
+
+    transactions: int  # the customer's transactions: none of them holds personal data now
+    erased: list[str]  # ids erased by this call (the others were erased before)
+    cancelled: list[str]  # ids that were pending: cancelled by this call
+
+
+#: Erases one transaction's personal data: content -> (content without it, [(value removed, its mask)]).
+Scrub = Callable[[dict[str, Any]], tuple[dict[str, Any], list[tuple[str, str]]]]
 
 
 @dataclass(frozen=True)
@@ -436,6 +449,76 @@ class Store:
                 suppressions.c.address_hash.in_(list(by_hash)))).scalars().all()
         return {by_hash[h] for h in found}
 
+    # -- personal data ----------------------------------------------------------------------------
+
+    def erase_customer(self, customer_id: str, scrub: Scrub, *, cancel_reason: str) -> Erasure:
+        """Erase the personal data of every transaction of ``customer_id``, in one transaction under
+        their row locks; pending ones are cancelled with ``cancel_reason`` (nobody can be reminded).
+        Suppressions keep their address hash, so an opt-out outlives the data, but lose the customer id
+        that would tie the hash to this customer. Running it again changes nothing."""
+        t = transactions.c
+        with self.begin() as conn:
+            rows = conn.execute(self._lock(select(t.id, t.status, t.content, t.erased_at)
+                                           .where(t.customer_id == customer_id).order_by(t.id))).mappings().all()
+            now = self.clock()  # read after the locks, as every status change does
+            erased = self._erase_rows(conn, [r for r in rows if r["erased_at"] is None], scrub, now)
+            pending = [r["id"] for r in rows if r["status"] == PENDING]
+            if pending:
+                conn.execute(update(transactions).where(t.id.in_(pending), t.status == PENDING).values(
+                    status=CANCELLED, cancelled_at=now, next_due_at=None, status_reason=cancel_reason))
+            if rows:
+                conn.execute(update(suppressions).where(suppressions.c.customer_id == customer_id)
+                             .values(customer_id=None))
+        return Erasure(len(rows), erased, pending)
+
+    def erase_settled(self, before: datetime, scrub: Scrub, *, limit: int) -> list[str]:
+        """Erase the personal data of up to ``limit`` transactions settled before ``before``, oldest
+        first, on the retention index (only settled rows still holding data are in it); two sweepers
+        take disjoint rows (SKIP LOCKED). Returns the ids erased."""
+        with self.begin() as conn:
+            rows = conn.execute(self._lock(self.retention_query(before, limit), skip_locked=True)).mappings().all()
+            return self._erase_rows(conn, rows, scrub, self.clock())
+
+    @staticmethod
+    def retention_query(before: datetime, limit: int):
+        """The oldest settled transactions that still hold personal data: its terms are the index's own
+        (ix_transactions_retention), so both databases read only the rows it returns."""
+        t = transactions.c
+        return (select(t.id, t.content)
+                .where(t.erased_at.is_(None), SETTLED_AT.is_not(None), SETTLED_AT < before)
+                .order_by(SETTLED_AT).limit(limit))
+
+    def _erase_rows(self, conn: Connection, rows: Sequence[Mapping[str, Any]], scrub: Scrub,
+                    now: datetime) -> list[str]:
+        """Rewrite each row's content without its personal data, and any delivery reason quoting a
+        removed value in full (reasons are masked when written; this is the backstop)."""
+        if not rows:
+            return []
+        changes, replaced = [], {}
+        for row in rows:
+            content, removed = scrub(row["content"])
+            changes.append({"b_id": row["id"], "b_content": content, "b_at": now})
+            if removed:
+                replaced[row["id"]] = removed
+        conn.execute(update(transactions).where(transactions.c.id == bindparam("b_id")).values(
+            content=bindparam("b_content", type_=transactions.c.content.type), erased_at=bindparam("b_at")),
+            changes)
+        if replaced:
+            d = deliveries.c
+            quoted = conn.execute(select(d.id, d.transaction_id, d.reason).where(
+                d.transaction_id.in_(list(replaced)), d.reason.is_not(None))).all()
+            fixes = []
+            for delivery_id, tx_id, reason in quoted:
+                clean = reason
+                for value, mask in replaced[tx_id]:
+                    clean = clean.replace(value, mask)
+                if clean != reason:
+                    fixes.append({"b_id": delivery_id, "b_reason": clean})
+            if fixes:
+                conn.execute(update(deliveries).where(d.id == bindparam("b_id")).values(
+                    reason=bindparam("b_reason")), fixes)
+        return [row["id"] for row in rows]
+
     # -- early provider callbacks ----------------------------------------------------------------
 
     def keep_early_callback(self, provider: str, provider_id: str, status: str, code: str | None, *,
@@ -502,8 +585,8 @@ class Store:
         return sorted(set(busy_tx) | set(busy_dl))
 
 
-__all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "NewDelivery", "metrics_snapshot",
-           "NewTransaction", "Store", "and_"]
+__all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "Erasure", "NewDelivery",
+           "NewTransaction", "Scrub", "Store", "and_", "metrics_snapshot"]
 
 
 def metrics_snapshot(store: Store, now: datetime) -> dict[str, Any]:

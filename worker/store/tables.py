@@ -19,6 +19,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    func,
+    text,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -71,6 +73,9 @@ transactions = Table(
     Column("cancelled_at", UTCDateTime),
     Column("escalated_at", UTCDateTime),
     Column("status_reason", Text),
+    # When the customer's name, phone, email and push tokens were erased from ``content`` (on request, or
+    # by REMIND_RETENTION_DAYS); NULL while they are held.
+    Column("erased_at", UTCDateTime),
     Index(
         "ix_transactions_next_due_at",
         "next_due_at",
@@ -78,6 +83,15 @@ transactions = Table(
         sqlite_where="next_due_at IS NOT NULL",
     ),
 )
+
+#: When a transaction settled (confirmed, cancelled, or escalated for review); NULL while pending.
+SETTLED_AT = func.coalesce(transactions.c.confirmed_at, transactions.c.cancelled_at, transactions.c.escalated_at)
+
+# The retention sweep reads the oldest settled transactions that still hold personal data. Only those
+# rows are in the index: pending ones (no settled time) and erased ones cost it nothing.
+_HOLDS_PERSONAL_DATA = text("erased_at IS NULL AND coalesce(confirmed_at, cancelled_at, escalated_at) IS NOT NULL")
+Index("ix_transactions_retention", SETTLED_AT, postgresql_where=_HOLDS_PERSONAL_DATA,
+      sqlite_where=_HOLDS_PERSONAL_DATA)
 
 # One row per (transaction, step, channel): a reminder, a final notice, or the platform webhook.
 deliveries = Table(

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from ..errors import AlreadySettled, Conflict, InvalidInput, NotFound
 from ..ingest import Transaction
 from ..service import Remind
-from .schemas import ERRORS, CancelRequest, ErrorBody, TransactionView
+from .schemas import ERRORS, CancelRequest, ErasureView, ErrorBody, TransactionView
 from .security import check_bearer
 
 #: The request body's schema: the ingest model itself, its nested models published as components.
@@ -98,5 +98,17 @@ def router(remind: Remind) -> APIRouter:
         except AlreadySettled as exc:
             return error(409, "already_settled", f"{exc}; it cannot be cancelled", status=exc.status)
         return JSONResponse(await view(tx_id))
+
+    # ``:path``: a customer id is any line of text, "/" included, and each must be erasable here.
+    @api.delete("/customers/{customer_id:path}/personal-data", response_model=ErasureView,
+                responses={422: ERRORS[422]},
+                summary="Erase a customer's name, phone, email and push tokens (repeating is fine)")
+    async def erase(customer_id: str):
+        try:
+            result = await run_in_threadpool(remind.erase_customer, customer_id)
+        except InvalidInput as exc:
+            return error(422, "invalid", "some fields are invalid", problems=exc.problems)
+        return JSONResponse({"customer_id": customer_id, "transactions": result.transactions,
+                             "erased": result.erased, "cancelled": result.cancelled})
 
     return api

@@ -39,7 +39,18 @@ class TransactionView(BaseModel):
     confirmed_at: str | None
     cancelled_at: str | None
     escalated_at: str | None
+    erased_at: str | None = Field(None, description="when the customer's personal data was erased")
     timeline: list[TimelineEntry]
+
+
+class ErasureView(BaseModel):
+    """The customer's transactions no longer hold a name, phone, email or push token. The same answer
+    for a customer erased before (``erased`` and ``cancelled`` then empty) or never seen (all zero)."""
+
+    customer_id: str
+    transactions: int = Field(description="the customer's transactions, none holding personal data now")
+    erased: list[str] = Field(description="ids erased by this call")
+    cancelled: list[str] = Field(description="ids that were pending: cancelled (customer_request) by this call")
 
 
 class CancelRequest(BaseModel):
