@@ -7,6 +7,7 @@ It renders with the same code a delivery uses (``render.facts_for``, ``Templates
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,12 @@ if TYPE_CHECKING:
 
 SAMPLE_ID = "tx_20261125_0001"
 
+
+
+def _preview_key(settings) -> str:
+    """The key a preview signs its sample link with: the real one when set, else a throwaway one (a
+    preview's link only shows the shape and length of the real one; it must not open anything)."""
+    return settings.secret_key or secrets.token_hex(32)
 
 def sample_transaction(now: datetime) -> dict[str, Any]:
     """The platform contract's sample (as in the README, the demo and the tests), created ``now``."""
@@ -155,7 +162,7 @@ def preview(source: Remind | tuple[Registry, Templates], schedule_name: str,
     zone = ZoneInfo(tx.customer.timezone)
     created = tx.created_at or now
     deadline = schedule.deadline(created, tx.expires_at)
-    link = confirm_url(settings.public_base, settings.secret_key, tx.id, deadline)
+    link = confirm_url(settings.public_base, _preview_key(settings), tx.id, deadline)
     restart = settings.restart_url or settings.public_base + "/"
 
     def render(step_id: str, template: str, channels: tuple[str, ...], at: datetime, reason: str = ""):
@@ -249,7 +256,7 @@ def sms_budget_warnings(templates: Templates, budget: int, settings: Settings,
     now = (now or datetime.now(UTC)).astimezone(UTC)
     content = parse_transaction(sample_transaction(now)).canonical()
     deadline = now + timedelta(days=1)
-    link = confirm_url(settings.public_base, settings.secret_key, SAMPLE_ID, deadline)
+    link = confirm_url(settings.public_base, _preview_key(settings), SAMPLE_ID, deadline)
     restart = settings.restart_url or settings.public_base + "/"
     warnings: list[str] = []
     for locale in templates.locales:
