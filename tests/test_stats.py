@@ -49,7 +49,7 @@ def build_dataset(make_harness, tmp_path) -> Harness:
     folder.mkdir()
     for name, text in SCHEDULES.items():
         (folder / name).write_text(text)
-    h = make_harness(schedules_dir=folder, api_tokens=TOKEN)
+    h = make_harness(schedules_dir=folder, ops_tokens=TOKEN, api_tokens="platform-token")
     r = h.remind
     for i in range(10):
         r.register(transaction(f"d{i}"))
@@ -210,7 +210,7 @@ def test_remind_stats_prints_a_table_and_json(dataset, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "--since" in bad.output
 
 
-def test_get_v1_stats_needs_the_token_and_returns_the_funnel(dataset):
+def test_get_v1_stats_needs_the_ops_token_and_returns_the_funnel(dataset):
     with TestClient(create_app(dataset.remind)) as client:
         assert client.get("/v1/stats").status_code == 401
         assert client.get("/v1/stats", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -222,8 +222,10 @@ def test_get_v1_stats_needs_the_token_and_returns_the_funnel(dataset):
         assert len(client.get("/v1/stats?since=2026-11-24", headers=auth).json()["schedules"]) == 2
         bad = client.get("/v1/stats?since=soon", headers=auth)
         assert bad.status_code == 422 and "since" in bad.json()["problems"]
-        assert client.get("/ops").status_code == 401
-        assert client.get(f"/ops?token={TOKEN}x").status_code == 401
-        page = client.get(f"/ops?token={TOKEN}")
+        # the platform's token is valid, but not for ops
+        assert client.get("/v1/stats", headers={"Authorization": "Bearer platform-token"}).status_code == 403
+        assert client.get("/ops", follow_redirects=False).headers["location"] == "/ops/login"
+        assert client.get(f"/ops?token={TOKEN}", follow_redirects=False).status_code == 303  # never from a URL
+        page = client.get("/ops", headers=auth)
         assert page.status_code == 200 and "content-security-policy" in page.headers
-        assert client.get("/ops", headers=auth).status_code == 200
+        assert "Confirmation funnel" in page.text

@@ -6,7 +6,7 @@ import os
 import secrets
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import SettingsError
@@ -17,6 +17,8 @@ _KNOWN_SECRETS = frozenset({"dev-secret-change-me", "change-me", "changeme", "se
 _MIN_SECRET = 16
 #: Where development keeps its generated key, next to the SQLite database (gitignored).
 SECRET_FILE = ".remind-secret"
+#: The variable that holds each access scope's tokens.
+TOKEN_VARIABLES = {"platform": "REMIND_API_TOKEN", "ops": "REMIND_OPS_TOKEN", "metrics": "REMIND_METRICS_TOKEN"}
 
 
 def secret_problem(value: str) -> str | None:
@@ -136,7 +138,11 @@ class Settings(BaseSettings):
     #: Unset: 0.0.0.0 when PORT is set (a platform such as Heroku routes to it), else 127.0.0.1.
     host: str | None = Field(None, alias="REMIND_HOST")
     port: int | None = Field(None, alias="PORT", ge=0, le=65535)
+    #: Each scope's bearer tokens, comma-separated so a new one can be rolled out before the old is removed:
+    #: the platform's (/v1 transactions and erasure), ops' (stats, /ops) and Prometheus' (/metrics).
     api_tokens: str = Field("", alias="REMIND_API_TOKEN")
+    ops_tokens: str = Field("", alias="REMIND_OPS_TOKEN")
+    metrics_tokens: str = Field("", alias="REMIND_METRICS_TOKEN")
     max_body_bytes: int = Field(65536, alias="REMIND_MAX_BODY_BYTES", gt=0)
     #: Days after a transaction settles before its customer's name, phone, email and push tokens are erased
     #: (0: kept until erased on request).
@@ -249,4 +255,19 @@ class Settings(BaseSettings):
     @property
     def api_token_list(self) -> list[str]:
         """Several tokens may be valid at once, so a new one can be rolled out before the old is removed."""
-        return [t.strip() for t in self.api_tokens.split(",") if t.strip()]
+        return self.token_lists["platform"]
+
+    @property
+    def token_lists(self) -> dict[str, list[str]]:
+        """Each scope's valid tokens (platform, ops, metrics); a token of one scope never opens another."""
+        return {scope: [t.strip() for t in raw.split(",") if t.strip()] for scope, raw in
+                (("platform", self.api_tokens), ("ops", self.ops_tokens), ("metrics", self.metrics_tokens))}
+
+    @model_validator(mode="after")
+    def _scopes_apart(self) -> Settings:
+        lists = self.token_lists
+        for a, b in (("platform", "ops"), ("platform", "metrics"), ("ops", "metrics")):
+            if set(lists[a]) & set(lists[b]):
+                raise ValueError(f"{TOKEN_VARIABLES[a]} and {TOKEN_VARIABLES[b]} share a token: each scope needs "
+                                 "its own, or the platform's token would open ops (or ops' the platform API)")
+        return self

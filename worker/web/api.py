@@ -14,11 +14,13 @@ from ..errors import AlreadySettled, Conflict, InvalidInput, NotFound
 from ..ingest import Transaction
 from ..service import Remind
 from .schemas import ERRORS, CancelRequest, ErasureView, ErrorBody, TransactionView
-from .security import check_bearer
+from .security import check_scope
 
 #: The request body's schema: the ingest model itself, its nested models published as components.
 TRANSACTION_SCHEMA = Transaction.model_json_schema(ref_template="#/components/schemas/{model}")
 TRANSACTION_DEFS = TRANSACTION_SCHEMA.pop("$defs", {})
+
+FORBIDDEN = {"model": ErrorBody, "description": "A valid token of another scope (ops, metrics)"}
 
 TxId = Annotated[str, Path(min_length=1, max_length=64, description="The platform's transaction id")]
 
@@ -30,10 +32,10 @@ def error(http_status: int, code: str, detail: str, **extra) -> JSONResponse:
 
 def router(remind: Remind) -> APIRouter:
     def auth(request: Request) -> None:
-        check_bearer(request, remind.settings.api_token_list)
+        check_scope(request, "platform", remind.settings.token_lists)
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(auth)],
-                    responses={400: ERRORS[400], 401: ERRORS[401], 413: ERRORS[413], 422: ERRORS[422]})
+                    responses={400: ERRORS[400], 401: ERRORS[401], 403: FORBIDDEN, 413: ERRORS[413], 422: ERRORS[422]})
 
     async def view(tx_id: str) -> dict:
         return await run_in_threadpool(remind.show, tx_id)

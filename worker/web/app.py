@@ -27,7 +27,7 @@ _OUTAGES = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError, redis.except
 def create_app(remind: Remind) -> FastAPI:
     app = FastAPI(title="reminder-worker", version="1", description=(
         "Register pending transactions, read their reminder timeline, confirm or cancel them. "
-        "Authenticate with `Authorization: Bearer <REMIND_API_TOKEN>`."))
+        "Authenticate with `Authorization: Bearer <REMIND_API_TOKEN>` (stats: `REMIND_OPS_TOKEN`)."))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError):
@@ -37,7 +37,8 @@ def create_app(remind: Remind) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException):
-        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        code = {401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed"}.get(exc.status_code, "error")
         return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from ..service import Remind
 from ..store import metrics_snapshot
+from .security import check_scope
 
 
 class StoreCollector:
@@ -96,7 +97,14 @@ def router(remind: Remind) -> APIRouter:
         ok = all(v.startswith("ok") for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
-    @health.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    def metrics_auth(request: Request) -> None:
+        """Bearer REMIND_METRICS_TOKEN when set; without it open in development, refused in production
+        (the counts of a live service are nobody else's business)."""
+        if remind.settings.token_lists["metrics"] or remind.settings.production:
+            check_scope(request, "metrics", remind.settings.token_lists)
+
+    @health.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics",
+                dependencies=[Depends(metrics_auth)])
     async def metrics():
         body = await run_in_threadpool(generate_latest, registry)
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4")

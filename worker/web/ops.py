@@ -1,29 +1,30 @@
 """Ops views of the confirmation funnel: ``GET /v1/stats`` (JSON) and ``GET /ops`` (an HTML page).
 
 The page is drawn on the server as inline SVG with inline styles and no script, so it passes the
-pages' strict CSP and needs nothing but a browser. It asks for the API token like ``/v1`` does, in
-the Authorization header, or as ``?token=`` so a plain browser can open it (the query form ends up
-in access logs and browser history: prefer the header behind a proxy that adds it).
+pages' strict CSP and needs nothing but a browser. Both need an ops token (REMIND_OPS_TOKEN), never
+the platform's: ``/v1/stats`` as a bearer header, ``/ops`` as the header or a session cookie set by
+signing in with the form at ``/ops/login`` (a token is never read from the URL, where it would end
+up in access logs and browser history).
 """
 
 from __future__ import annotations
 
-import hmac
 import math
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse
-from jinja2 import Environment
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, Field
 
 from ..ladder import Schedule, format_duration
 from ..service import Remind
 from ..stats import funnel, human, pct
-from .schemas import ERRORS
-from .security import check_bearer
+from .schemas import ERRORS, ErrorBody
+from .security import OPS_COOKIE, OPS_SESSION, bearer, check_scope, issue_session, matches, session_valid
 
 NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
 Since = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL, description=(
@@ -85,24 +86,25 @@ class StatsView(BaseModel):
 
 def router(remind: Remind) -> APIRouter:
     ops = APIRouter(tags=["ops"])
+    settings = remind.settings
 
     def auth(request: Request) -> None:
-        check_bearer(request, remind.settings.api_token_list)
+        check_scope(request, "ops", settings.token_lists)
 
-    def page_auth(request: Request, token: Annotated[str | None, Query(max_length=512)] = None) -> None:
-        tokens = remind.settings.api_token_list
-        if token is not None and tokens:
-            ok = False
-            for candidate in tokens:
-                ok |= hmac.compare_digest(token.encode(), candidate.encode())
-            if ok:
-                return
-            raise HTTPException(401, "a valid token is required", {"www-authenticate": "Bearer"})
-        check_bearer(request, tokens)
+    def signed_in(request: Request) -> bool:
+        """An ops bearer header (a proxy may add it) or a valid session cookie."""
+        tokens = settings.token_lists["ops"]
+        given = bearer(request)
+        if given is not None and tokens and matches(given, tokens):
+            return True
+        return session_valid(settings.secret_key, request.cookies.get(OPS_COOKIE), tokens, remind.store.clock())
+
+    def login_page(error: str | None, status: int) -> HTMLResponse:
+        return HTMLResponse(_LOGIN.render(error=error), status_code=status)
 
     @ops.get("/v1/stats", response_model=StatsView, dependencies=[Depends(auth)],
              summary="The confirmation funnel per schedule, step and variant",
-             responses={400: ERRORS[400], 401: ERRORS[401], 422: ERRORS[422]})
+             responses={400: ERRORS[400], 401: ERRORS[401], 403: FORBIDDEN, 422: ERRORS[422]})
     async def stats(since: Since = None, schedule: ScheduleName = None):
         try:
             return await run_in_threadpool(funnel, remind.store, since=since, schedule=schedule)
@@ -110,15 +112,43 @@ def router(remind: Remind) -> APIRouter:
             return JSONResponse({"error": "invalid", "detail": "some fields are invalid",
                                  "problems": {"since": str(exc)}}, status_code=422)
 
-    @ops.get("/ops", include_in_schema=False, response_class=HTMLResponse, dependencies=[Depends(page_auth)])
-    async def page(since: Since = None, schedule: ScheduleName = None, token: str | None = None):
+    @ops.get("/ops", include_in_schema=False, response_class=HTMLResponse)
+    async def page(request: Request, since: Since = None, schedule: ScheduleName = None):
+        if not signed_in(request):
+            return RedirectResponse("/ops/login", status_code=303)
         try:
             data = await run_in_threadpool(funnel, remind.store, since=since, schedule=schedule)
             error = None
         except ValueError as exc:
             data, error = {"generated_at": "", "since": None, "schedule": schedule, "schedules": []}, str(exc)
-        html = render_page(data, list(remind.registry), since=since, token=token, error=error)
+        html = render_page(data, list(remind.registry), since=since, error=error)
         return HTMLResponse(html, status_code=422 if error else 200)
+
+    @ops.get("/ops/login", include_in_schema=False, response_class=HTMLResponse)
+    async def login_form():
+        if not settings.token_lists["ops"]:
+            return login_page("Ops is disabled: set REMIND_OPS_TOKEN.", 401)
+        return login_page(None, 200)
+
+    @ops.post("/ops/login", include_in_schema=False, response_class=HTMLResponse)
+    async def login(token: Annotated[str, Form(max_length=512)] = ""):
+        tokens = settings.token_lists["ops"]
+        if not tokens:
+            return login_page("Ops is disabled: set REMIND_OPS_TOKEN.", 401)
+        if not matches(token.strip(), tokens):
+            return login_page("That is not a valid ops token (REMIND_OPS_TOKEN).", 401)
+        response = RedirectResponse("/ops", status_code=303)
+        response.set_cookie(OPS_COOKIE, issue_session(settings.secret_key, token.strip(), remind.store.clock()),
+                            max_age=int(OPS_SESSION.total_seconds()), path="/ops", httponly=True,
+                            samesite="strict", secure=settings.public_base.startswith("https://"))
+        return response
+
+    @ops.post("/ops/logout", include_in_schema=False)
+    async def logout():
+        response = RedirectResponse("/ops/login", status_code=303)
+        response.delete_cookie(OPS_COOKIE, path="/ops", httponly=True, samesite="strict",
+                               secure=settings.public_base.startswith("https://"))
+        return response
 
     return ops
 
@@ -126,7 +156,7 @@ def router(remind: Remind) -> APIRouter:
 # -- the page ---------------------------------------------------------------------------------------
 
 def render_page(data: dict[str, Any], schedules: list[Schedule], *, since: str | None = None,
-                token: str | None = None, error: str | None = None) -> str:
+                error: str | None = None) -> str:
     """Every schedule of the registry (filtered like the data), plus any the data names that it no longer has."""
     stats = {s["schedule"]: s for s in data["schedules"]}
     known = {s.name: s for s in schedules if data["schedule"] in (None, s.name)}
@@ -136,7 +166,7 @@ def render_page(data: dict[str, Any], schedules: list[Schedule], *, since: str |
               "hist": _histogram(stats[n]) if n in stats else None,
               "meta": f"priority {known[n].priority} · version {known[n].version[:12]}" if n in known else
               "no longer loaded"} for n in names]
-    return _TEMPLATE.render(data=data, cards=cards, since=since or "", token=token, error=error, pct=pct,
+    return _TEMPLATE.render(data=data, cards=cards, since=since or "", error=error, pct=pct,
                             human=human)
 
 
@@ -192,6 +222,9 @@ def _ladder(schedule: Schedule) -> dict[str, Any]:
     return {"points": points, "final": final, "ticks": ticks}
 
 
+FORBIDDEN = {"model": ErrorBody, "description": "A valid token of another scope (platform, metrics)"}
+_LOGIN = Environment(loader=FileSystemLoader(str(Path(__file__).parent)),
+                     autoescape=select_autoescape(["html"])).get_template("ops_login.html")
 _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""\
 <!doctype html>
 <html lang="en">
@@ -222,6 +255,7 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
 </style>
 </head>
 <body><main>
+<form method="post" action="/ops/logout" class="note" style="float:right"><button type="submit">Sign out</button></form>
 <h1>Confirmation funnel</h1>
 <p class="note">Which reminder each customer confirmed after. {{ 'Transactions created since ' ~ data.since
   if data.since else 'All transactions' }}{{ ', schedule ' ~ data.schedule if data.schedule }}; generated
@@ -229,7 +263,6 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
 <form method="get" action="">
  <label>since <input name="since" value="{{ since }}" placeholder="7d or 2026-11-01"></label>
  <label>schedule <input name="schedule" value="{{ data.schedule or '' }}" placeholder="all"></label>
- {% if token %}<input type="hidden" name="token" value="{{ token }}">{% endif %}
  <button type="submit">Show</button>
 </form>
 {% if error %}<p class="bad">{{ error }}</p>{% endif %}

@@ -1,14 +1,20 @@
-"""Bearer tokens compared in constant time, request bodies capped, security headers on every answer."""
+"""Scoped bearer tokens compared in constant time, the /ops session cookie, request bodies capped,
+security headers on every answer."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 
 from fastapi import HTTPException, Request
+from itsdangerous import BadSignature, URLSafeSerializer
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..settings import TOKEN_VARIABLES
 
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
@@ -20,17 +26,67 @@ PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; 
             "base-uri 'none'")
 
 
-def check_bearer(request: Request, tokens: list[str]) -> None:
-    """401 unless the Authorization header carries one of ``tokens``; every candidate is compared."""
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if not tokens:
-        raise HTTPException(401, "the API is disabled: set REMIND_API_TOKEN", {"www-authenticate": "Bearer"})
+def matches(given: str, tokens: list[str]) -> bool:
+    """Whether ``given`` is one of ``tokens``; every candidate is compared, each in constant time."""
     ok = False
     for token in tokens:
-        ok |= hmac.compare_digest(given.strip().encode(), token.encode())
-    if scheme.lower() != "bearer" or not ok:
-        raise HTTPException(401, "a valid bearer token is required", {"www-authenticate": "Bearer"})
+        ok |= hmac.compare_digest(given.encode(), token.encode())
+    return ok
+
+
+def bearer(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, or None. Never read from the URL: a query string
+    ends up in access logs, proxies and browser history."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return given.strip() if scheme.lower() == "bearer" and given.strip() else None
+
+
+def check_scope(request: Request, scope: str, token_lists: dict[str, list[str]]) -> None:
+    """401 unless the bearer token belongs to ``scope``; 403 when it is a valid token of another scope
+    (the caller is known but not allowed here), so a leaked platform token never opens ops."""
+    variable = TOKEN_VARIABLES[scope]
+    tokens = token_lists[scope]
+    given = bearer(request)
+    if not tokens:
+        raise HTTPException(401, f"this route is disabled: set {variable}", {"www-authenticate": "Bearer"})
+    if given is not None and matches(given, tokens):
+        return
+    if given is not None and any(matches(given, other) for name, other in token_lists.items() if name != scope):
+        raise HTTPException(403, f"this token is not allowed here: it needs a token from {variable}")
+    raise HTTPException(401, f"a valid bearer token from {variable} is required", {"www-authenticate": "Bearer"})
+
+
+# -- the /ops session cookie --------------------------------------------------------------------------
+
+OPS_COOKIE = "remind_ops"
+OPS_SESSION = timedelta(hours=12)
+_OPS_SALT = "remind.ops-session"
+
+
+def _token_id(token: str) -> str:
+    """What the cookie carries instead of the token: removing the token from REMIND_OPS_TOKEN ends its sessions."""
+    return hashlib.sha256(b"remind.ops-token:" + token.encode()).hexdigest()[:32]
+
+
+def issue_session(secret: str, token: str, now: datetime) -> str:
+    """A cookie value signed with REMIND_SECRET_KEY (its own salt): the token's id and when it expires."""
+    return URLSafeSerializer(secret, salt=_OPS_SALT).dumps(
+        {"t": _token_id(token), "exp": int((now + OPS_SESSION).timestamp())})
+
+
+def session_valid(secret: str, cookie: str | None, tokens: list[str], now: datetime) -> bool:
+    """The cookie is ours, unaltered, unexpired on the service's clock, and its token still valid."""
+    if not cookie or not tokens:
+        return False
+    try:
+        data = URLSafeSerializer(secret, salt=_OPS_SALT).loads(cookie)
+    except BadSignature:
+        return False
+    if not isinstance(data, dict) or not isinstance(data.get("t"), str) or not isinstance(data.get("exp"), int):
+        return False
+    if now.timestamp() >= data["exp"]:
+        return False
+    return matches(data["t"], [_token_id(t) for t in tokens])
 
 
 #: Routes that must take more than the default limit. SendGrid posts event batches of up to 768 KB and,
