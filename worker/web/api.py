@@ -103,7 +103,8 @@ def router(remind: Remind) -> APIRouter:
 
     # ``:path``: a customer id is any line of text, "/" included, and each must be erasable here.
     @api.delete("/customers/{customer_id:path}/personal-data", response_model=ErasureView,
-                responses={422: ERRORS[422]},
+                responses={404: {"model": ErrorBody, "description": "An id with a line break matches no route"},
+                           422: ERRORS[422]},
                 summary="Erase a customer's name, phone, email and push tokens (repeating is fine)")
     async def erase(customer_id: str):
         try:
