@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from fastapi import HTTPException, Request
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadData, URLSafeSerializer
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -63,30 +63,33 @@ OPS_SESSION = timedelta(hours=12)
 _OPS_SALT = "remind.ops-session"
 
 
-def _token_id(token: str) -> str:
-    """What the cookie carries instead of the token: removing the token from REMIND_OPS_TOKEN ends its sessions."""
-    return hashlib.sha256(b"remind.ops-token:" + token.encode()).hexdigest()[:32]
+def _token_id(secret: str, token: str) -> str:
+    """What the cookie carries instead of the token: removing the token from REMIND_OPS_TOKEN ends its sessions.
+    Keyed, so a stolen cookie gives nothing to guess the token against offline."""
+    return hmac.new(secret.encode(), b"remind.ops-token:" + token.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def issue_session(secret: str, token: str, now: datetime) -> str:
     """A cookie value signed with REMIND_SECRET_KEY (its own salt): the token's id and when it expires."""
+    if not secret:  # an empty key is one everyone knows
+        raise ValueError("no signing key (REMIND_SECRET_KEY)")
     return URLSafeSerializer(secret, salt=_OPS_SALT).dumps(
-        {"t": _token_id(token), "exp": int((now + OPS_SESSION).timestamp())})
+        {"t": _token_id(secret, token), "exp": int((now + OPS_SESSION).timestamp())})
 
 
 def session_valid(secret: str, cookie: str | None, tokens: list[str], now: datetime) -> bool:
     """The cookie is ours, unaltered, unexpired on the service's clock, and its token still valid."""
-    if not cookie or not tokens:
+    if not cookie or not tokens or not secret:
         return False
     try:
         data = URLSafeSerializer(secret, salt=_OPS_SALT).loads(cookie)
-    except BadSignature:
+    except BadData:  # a bad signature, or not even the shape of one
         return False
     if not isinstance(data, dict) or not isinstance(data.get("t"), str) or not isinstance(data.get("exp"), int):
         return False
     if now.timestamp() >= data["exp"]:
         return False
-    return matches(data["t"], [_token_id(t) for t in tokens])
+    return matches(data["t"], [_token_id(secret, t) for t in tokens])
 
 
 #: Routes that must take more than the default limit. SendGrid posts event batches of up to 768 KB and,
