@@ -259,6 +259,19 @@ class Fakes:
 _OURS = ("DATABASE_URL", "REDIS_URL", "TWILIO_", "SENDGRID_", "FCM_", "REMIND_")
 
 
+def tear_down(procs: Iterable[subprocess.Popen], fakes: Fakes, namespace: str, db_name: str,
+              private: PrivateRedis | None) -> dict[str, dict]:
+    """Stop a run's processes and fakes, drop its Redis namespace and database; the fakes' summary."""
+    for proc in procs:
+        stop(proc)
+    summary = fakes.stop()
+    drop_namespace(namespace)
+    drop_database(db_name)
+    if private is not None:
+        private.stop()
+    return summary
+
+
 def remind_env(database_url: str, namespace: str, workdir: Path, providers: dict[str, str], **extra: str) -> dict:
     """The environment of a `remind` process: this machine's, less any remind/provider settings, plus ours."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}

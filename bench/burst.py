@@ -221,13 +221,7 @@ def main() -> int:
         pg.close()
         fig.update(rows=rows, peak_backlog=peak_backlog, due=due, per_tx=per_tx)
     finally:
-        for proc in procs.values():
-            h.stop(proc)
-        summary = fakes.stop()
-        h.drop_namespace(namespace)
-        h.drop_database(DB_NAME)
-        if private is not None:
-            private.stop()
+        summary = h.tear_down(procs.values(), fakes, namespace, DB_NAME, private)
     wall_s = time.monotonic() - wall0
 
     # -- figures -------------------------------------------------------------------------------------------

@@ -166,13 +166,7 @@ def main() -> int:
                        late=late, tick_part=tick_part, queue_part=queue_part, send_part=send_part,
                        peak_backlog=peak_backlog, drain_rate=len(sent) / (last - first).total_seconds())
     finally:
-        for proc in procs.values():
-            h.stop(proc)
-        summary = fakes.stop()
-        h.drop_namespace(namespace)
-        h.drop_database(DB_NAME)
-        if private is not None:
-            private.stop()
+        summary = h.tear_down(procs.values(), fakes, namespace, DB_NAME, private)
 
     sched_log = (workdir / "scheduler.log").read_text(errors="replace")
     missed = sched_log.count("was missed by")

@@ -124,18 +124,13 @@ def test_an_unregistered_push_token_is_dropped(make_harness, tmp_path):
     assert entries(h, "nudge")["push"]["status"] == "sent"
 
 
-@pytest.fixture
-def platform():
-    """A platform endpoint that verifies each webhook and answers 503 to the first one."""
-    received: list[dict] = []
+def serve_platform(answer):
+    """A local platform endpoint: ``answer(body, headers)`` records the webhook and returns the status."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = self.rfile.read(int(self.headers["content-length"]))
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            payload = Webhook(SECRET).verify(body, headers)  # raises on a bad signature
-            received.append({"id": headers["webhook-id"], "payload": payload})
-            self.send_response(503 if len(received) == 1 else 204)
+            self.send_response(answer(body, {k.lower(): v for k, v in self.headers.items()}))
             self.end_headers()
 
         def log_message(self, *args):
@@ -143,7 +138,21 @@ def platform():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/hooks", received
+    return server, f"http://127.0.0.1:{server.server_port}/hooks"
+
+
+@pytest.fixture
+def platform():
+    """A platform endpoint that verifies each webhook and answers 503 to the first one."""
+    received: list[dict] = []
+
+    def answer(body, headers):
+        payload = Webhook(SECRET).verify(body, headers)  # raises on a bad signature
+        received.append({"id": headers["webhook-id"], "payload": payload})
+        return 503 if len(received) == 1 else 204
+
+    server, url = serve_platform(answer)
+    yield url, received
     server.shutdown()
 
 
@@ -315,20 +324,8 @@ def test_an_escalation_settled_otherwise_before_it_went_out_is_never_announced(m
 def unreachable_platform():
     """A platform that answers every webhook with 503."""
     received: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["content-length"]))
-            received.append(self.headers["webhook-id"])
-            self.send_response(503)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/hooks", received
+    server, url = serve_platform(lambda body, headers: received.append(headers["webhook-id"]) or 503)
+    yield url, received
     server.shutdown()
 
 
