@@ -286,7 +286,3 @@ class RedisSlots:
         """Never raises: the send is over whatever Redis says, and a slot not given back expires."""
         if channel in self.keys:
             self._give.submit((channel, slot)).add_done_callback(_warn_if_failed)
-
-    def held(self, channel: str) -> int:
-        """Slots held now (expired ones included until the next acquire drops them)."""
-        return int(self.client.zcard(self.keys[channel])) if channel in self.keys else 0
