@@ -166,12 +166,12 @@ def test_cancellation_webhook_is_signed_and_retried_with_the_same_event_id(make_
     event = received[1]["payload"]
     assert event["type"] == "transaction.cancelled"
     assert event["data"]["id"] == "tx_1" and event["data"]["reason"] == "not_confirmed"
-    [hook] = [e for e in h.remind.show("tx_1")["timeline"] if e["channel"] == "webhook"]
-    assert hook["status"] == "sent" and hook["attempts"] == 2
-    at = "2026-11-25T11:00:00Z"  # the tick at +2h cancelled it
+    [hook] = h.remind.show("tx_1")["events"]
+    assert hook["status"] == "delivered" and hook["attempts"] == 2 and hook["id"] == received[0]["id"]
+    at = (T0 + timedelta(hours=2)).isoformat().replace("+00:00", "Z")  # the tick at +2h cancelled it
     assert event == {"type": "transaction.cancelled", "timestamp": at, "data": {
-        "id": "tx_1", "status": "cancelled", "reason": "not_confirmed", "at": at, "customer_id": "c_42",
-        "amount": "1000.00", "currency": "CNY"}}
+        "id": "tx_1", "status": "cancelled", "source": "deadline", "actor": None, "reason": "not_confirmed",
+        "at": at, "customer_id": "c_42", "amount": "1000.00", "currency": "CNY"}}
 
 
 def test_risk_transactions_escalate_instead_of_cancelling(make_harness, platform):
@@ -226,9 +226,12 @@ def test_a_reminder_no_channel_can_deliver_is_reported_to_the_platform(make_harn
     assert events, [(e["channel"], e["state"], e["reason"]) for e in h.remind.show("tx_1")["timeline"]]
     assert all(e["type"] == "reminder.failed" for e in events)
     assert events[-1]["data"]["step"] == "nudge" and events[-1]["data"]["id"] == "tx_1"
+    assert events[-1]["data"]["source"] is None and events[-1]["data"]["reason"] == "undeliverable"
     nudge = entries(h, "nudge")
     assert nudge["push"]["reason"].endswith("no channel left for this step")
-    assert nudge["webhook"]["status"] == "sent"
+    assert [e["status"] for e in h.remind.show("tx_1")["events"]] == ["pending"]  # the platform said 503
+    h.at(minutes=17).tick()  # its retry's time came
+    assert [(e["status"], e["attempts"]) for e in h.remind.show("tx_1")["events"]] == [("delivered", 2)]
     h.at(minutes=125).tick()  # later steps: the token is gone, nothing to try
     reminder = entries(h, "reminder")
     assert reminder["push"]["status"] == "skipped" and reminder["sms"]["reason"] == "no phone number on file"
@@ -301,23 +304,29 @@ def test_an_escalation_settled_otherwise_before_it_went_out_is_never_announced(m
     is pending for a transfer that was cancelled."""
     url, received = platform
     h = make_harness(platform_webhook_url=url, webhook_secret=SECRET)
-    real_enqueue, held = h.remind.enqueue, []
-    h.remind.enqueue = held.extend
+    real_enqueue, real_events, held, held_events = h.remind.enqueue, h.remind.enqueue_events, [], []
+    h.remind.enqueue, h.remind.enqueue_events = held.extend, held_events.extend
     h.remind.register(transaction(risk_flag=True))
     h.at(hours=9).tick(settle=False)
-    assert h.remind.show("tx_1")["status"] == "escalated" and held  # the notices and the webhook wait
+    assert h.remind.show("tx_1")["status"] == "escalated" and held and held_events  # notices and event wait
+    h.remind.enqueue, h.remind.enqueue_events = real_enqueue, real_events
     if ops == "cancel":
-        h.remind.cancel("tx_1", "customer asked support")
+        h.remind.review("tx_1", "decline", actor="Wang Fang", reason="compliance")
     else:
-        h.remind.confirm("tx_1")
+        h.remind.review("tx_1", "approve", actor="Wang Fang")
     real_enqueue(held)
+    real_events(held_events)
     h.drain()
-    assert h.lines() == [] and received == []
     view = h.remind.show("tx_1")
+    assert {line["step"] for line in h.lines()} == {"cancel" if ops == "cancel" else "approve"}  # never "escalate"
+    assert [r["payload"]["type"] for r in received] == [f"transaction.{view['status']}"]
+    assert received[0]["payload"]["data"]["source"] == "ops" and received[0]["payload"]["data"]["actor"] == "Wang Fang"
     final = [e for e in view["timeline"] if e["step"] == "escalate"]
-    assert len(final) == len(held) and "webhook" in {e["channel"] for e in final}
+    assert len(final) == len(held)
     assert {(e["status"], e["reason"]) for e in final} == {
         ("skipped", f"not sent: the transaction was {view['status']} first")}
+    assert [(e["type"], e["status"]) for e in view["events"]] == [
+        ("transaction.escalated", "superseded"), (f"transaction.{view['status']}", "pending")]  # the 503 first
 
 
 @pytest.fixture
@@ -329,14 +338,21 @@ def unreachable_platform():
     server.shutdown()
 
 
-def test_a_webhook_the_platform_never_takes_gives_up_after_its_max_attempts(make_harness, unreachable_platform):
+def test_an_event_the_platform_never_takes_is_retried_to_the_end_of_its_window_then_resent_on_demand(
+        make_harness, unreachable_platform):
     url, received = unreachable_platform
-    h = make_harness(platform_webhook_url=url, webhook_secret=SECRET, webhook_max_attempts=3, max_attempts=8)
+    h = make_harness(platform_webhook_url=url, webhook_secret=SECRET, event_retry_hours=1)
     h.remind.register(transaction(expires_at=(T0 + timedelta(hours=1)).isoformat()))
-    h.at(hours=2).tick()
-    assert len(received) == 3 and len(set(received)) == 1  # one event, tried three times
-    [hook] = [e for e in h.remind.show("tx_1")["timeline"] if e["channel"] == "webhook"]
-    assert hook["status"] == "failed" and hook["attempts"] == 3
-    assert hook["reason"].startswith("gave up after 3 attempts")
-    h.at(hours=3).tick()  # the lease does not bring it back
-    assert len(received) == 3
+    h.at(hours=2).tick()  # cancelled: the event's first attempt gets a 503
+    for minutes in range(1, 62, 4):  # the tick hands back each retry whose backoff ended
+        h.at(hours=2, minutes=minutes).tick()
+    [event] = h.remind.show("tx_1")["events"]
+    assert event["status"] == "failed" and len(set(received)) == 1 and len(received) == event["attempts"] > 3
+    tries = len(received)
+    h.at(hours=5).tick()  # given up: the tick does not bring it back
+    assert len(received) == tries
+    [failed] = h.remind.events(failed_only=True)
+    assert failed["id"] == event["id"] and failed["delivery"]["last_error"] == "webhook answered HTTP 503"
+    assert h.remind.resend_events(failed=True) == [event["id"]]
+    h.drain()
+    assert len(received) == tries + 1 and received[-1] == event["id"]  # the same webhook-id again

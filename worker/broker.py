@@ -30,7 +30,7 @@ MAX_BACKOFF_MS = 5 * 60_000
 
 def make_broker(settings: Settings) -> Broker:
     """A broker with retries sized to our own attempt limits (the delivery row also counts them)."""
-    retries = Retries(max_retries=max(settings.max_attempts, settings.webhook_max_attempts) + 5,
+    retries = Retries(max_retries=settings.max_attempts + 5,
                       min_backoff=settings.min_backoff_ms, max_backoff=MAX_BACKOFF_MS)
     if settings.redis_url:
         from dramatiq.brokers.redis import RedisBroker
@@ -154,6 +154,19 @@ def bind(remind: Remind, broker: Broker) -> Actors:
             batch_actor.send(batch)
 
     remind.enqueue = enqueue
+
+    def send_events(event_ids: list[int]) -> None:
+        remind.send_events(event_ids)
+
+    # No dramatiq retries: an event's next attempt is planned in SQL and handed back by the tick.
+    events_actor = dramatiq.Actor(send_events, broker=broker, actor_name="remind.send_events", queue_name=queue,
+                                  priority=0, options={"max_retries": 0})
+
+    def enqueue_events(ids: list[int]) -> None:
+        for batch in chunks(list(ids), largest):
+            events_actor.send(batch)
+
+    remind.enqueue_events = enqueue_events
     return Actors(broker, deliver_actor, batch_actor, queue)
 
 

@@ -4,7 +4,6 @@ only a delivery still ``queued`` is sent, and the row lock makes duplicates wait
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +15,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from .contacts import CONTACT_FIELD, all_pairs, usable
+from .decisions import notice_status
 from .errors import PermanentSendError, SendError, TransientSendError
 from .inflight import Gather, ProviderSlots, SendPool, Unlimited
 from .links import confirm_url
@@ -24,22 +24,18 @@ from .outcomes import Outcomes
 from .render import Templates, facts_for
 from .senders import OutgoingMessage, Sender
 from .sms import segments
-from .store import CANCELLED, ESCALATED, PENDING, Store
+from .store import PENDING, Store
 
 log = logging.getLogger("remind.delivery")
 
-#: The status a transaction must still have when a delivery goes out: a reminder while it is pending; a
-#: final notice or webhook only while it still has that step's own outcome, so an "under review" notice
-#: never follows a cancellation, nor a cancellation notice a confirmation (a reminder.failed webhook goes
-#: out whatever happened since).
-REQUIRED_STATUS = {"reminder": (PENDING,), "cancel": (CANCELLED,), "escalate": (ESCALATED,)}
-
-
-def required_status(d: dict[str, Any]) -> tuple[str, ...] | None:
-    """What ``REQUIRED_STATUS`` asks of this delivery: by kind for a reminder, by its final step else."""
-    if d["template"] == "reminder.failed":
-        return None
-    return REQUIRED_STATUS["reminder"] if d["kind"] == "reminder" else REQUIRED_STATUS.get(d["step"], ())
+def required_status(d: dict[str, Any]) -> tuple[str, ...]:
+    """The status its transaction must still have when a delivery goes out: a reminder while it is
+    pending; a notice only while the transaction still has that notice's own outcome, so an "under
+    review" notice never follows a cancellation, nor a cancellation notice a confirmation."""
+    if d["kind"] == "reminder":
+        return (PENDING,)
+    status = notice_status(d["step"])
+    return (status,) if status else ()
 
 
 @dataclass(frozen=True)
@@ -47,26 +43,8 @@ class DeliveryOptions:
     public_base: str
     secret_key: str
     restart_url: str
-    webhook_url: str | None
     lease: timedelta
     max_attempts: int
-    webhook_max_attempts: int
-
-
-def webhook_body(d: dict[str, Any], tx: dict[str, Any]) -> str:
-    """The event the platform receives; built from stored facts only, so every retry is identical."""
-    kind = d["template"] or f"transaction.{tx['status']}"
-    if kind == "reminder.failed":
-        at = d["due_at"]
-        data = {"id": tx["id"], "status": tx["status"], "step": d["step"],
-                "reason": "no channel could deliver this reminder"}
-    else:
-        status = kind.removeprefix("transaction.")
-        at = tx["cancelled_at"] if status == CANCELLED else tx["escalated_at"]
-        data = {"id": tx["id"], "status": status, "reason": tx["status_reason"]}
-    stamp = at.isoformat().replace("+00:00", "Z")
-    data.update(at=stamp, customer_id=tx["customer_id"], amount=tx["content"]["amount"], currency=tx["currency"])
-    return json.dumps({"type": kind, "timestamp": stamp, "data": data}, sort_keys=True)
 
 
 def build_messages(d: dict[str, Any], tx: dict[str, Any], templates: Templates, opts: DeliveryOptions,
@@ -76,9 +54,6 @@ def build_messages(d: dict[str, Any], tx: dict[str, Any], templates: Templates, 
 
     ``facts_cache`` shares the signed link and formatted facts between the channels of one step."""
     content = tx["content"]
-    if d["channel"] == "webhook":
-        return [OutgoingMessage(tx["id"], d["step"], "webhook", opts.webhook_url or "", webhook_body(d, tx),
-                                idempotency_key=f"evt_{d['id']}")]
     key = (tx["id"], d["step"])
     facts = facts_cache.get(key) if facts_cache is not None else None
     if facts is None:
@@ -326,7 +301,7 @@ class Deliverer:
         """Call the provider for one delivery: (outcome, the row change to write, the error to retry).
         A permanent failure is handed to Outcomes here, which writes it (and may fall back)."""
         d, messages = item.d, item.messages
-        limit = self.opts.webhook_max_attempts if d["channel"] == "webhook" else self.opts.max_attempts
+        limit = self.opts.max_attempts
         try:
             try:
                 provider_ids = self._send_all(d, item.tx, messages, item.sender)

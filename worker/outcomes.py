@@ -11,6 +11,7 @@ from .contacts import addresses, all_pairs, choose
 from .ladder import Registry
 from .masking import mask_text
 from .store import CANCELLED, ESCALATED, PENDING, NewDelivery, Store
+from .store.events import event_data
 
 log = logging.getLogger("remind.outcomes")
 
@@ -25,11 +26,11 @@ EARLY_CALLBACK_KEEP = timedelta(days=1)
 
 class Outcomes:
     def __init__(self, store: Store, registry: Callable[[], Registry], enqueue: Callable[[list[int]], None], *,
-                 webhook: bool, lease: timedelta) -> None:
+                 lease: timedelta, enqueue_events: Callable[[list[int]], None] = lambda ids: None) -> None:
         self.store = store
         self.registry = registry
         self.enqueue = enqueue
-        self.webhook = webhook
+        self.enqueue_events = enqueue_events
         self.lease = lease
 
     def delivered(self, delivery_id: int) -> bool:
@@ -47,6 +48,7 @@ class Outcomes:
         Returns the fallback channel, or None when there was none."""
         reason = mask_text(reason)  # provider errors may quote the address
         new_ids: list[int] = []
+        event_ids: list[int] = []
         alt: str | None = None
         with self.store.begin() as conn:
             # Transaction, then delivery: the order every lock is taken in (the worker's claim too).
@@ -63,7 +65,7 @@ class Outcomes:
                 for address in addresses(customer, d["channel"]):
                     self.store.suppress(conn, d["channel"], address, customer["id"], OPT_OUT_CODES[code][1])
             wanted = (PENDING,) if d["kind"] == "reminder" else (CANCELLED, ESCALATED)
-            if d["kind"] == "webhook" or tx["status"] not in wanted:
+            if tx["status"] not in wanted:
                 self.store.update_delivery(conn, delivery_id, status="failed", lease_until=None, reason=reason)
                 return None
             if d["kind"] == "reminder" and tx["deadline"] <= now:
@@ -72,8 +74,7 @@ class Outcomes:
                                            reason=f"{reason}; no fallback: the deadline has passed")
                 return None
             rows = self.store.step_deliveries(conn, tx["id"], d["step"])
-            siblings = [s for s in rows if s["kind"] != "webhook"]
-            told = any(s["kind"] == "webhook" for s in rows)
+            siblings = [s for s in rows if s["kind"] != "webhook"]  # webhook rows: from before events
             suppressed = self.store.suppressed(conn, all_pairs(customer))
             suppressed |= {(d["channel"], a) for a in addresses(customer, d["channel"])}  # this one just failed
             schedule = self.registry().get(tx["schedule"])
@@ -91,14 +92,19 @@ class Outcomes:
                 others_alive = any(s["status"] in ALIVE for s in siblings if s["id"] != delivery_id)
                 note = "" if others_alive else "; no channel left for this step"
                 self.store.update_delivery(conn, delivery_id, status="failed", lease_until=None, reason=reason + note)
-                if not others_alive and self.webhook and d["kind"] == "reminder" and not told:
-                    new_ids = self.store.add_deliveries(conn, [NewDelivery(
-                        tx["id"], d["step"], "webhook", "webhook", "reminder.failed", now, "queued",
-                        None, d["variant"])], now, self.lease)
+                if not others_alive and d["kind"] == "reminder":
+                    self.store.events.note(conn, tx["id"], now, "undeliverable", "provider", note=d["step"])
+                    event_id = self.store.events.add(conn, tx, "reminder.failed", event_data(
+                        tx, status=tx["status"], source=None, actor=None, reason="undeliverable", at=now,
+                        step=d["step"], channels=sorted({s["channel"] for s in siblings}),
+                        detail="no channel could deliver this reminder"), now)
+                    event_ids += [event_id] if event_id is not None else []
         if alt:
             log.info("%s %s: %s failed, falling back to %s", d["transaction_id"], d["step"], d["channel"], alt)
         if new_ids:
             self.enqueue(new_ids)
+        if event_ids:
+            self.enqueue_events(event_ids)
         return alt
 
     # -- status callbacks by provider message id ------------------------------------------------
@@ -139,7 +145,12 @@ class Outcomes:
         ids = self.store.matched_early_callbacks()
         return self.apply_early_callbacks(self.store.take_early_callbacks(None, ids)) if ids else 0
 
+    def note(self, delivery_id: int, provider: str, status: str, code: str | None) -> None:
+        """A provider's report, in the transaction's audit trail (delivered, undelivered, bounced...)."""
+        self.store.events.note_delivery(delivery_id, self.store.clock(), status, provider, code)
+
     def _apply(self, delivery_id: int, provider: str, status: str, code: str | None) -> None:
+        self.note(delivery_id, provider, status, code)
         if status == "delivered":
             self.delivered(delivery_id)
         else:

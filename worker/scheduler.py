@@ -15,6 +15,7 @@ from typing import Any
 from .contacts import all_pairs, choose
 from .ladder import Decision, Registry, Schedule, choose_variant, decide
 from .store import CANCELLED, Cursor, NewDelivery, Store
+from .store.events import event_data
 
 log = logging.getLogger("remind.scheduler")
 
@@ -31,9 +32,10 @@ class TickResult:
     settled: int = 0
     recovered: int = 0
     lost_in_send: int = 0
+    events: int = 0  # events to the platform handed to the workers (new, or due for another attempt)
 
     def __bool__(self) -> bool:
-        return bool(self.claimed or self.enqueued or self.recovered or self.lost_in_send)
+        return bool(self.claimed or self.enqueued or self.recovered or self.lost_in_send or self.events)
 
 
 def _rows(content: dict, tx_id: str, step: str, kind: str, template: str, channels: Sequence[str],
@@ -46,7 +48,7 @@ def _rows(content: dict, tx_id: str, step: str, kind: str, template: str, channe
             for c in choose(channels, fallback, content["customer"], suppressed, taken)]
 
 
-def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: bool,
+def plan_transaction(row: dict, schedule: Schedule, now: datetime, *,
                      suppressed: set[tuple[str, str]] = frozenset()) -> tuple[Decision, Cursor, list[NewDelivery]]:
     """The rows one claimed transaction produces now; pure apart from reading ``row``."""
     content = row["content"]
@@ -69,9 +71,6 @@ def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, webhook: b
         settle_status, settle_reason = final.status, final.reason
         rows += _rows(content, tx_id, final.action, "notice", final.template, final.channels,
                       schedule.fallback_for(final.action), row["deadline"], suppressed)
-        if webhook:
-            rows.append(NewDelivery(tx_id, final.action, "webhook", "webhook", f"transaction.{final.status}",
-                                    row["deadline"], "queued"))
     cursor = Cursor(tx_id, d.handled_until, d.next_due_at, settle_status, settle_reason, schedule.version)
     return d, cursor, rows
 
@@ -89,13 +88,14 @@ class Scheduler:
     """Claims due work in batches; ``enqueue`` hands delivery ids to the broker after each commit."""
 
     def __init__(self, store: Store, registry: Callable[[], Registry], enqueue: Callable[[list[int]], None], *,
-                 batch_size: int = 1000, lease: timedelta = timedelta(minutes=5), webhook: bool = False) -> None:
+                 batch_size: int = 1000, lease: timedelta = timedelta(minutes=5),
+                 enqueue_events: Callable[[list[int]], None] = lambda ids: None) -> None:
         self.store = store
         self.registry = registry
         self.enqueue = enqueue
+        self.enqueue_events = enqueue_events
         self.batch_size = batch_size
         self.lease = lease
-        self.webhook = webhook
 
     def _schedule_for(self, row: dict) -> Schedule:
         registry = self.registry()
@@ -105,9 +105,24 @@ class Scheduler:
                                        amount=row["amount"], currency=row["currency"])
         return schedule
 
+    def _settled(self, conn: Any, planned: list[_Planned], now: datetime) -> list[int]:
+        """The audit line and the platform's event of each transaction the deadline settled; returns the
+        events to send."""
+        ids = []
+        for row, _, cursor, _ in planned:
+            if cursor.settle_status:
+                self.store.events.note(conn, row["id"], now, cursor.settle_status, "deadline")
+                event_id = self.store.events.add(conn, row, f"transaction.{cursor.settle_status}", event_data(
+                    row, status=cursor.settle_status, source="deadline", actor=None, reason=cursor.settle_reason,
+                    at=now), now)
+                if event_id is not None:
+                    ids.append(event_id)
+        return ids
+
     def _write(self, conn: Any, planned: list[_Planned], broken: list[Cursor], now: datetime) -> tuple[
-            list[int], list[_Planned]]:
-        """Write a batch's cursors and deliveries; return the queued ids and the transactions written.
+            list[int], list[int], list[_Planned]]:
+        """Write a batch's cursors, deliveries and events; return the queued delivery ids, the event ids
+        and the transactions written.
 
         One statement each for the whole batch, inside a savepoint. When the store refuses the batch (a
         value PostgreSQL cannot hold, a bug), each transaction is written again under its own savepoint,
@@ -117,18 +132,20 @@ class Scheduler:
             with conn.begin_nested():
                 self.store.advance(conn, [p[2] for p in planned] + broken, now)
                 ids = self.store.add_deliveries(conn, [d for p in planned for d in p[3]], now, self.lease)
-            return ids, planned
+                events = self._settled(conn, planned, now)
+            return ids, events, planned
         except Exception as exc:
             if getattr(exc, "connection_invalidated", False):
                 raise  # the database is gone, not one row: nothing to set aside
             log.exception("a batch of %d transactions cannot be written; writing each on its own", len(planned))
-        ids, written, aside = [], [], list(broken)
+        ids, events, written, aside = [], [], [], list(broken)
         for p in planned:
             row, _, cursor, new = p
             try:
                 with conn.begin_nested():
                     self.store.advance(conn, [cursor], now)
                     queued = self.store.add_deliveries(conn, new, now, self.lease)
+                    events += self._settled(conn, [p], now)
             except Exception as exc:
                 if getattr(exc, "connection_invalidated", False):
                     raise
@@ -138,7 +155,7 @@ class Scheduler:
             ids += queued
             written.append(p)
         self.store.advance(conn, aside, now)  # values the rows hold already, so these always fit
-        return ids, written
+        return ids, events, written
 
     def tick(self, now: datetime | None = None) -> TickResult:
         """Claim and enqueue everything due at ``now``, batch by batch, until nothing is left."""
@@ -154,11 +171,11 @@ class Scheduler:
                 for row in claimed:
                     try:
                         planned.append((row, *plan_transaction(row, self._schedule_for(row), now_,
-                                                               webhook=self.webhook, suppressed=suppressed)))
+                                                               suppressed=suppressed)))
                     except Exception:  # one bad transaction must not stall everyone's reminders
                         log.exception("%s: cannot plan; looking again in %s", row["id"], RETRY_BROKEN)
                         broken.append(_set_aside(row, now_))
-                ids, written = self._write(conn, planned, broken, now_)
+                ids, events, written = self._write(conn, planned, broken, now_)
                 for row, decision, cursor, new in written:
                     result.skipped += sum(1 for r in new if r.status == "skipped")
                     if decision.settle:
@@ -166,6 +183,8 @@ class Scheduler:
                         log.info("%s %s: deadline reached", row["id"],
                                  "cancelling" if cursor.settle_status == CANCELLED else "escalating")
                 again, lost = self.store.claim_expired(conn, now_, self.batch_size, self.lease)
+                due = self.store.events.due(conn, now_, self.batch_size)
+                events += due
             result.claimed += len(claimed)
             result.recovered += len(again)
             result.lost_in_send += len(lost)
@@ -177,5 +196,9 @@ class Scheduler:
             if batch:
                 self.enqueue(batch)
                 result.enqueued += batch
-            if len(claimed) < self.batch_size and len(again) + len(lost) < self.batch_size:
+            if events:
+                self.enqueue_events(events)
+                result.events += len(events)
+            if (len(claimed) < self.batch_size and len(again) + len(lost) < self.batch_size
+                    and len(due) < self.batch_size):
                 return result

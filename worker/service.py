@@ -18,8 +18,10 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from .contacts import CONTACT_FIELD
+from .decisions import Decision, Decisions, check_reason, check_text
 from .delivery import Deliverer, DeliveryOptions
 from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound
+from .events import EventSender
 from .inflight import LocalSlots, SendPool
 from .ingest import Line, Transaction, differing_fields, parse_transaction
 from .ladder import Registry, load_dir, slots
@@ -29,7 +31,11 @@ from .render import Templates
 from .scheduler import Scheduler, TickResult
 from .senders import Sender, describe, senders_from_settings
 from .settings import Settings
-from .store import CANCELLED, CONFIRMED, ESCALATED, PENDING, NewTransaction, Store, make_engine, upgrade
+from .store import ESCALATED, PENDING, NewTransaction, Store, make_engine, upgrade
+from .store.events import iso
+from .store.events import parse_id as parse_event_id
+from .store.events import public_id as public_event_id
+from .store.events import view as event_view
 from .store.repo import Erasure
 from .timeline import build as build_timeline
 
@@ -37,6 +43,8 @@ log = logging.getLogger("remind")
 
 #: The status reason of a pending transaction cancelled because its customer's data was erased.
 ERASED_REASON = "customer_request"
+#: How far the events feed stays behind now on PostgreSQL (see ``Remind.events``).
+FEED_SETTLE = timedelta(seconds=2)
 #: Settled transactions the retention sweep erases per database transaction, and at most per run.
 RETENTION_BATCH, RETENTION_MOST = 500, 50_000
 
@@ -105,20 +113,25 @@ class Remind:
         self.config_state: dict[str, Any] = {"ok": True, "error": None, "failures": 0, "at": None, "signature": None}
         self.senders = senders
         self.enqueue: Callable[[list[int]], None] = _no_broker
-        self.outcomes = Outcomes(store, lambda: self._registry, lambda ids: self.enqueue(ids),
-                                 webhook=bool(settings.platform_webhook_url),
-                                 lease=timedelta(seconds=settings.lease_seconds))
+        self.enqueue_events: Callable[[list[int]], None] = _no_broker
+        lease = timedelta(seconds=settings.lease_seconds)
+        store.events.deliver = bool(settings.platform_webhook_url)
+        store.events.retry_window = timedelta(hours=settings.event_retry_hours)
+        store.events.lease = lease
+        self.outcomes = Outcomes(store, lambda: self._registry, lambda ids: self.enqueue(ids), lease=lease,
+                                 enqueue_events=lambda ids: self.enqueue_events(ids))
+        pool = SendPool(settings.send_concurrency)
         self.deliverer = Deliverer(store, lambda: self._templates, senders, DeliveryOptions(
             public_base=settings.public_base, secret_key=settings.secret_key,
-            restart_url=settings.restart_url or settings.public_base + "/",
-            webhook_url=settings.platform_webhook_url, lease=timedelta(seconds=settings.lease_seconds),
-            max_attempts=settings.max_attempts, webhook_max_attempts=settings.webhook_max_attempts),
-            self.outcomes, pool=SendPool(settings.send_concurrency), slots=LocalSlots(settings.inflight_limits))
+            restart_url=settings.restart_url or settings.public_base + "/", lease=lease,
+            max_attempts=settings.max_attempts), self.outcomes, pool=pool, slots=LocalSlots(settings.inflight_limits))
+        self.event_sender = EventSender(store, senders.get("webhook"), settings.platform_webhook_url, pool,
+                                        first_backoff=timedelta(milliseconds=settings.min_backoff_ms))
+        self.decisions = Decisions(store, lambda: self._registry, lease=lease)
         self.config_state["signature"] = self._config_signature()
         self.scheduler = Scheduler(store, lambda: self._registry, lambda ids: self.enqueue(ids),
-                                   batch_size=settings.batch_size,
-                                   lease=timedelta(seconds=settings.lease_seconds),
-                                   webhook=bool(settings.platform_webhook_url))
+                                   batch_size=settings.batch_size, lease=lease,
+                                   enqueue_events=lambda ids: self.enqueue_events(ids))
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *, migrate: bool = True,
@@ -226,29 +239,96 @@ class Remind:
             raise Conflict(tx.id, diff)
         return Registration(tx.id, False, existing["status"], existing["schedule"])
 
-    def confirm(self, tx_id: str, *, by_customer: bool = False) -> dict[str, Any]:
+    def confirm(self, tx_id: str, *, by_customer: bool = False, source: str = "platform", actor: str | None = None,
+                note: str | None = None) -> dict[str, Any]:
         """Confirm (idempotent). Ops may confirm an escalated transaction after review; the customer's
-        own link may not (that would override the review). A cancelled one cannot be confirmed."""
-        allowed = (PENDING,) if by_customer else (PENDING, ESCALATED)
-        previous, row = self.store.settle(tx_id, CONFIRMED, None, allowed_from=allowed)
-        if previous is None:
-            raise NotFound(tx_id)
-        if row["status"] != CONFIRMED:
-            raise AlreadySettled(tx_id, row["status"])
-        if previous != CONFIRMED:
-            log.info("confirmed %s", tx_id)
-        return row
+        own link may not (that would override the review) unless ops asked the customer to verify it.
+        A cancelled one cannot be confirmed. ``source``: platform (API), cli, ops, or customer."""
+        return self._after(self.decisions.confirm(tx_id, source="customer" if by_customer else source,
+                                                  actor=actor, note=note)).row
 
-    def cancel(self, tx_id: str, reason: str) -> dict[str, Any]:
-        """A platform-side cancel: no more reminders. Idempotent; a confirmed transaction stays confirmed."""
-        previous, row = self.store.settle(tx_id, CANCELLED, reason, allowed_from=(PENDING, ESCALATED))
-        if previous is None:
+    def cancel(self, tx_id: str, reason: str, *, source: str = "platform", actor: str | None = None,
+               note: str | None = None) -> dict[str, Any]:
+        """Cancel: no more reminders, and the customer is told why (``reason``, a code) and how to start
+        again. Idempotent; a confirmed transaction stays confirmed."""
+        reason = check_reason(reason, default="customer_request")
+        return self._after(self.decisions.cancel(tx_id, reason, source=source, actor=actor, note=note)).row
+
+    def _after(self, decision: Decision) -> Decision:
+        """Hand what a decision wrote to the workers, after its commit."""
+        if decision.deliveries:
+            self.enqueue(decision.deliveries)
+        if decision.events:
+            self.enqueue_events(decision.events)
+        return decision
+
+    # -- risk review ------------------------------------------------------------------------------
+
+    def reviews(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Escalated transactions, oldest escalation first, each with what was sent and what the customer
+        and ops did."""
+        return [review_view(self.show(row["id"])) for row in self.store.escalated(limit=limit)]
+
+    def review(self, tx_id: str, action: str, *, actor: str | None, note: str | None = None,
+               reason: str | None = None) -> dict[str, Any]:
+        """One ops action on an escalated transaction: ``contact`` (ask the customer to verify),
+        ``approve`` (confirm, tell the customer) or ``decline`` (cancel with ``reason``, tell the customer)."""
+        actor = check_text("actor", actor, required=True, longest=128)
+        note = check_text("note", note, required=False, longest=1000)
+        row = self.store.get_transaction(tx_id)
+        if row is None:
             raise NotFound(tx_id)
-        if row["status"] != CANCELLED:
-            raise AlreadySettled(tx_id, row["status"])
-        if previous != CANCELLED:
-            log.info("cancelled %s by the platform: %s", tx_id, reason)
-        return row
+        if row["status"] != ESCALATED and not (action in ("approve", "decline") and row["settled_source"] == "ops"):
+            raise AlreadySettled(tx_id, row["status"])  # reviews act on escalated ones (a repeat is fine)
+        if action == "contact":
+            self._after(self.decisions.contact(tx_id, actor=actor, note=note))
+        elif action == "approve":
+            self._after(self.decisions.confirm(tx_id, source="ops", actor=actor, note=note))
+        elif action == "decline":
+            code = check_reason(reason, default="risk_declined")
+            self._after(self.decisions.cancel(tx_id, code, source="ops", actor=actor, note=note))
+        else:
+            raise InvalidInput({"action": "one of contact, approve, decline"})
+        return self.show(tx_id)
+
+    # -- events to the platform -------------------------------------------------------------------
+
+    def events(self, *, after: str | None = None, limit: int = 100, failed_only: bool = False,
+               since: datetime | None = None) -> list[dict[str, Any]]:
+        """The events feed, oldest first after the event id ``after``. On PostgreSQL the newest
+        FEED_SETTLE seconds are left out: two database transactions can commit their events out of id
+        order, and a reader's cursor must never pass one that is still being written."""
+        cursor = 0
+        if after:
+            parsed = parse_event_id(after)
+            if parsed is None:
+                raise InvalidInput({"after": "an event id such as evt_42"})
+            cursor = parsed
+        if not 1 <= limit <= 1000:
+            raise InvalidInput({"limit": "1 to 1000"})
+        until = self.store.clock() - FEED_SETTLE if self.store.pg else None
+        rows = self.store.events.feed(after=cursor, limit=limit, failed_only=failed_only, since=since, until=until)
+        return [event_view(r) for r in rows]
+
+    def resend_events(self, ids: list[str] | None = None, *, failed: bool = False) -> list[str]:
+        """Send events again (by id, or every failed one), each with a new retry window. Returns the ids
+        found; unknown ids raise NotFound."""
+        if not self.settings.platform_webhook_url:
+            raise ConfigError(["REMIND_PLATFORM_WEBHOOK_URL: not set, so events cannot be sent"])
+        numbers = None
+        if ids is not None:
+            numbers = [parse_event_id(i) for i in ids]
+            bad = [i for i, n in zip(ids, numbers, strict=True) if n is None]
+            if bad:
+                raise InvalidInput({"id": f"not an event id: {bad[0]!r} (ids look like evt_42)"})
+        found = self.store.events.resend(numbers, self.store.clock(), failed_only=failed)
+        if numbers is not None:
+            missing = sorted(set(numbers) - set(found))
+            if missing:
+                raise NotFound(public_event_id(missing[0]))
+        if found:
+            self.enqueue_events(found)
+        return [public_event_id(i) for i in found]
 
     def show(self, tx_id: str) -> dict[str, Any]:
         tx = self.store.get_transaction(tx_id)
@@ -261,6 +341,14 @@ class Remind:
                 if entry["recipient"] is None and entry["state"] != "planned":
                     entry["recipient"] = masked.get(entry["channel"])
         view["erased_at"] = tx["erased_at"].isoformat().replace("+00:00", "Z") if tx["erased_at"] else None
+        events, history = self.store.events.of(tx_id)
+        settled = tx["settled_source"]
+        view["settled_by"] = {"source": settled, "actor": tx["settled_actor"]} if settled else None
+        view["review_state"] = tx["review_state"]
+        view["history"] = [{"at": iso(h["at"]), "action": h["action"], "source": h["source"], "actor": h["actor"],
+                            "note": h["note"]} for h in history]
+        view["events"] = [{"id": public_event_id(e["id"]), "type": e["type"], "status": e["status"],
+                           "attempts": e["attempts"]} for e in events]
         return view
 
     # -- personal data ------------------------------------------------------------------------------
@@ -274,6 +362,8 @@ class Remind:
         if problem:
             raise InvalidInput({"customer_id": problem})
         result = self.store.erase_customer(customer_id, erase_contact, cancel_reason=ERASED_REASON)
+        if result.events:
+            self.enqueue_events(result.events)
         if result.erased or result.cancelled:
             log.info("personal data of customer %s erased from %d transactions; %d pending cancelled",
                      customer_id, len(result.erased), len(result.cancelled))
@@ -308,6 +398,20 @@ class Remind:
 
     def deliver(self, delivery_id: int) -> str:
         return self.deliverer.deliver(delivery_id)
+
+    def send_events(self, event_ids: list[int]) -> dict[int, str]:
+        return self.event_sender.send(event_ids)
+
+
+def review_view(view: dict[str, Any]) -> dict[str, Any]:
+    """A transaction as the review queue shows it: the facts, what was sent, what happened since."""
+    keep = ("id", "status", "status_reason", "amount", "currency", "fee", "payment_method", "schedule",
+            "escalated_at", "deadline", "review_state", "history")
+    customer = view["customer"]
+    return {**{k: view.get(k) for k in keep},
+            "customer": {"id": customer["id"], "segment": customer.get("segment"), "locale": customer.get("locale")},
+            "sent": [{k: e[k] for k in ("step", "channel", "template", "status", "sent_at", "recipient", "reason")}
+                     for e in view["timeline"] if e["state"] not in ("planned",)]}
 
 
 def _no_broker(ids: list[int]) -> None:

@@ -97,7 +97,9 @@ class Settings(BaseSettings):
     #: Most deliveries one worker message carries (their database round trips are shared).
     delivery_batch: int = Field(20, alias="REMIND_DELIVERY_BATCH", gt=0, le=500)
     max_attempts: int = Field(8, alias="REMIND_MAX_ATTEMPTS", gt=0)
-    webhook_max_attempts: int = Field(20, alias="REMIND_WEBHOOK_MAX_ATTEMPTS", gt=0)
+    #: How long an event to the platform is retried (backoff up to an hour) before it is recorded as
+    #: failed; `remind events resend` starts a new window. Stripe retries for 3 days.
+    event_retry_hours: float = Field(72.0, alias="REMIND_EVENT_RETRY_HOURS", gt=0, le=24 * 30)
     #: The first retry's wait; dramatiq's backoff doubles it (with jitter) up to 5 minutes.
     min_backoff_ms: int = Field(1000, alias="REMIND_MIN_BACKOFF_MS", gt=0)
     worker_threads: int = Field(8, alias="REMIND_WORKER_THREADS", gt=0)

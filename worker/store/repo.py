@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -24,6 +24,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, s
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_postgres
+from .events import EventLog, event_data
 from .tables import SETTLED_AT, deliveries, early_callbacks, suppressions, transactions
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
@@ -67,6 +68,7 @@ class Erasure:
     transactions: int  # the customer's transactions: none of them holds personal data now
     erased: list[str]  # ids erased by this call (the others were erased before)
     cancelled: list[str]  # ids that were pending: cancelled by this call
+    events: list[int] = field(default_factory=list)  # their transaction.cancelled events, to send
 
 
 #: Erases one transaction's personal data: content -> (content without it, [(value removed, its mask)]).
@@ -132,6 +134,7 @@ class Store:
         self.clock = clock or (lambda: datetime.now(UTC))
         self._updates: dict[tuple[tuple[str, ...], str | None], Any] = {}
         self._claim_statements()
+        self.events = EventLog(self)
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -186,23 +189,37 @@ class Store:
 
     # -- status changes ---------------------------------------------------------------------
 
-    def settle(self, tx_id: str, status: str, reason: str | None, *, allowed_from: Sequence[str]) -> tuple[
+    def settle(self, conn: Connection, tx_id: str, status: str, reason: str | None, *,
+               allowed: Callable[[Mapping[str, Any]], bool], source: str, actor: str | None = None) -> tuple[
             str | None, dict[str, Any] | None]:
-        """Move a transaction to ``status`` if it is in ``allowed_from``.
+        """Move a transaction to ``status`` if ``allowed(row)``, under its row lock, recording who did it
+        (``source``: customer, platform, ops, deadline; ``actor``: the operator's name).
 
-        Returns (previous status, row after). previous is None when no such transaction exists."""
-        with self.begin() as conn:
-            row = conn.execute(self._lock(select(transactions).where(transactions.c.id == tx_id))).mappings().first()
-            if row is None:
-                return None, None
-            previous = row["status"]
-            if previous in allowed_from:
-                now = self.clock()  # read after the lock: orders after any send that held it
-                stamp = {CONFIRMED: "confirmed_at", CANCELLED: "cancelled_at", ESCALATED: "escalated_at"}[status]
-                conn.execute(update(transactions).where(transactions.c.id == tx_id).values(
-                    status=status, next_due_at=None, status_reason=reason, **{stamp: now}))
-            after = conn.execute(select(transactions).where(transactions.c.id == tx_id)).mappings().first()
-            return previous, dict(after)
+        Returns (previous status, row after); previous is None when no such transaction exists."""
+        row = conn.execute(self._lock(select(transactions).where(transactions.c.id == tx_id))).mappings().first()
+        if row is None:
+            return None, None
+        previous = row["status"]
+        if previous != status and allowed(row):
+            now = self.clock()  # read after the lock: orders after any send that held it
+            stamp = {CONFIRMED: "confirmed_at", CANCELLED: "cancelled_at", ESCALATED: "escalated_at"}[status]
+            conn.execute(update(transactions).where(transactions.c.id == tx_id).values(
+                status=status, next_due_at=None, status_reason=reason, settled_source=source, settled_actor=actor,
+                **{stamp: now}))
+        after = conn.execute(select(transactions).where(transactions.c.id == tx_id)).mappings().first()
+        return previous, dict(after)
+
+    def set_review_state(self, conn: Connection, tx_id: str, state: str) -> None:
+        conn.execute(update(transactions).where(transactions.c.id == tx_id).values(review_state=state))
+
+    def escalated(self, *, limit: int = 100, after: datetime | None = None) -> list[dict[str, Any]]:
+        """Transactions waiting for a risk review, oldest escalation first."""
+        t = transactions.c
+        stmt = select(transactions).where(t.status == ESCALATED).order_by(t.escalated_at, t.id).limit(limit)
+        if after is not None:
+            stmt = stmt.where(t.escalated_at > after)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
 
     # -- scheduler --------------------------------------------------------------------------
 
@@ -236,6 +253,7 @@ class Store:
             conn.execute(update(transactions).where(
                 transactions.c.id == c.id, transactions.c.status == PENDING).values(
                 status=c.settle_status, status_reason=c.settle_reason, handled_until=c.handled_until,
+                settled_source="deadline", settled_actor=None,
                 next_due_at=None, schedule_version=c.schedule_version, **{stamp: now}))
 
     def reschedule(self, schedules: Sequence[str], now: datetime) -> int:
@@ -457,6 +475,7 @@ class Store:
         Suppressions keep their address hash, so an opt-out outlives the data, but lose the customer id
         that would tie the hash to this customer. Running it again changes nothing."""
         t = transactions.c
+        event_ids: list[int] = []
         with self.begin() as conn:
             rows = conn.execute(self._lock(select(t.id, t.status, t.content, t.erased_at)
                                            .where(t.customer_id == customer_id).order_by(t.id))).mappings().all()
@@ -465,11 +484,18 @@ class Store:
             pending = [r["id"] for r in rows if r["status"] == PENDING]
             if pending:
                 conn.execute(update(transactions).where(t.id.in_(pending), t.status == PENDING).values(
-                    status=CANCELLED, cancelled_at=now, next_due_at=None, status_reason=cancel_reason))
+                    status=CANCELLED, cancelled_at=now, next_due_at=None, status_reason=cancel_reason,
+                    settled_source="platform", settled_actor=None))
+                for tx in conn.execute(select(transactions).where(t.id.in_(pending))).mappings():
+                    self.events.note(conn, tx["id"], now, CANCELLED, "platform", note="personal data erased")
+                    event_id = self.events.add(conn, tx, "transaction.cancelled", event_data(
+                        tx, status=CANCELLED, source="platform", actor=None, reason=cancel_reason, at=now), now)
+                    if event_id is not None:
+                        event_ids.append(event_id)
             if rows:
                 conn.execute(update(suppressions).where(suppressions.c.customer_id == customer_id)
                              .values(customer_id=None))
-        return Erasure(len(rows), erased, pending)
+        return Erasure(len(rows), erased, pending, event_ids)
 
     def erase_settled(self, before: datetime, scrub: Scrub, *, limit: int) -> list[str]:
         """Erase the personal data of up to ``limit`` transactions settled before ``before``, oldest
@@ -573,6 +599,12 @@ class Store:
             tx = conn.execute(select(transactions.c.status, func.count()).group_by(transactions.c.status)).all()
             dl = conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status)).all()
         return {**{f"transactions_{s}": n for s, n in tx}, **{f"deliveries_{s}": n for s, n in dl}}
+
+    def statuses(self, ids: Sequence[str]) -> dict[str, str]:
+        """The current status of each transaction of ``ids`` that exists."""
+        with self.engine.connect() as conn:
+            return dict(conn.execute(select(transactions.c.id, transactions.c.status).where(
+                transactions.c.id.in_(list(ids)))).all())
 
     def unsettled(self, ids: Sequence[str]) -> list[str]:
         """Of ``ids``, those still pending or with deliveries not finished."""

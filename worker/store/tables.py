@@ -76,6 +76,13 @@ transactions = Table(
     # When the customer's name, phone, email and push tokens were erased from ``content`` (on request, or
     # by REMIND_RETENTION_DAYS); NULL while they are held.
     Column("erased_at", UTCDateTime),
+    # Who settled it: customer (the link), platform (API, CLI), ops (a review), deadline (the tick); and the
+    # operator's name for ops. The audit table keeps every change; these answer "who" for stats at once.
+    Column("settled_source", String(16)),
+    Column("settled_actor", String(128)),
+    # Risk review: NULL, or "contacted" once ops asked the customer to verify (then the customer's own
+    # link may confirm the escalated transaction).
+    Column("review_state", String(16)),
     Index(
         "ix_transactions_next_due_at",
         "next_due_at",
@@ -149,4 +156,46 @@ early_callbacks = Table(
     Column("status", String(32), nullable=False),
     Column("code", String(32)),
     Column("received_at", UTCDateTime, nullable=False, index=True),
+)
+
+# What the platform is told (Standard Webhooks), an outbox written in the same database transaction as
+# the change it reports, so no outcome is ever without its event. ``data`` is the snapshot sent on every
+# attempt. ``next_attempt_at`` (indexed, partial) is set while the event waits for a (next) attempt or is
+# being sent (then it is the lease); retries run for REMIND_EVENT_RETRY_HOURS from the first try.
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("transaction_id", String(64), ForeignKey("transactions.id", ondelete="CASCADE"), nullable=False,
+           index=True),
+    Column("type", String(40), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | sending | delivered | failed | unsent
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime),
+    Column("give_up_at", UTCDateTime),
+    Column("last_error", Text),
+    Column("delivered_at", UTCDateTime),
+    Index(
+        "ix_events_next_attempt_at",
+        "next_attempt_at",
+        postgresql_where="next_attempt_at IS NOT NULL",
+        sqlite_where="next_attempt_at IS NOT NULL",
+    ),
+)
+
+# The audit trail: who or what changed a transaction (customer link, platform API, CLI, ops with a name,
+# the deadline), ops actions, and the provider events that came back (delivered, undelivered, bounced).
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("transaction_id", String(64), ForeignKey("transactions.id", ondelete="CASCADE"), nullable=False,
+           index=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("action", String(32), nullable=False),  # confirmed | cancelled | escalated | contacted | delivered | ...
+    Column("source", String(16), nullable=False),  # customer | platform | cli | ops | deadline | provider
+    Column("actor", String(128)),
+    Column("note", Text),
 )

@@ -133,6 +133,8 @@ def _sendgrid_outcome(remind: Remind, event: dict) -> None:
     delivery_id = int(key[3:]) if key.startswith("dl_") and key[3:].isdigit() and len(key) <= 20 else None
     if delivery_id is None:
         return
+    if kind in ("delivered", "bounce", "dropped"):
+        remind.outcomes.note(delivery_id, "sendgrid", kind, None)
     if kind == "delivered":
         remind.outcomes.delivered(delivery_id)
     elif kind in ("bounce", "dropped"):
