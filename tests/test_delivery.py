@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from standardwebhooks.webhooks import Webhook
-from support import T0, transaction
+from support import T0, serve_platform, transaction
 
 from worker.errors import PermanentSendError, TransientSendError
 from worker.senders import OutboxSender
@@ -122,23 +121,6 @@ def test_an_unregistered_push_token_is_dropped(make_harness, tmp_path):
     h.at(minutes=125).tick()
     assert push.calls == ["fcm-token-1", "fcm-token-2", "fcm-token-2"]
     assert entries(h, "nudge")["push"]["status"] == "sent"
-
-
-def serve_platform(answer):
-    """A local platform endpoint: ``answer(body, headers)`` records the webhook and returns the status."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers["content-length"]))
-            self.send_response(answer(body, {k.lower(): v for k, v in self.headers.items()}))
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_port}/hooks"
 
 
 @pytest.fixture

@@ -281,7 +281,7 @@ def tx_submit(file) -> None:
 def tx_confirm(tx_id: str) -> None:
     """Confirm: no more reminders. Fails when the transaction was cancelled first."""
     try:
-        _remind().confirm(tx_id)
+        _remind().confirm(tx_id, source="cli")
     except (NotFound, AlreadySettled) as exc:
         _fail(exc)
     click.echo(f"{tx_id}: confirmed")
@@ -289,12 +289,13 @@ def tx_confirm(tx_id: str) -> None:
 
 @tx.command("cancel")
 @click.argument("tx_id")
-@click.option("--reason", required=True, help="Why the platform cancels it.")
+@click.option("--reason", required=True,
+              help="Why: customer_request, compliance, risk_declined, or the platform's own code.")
 def tx_cancel(tx_id: str, reason: str) -> None:
-    """Cancel on the platform's side: no more reminders."""
+    """Cancel on the platform's side: no more reminders; the customer is told why."""
     try:
-        _remind().cancel(tx_id, reason)
-    except (NotFound, AlreadySettled) as exc:
+        _remind().cancel(tx_id, reason, source="cli")
+    except (NotFound, AlreadySettled, InvalidInput) as exc:
         _fail(exc)
     click.echo(f"{tx_id}: cancelled ({reason})")
 
@@ -336,6 +337,122 @@ def customer_erase(customer_id: str, as_json: bool) -> None:
                f"({len(result.erased)} erased now)")
     if result.cancelled:
         click.echo(f"cancelled (pending, the customer can no longer be reminded): {', '.join(result.cancelled)}")
+
+
+@main.group()
+def review() -> None:
+    """The risk-review queue: escalated transactions, and ops decisions on them."""
+
+
+@review.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 500))
+@click.option("--json", "as_json", is_flag=True, help="The same JSON as GET /v1/reviews.")
+def review_list(limit: int, as_json: bool) -> None:
+    """Escalated transactions, oldest first, with what was sent and what happened since."""
+    found = _remind().reviews(limit=limit)
+    if as_json:
+        click.echo(json.dumps({"reviews": found}, indent=2, ensure_ascii=False))
+        return
+    if not found:
+        click.echo("nothing to review")
+    for r in found:
+        state = "customer asked to verify" if r["review_state"] == "contacted" else "waiting"
+        click.echo(f"{r['id']}  {r['amount']} {r['currency']} (fee {r['fee']})  customer {r['customer']['id']}  "
+                   f"escalated {r['escalated_at']}  {state}")
+        for h in r["history"][-3:]:
+            who = f" by {h['actor']}" if h["actor"] else ""
+            click.echo(f"    {h['at']}  {h['action']} ({h['source']}{who}){': ' + h['note'] if h['note'] else ''}")
+
+
+def _review_action(action: str, tx_id: str, actor: str, note: str | None, reason: str | None = None) -> None:
+    try:
+        view = _remind().review(tx_id, action, actor=actor, note=note, reason=reason)
+    except (NotFound, AlreadySettled, InvalidInput) as exc:
+        _fail(exc)
+    done = {"contact": "customer asked to verify", "approve": "confirmed", "decline": "cancelled"}[action]
+    click.echo(f"{tx_id}: {done} by {actor} ({view['status']})")
+
+
+_ACTOR = click.option("--actor", required=True, help="Your name, kept in the audit trail.")
+_NOTE = click.option("--note", default=None, help="Why, for the audit trail.")
+
+
+@review.command("contact")
+@click.argument("tx_id")
+@_ACTOR
+@_NOTE
+def review_contact(tx_id: str, actor: str, note: str | None) -> None:
+    """Ask the customer to verify the transfer (they can then confirm it by their link)."""
+    _review_action("contact", tx_id, actor, note)
+
+
+@review.command("approve")
+@click.argument("tx_id")
+@_ACTOR
+@_NOTE
+def review_approve(tx_id: str, actor: str, note: str | None) -> None:
+    """Confirm the transfer after review, and tell the customer."""
+    _review_action("approve", tx_id, actor, note)
+
+
+@review.command("decline")
+@click.argument("tx_id")
+@_ACTOR
+@click.option("--reason", default="risk_declined", show_default=True,
+              help="risk_declined, compliance, or another reason code.")
+@_NOTE
+def review_decline(tx_id: str, actor: str, reason: str, note: str | None) -> None:
+    """Cancel the transfer after review, and tell the customer why and how to start again."""
+    _review_action("decline", tx_id, actor, note, reason)
+
+
+@main.group()
+def events() -> None:
+    """Events to the platform: what was sent, what failed, and sending again."""
+
+
+@events.command("list")
+@click.option("--failed", is_flag=True, help="Only events given up after their retry window.")
+@click.option("--since", default=None, help="Written within this long: 1d, 6h, 30m.")
+@click.option("--after", default=None, help="Only events after this id (evt_...).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="The same JSON as GET /v1/events.")
+def events_list(failed: bool, since: str | None, after: str | None, limit: int, as_json: bool) -> None:
+    """Events oldest first, each with its delivery status."""
+    from .ladder import parse_duration
+
+    remind = _remind()
+    try:
+        start = remind.store.clock() - parse_duration(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    try:
+        found = remind.events(after=after, limit=limit, failed_only=failed, since=start)
+    except InvalidInput as exc:
+        raise click.BadParameter(next(iter(exc.problems.values())), param_hint="--after") from None
+    if as_json:
+        click.echo(json.dumps({"events": found}, indent=2, ensure_ascii=False))
+        return
+    for e in found:
+        d, delivery = e["data"], e["delivery"]
+        error = f"  ({delivery['last_error']})" if delivery["last_error"] else ""
+        click.echo(f"{e['id']}  {e['created_at']}  {e['type']:<22} {d['id']}  {delivery['status']} after "
+                   f"{delivery['attempts']} attempts{error}")
+
+
+@events.command("resend")
+@click.argument("event_ids", nargs=-1)
+@click.option("--failed", is_flag=True, help="Every event given up after its retry window.")
+def events_resend(event_ids: tuple[str, ...], failed: bool) -> None:
+    """Send events again (the same webhook-id: the platform deduplicates), with a new retry window."""
+    if bool(event_ids) == failed:
+        raise click.UsageError("give event ids, or --failed")
+    try:
+        sent = _remind().resend_events(list(event_ids) if event_ids else None, failed=failed)
+    except (NotFound, InvalidInput, ConfigError) as exc:
+        raise click.ClickException(str(exc) if not isinstance(exc, InvalidInput)
+                                   else next(iter(exc.problems.values()))) from None
+    click.echo(f"{len(sent)} events to send again: {', '.join(sent) or 'none'}")
 
 
 @main.command()

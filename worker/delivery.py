@@ -28,6 +28,10 @@ from .store import PENDING, Store
 
 log = logging.getLogger("remind.delivery")
 
+#: How long a customer asked by ops to verify a transfer has to answer by the link.
+REVIEW_ANSWER_TIME = timedelta(hours=48)
+
+
 def required_status(d: dict[str, Any]) -> tuple[str, ...]:
     """The status its transaction must still have when a delivery goes out: a reminder while it is
     pending; a notice only while the transaction still has that notice's own outcome, so an "under
@@ -57,16 +61,19 @@ def build_messages(d: dict[str, Any], tx: dict[str, Any], templates: Templates, 
     key = (tx["id"], d["step"])
     facts = facts_cache.get(key) if facts_cache is not None else None
     if facts is None:
-        link = confirm_url(opts.public_base, opts.secret_key, tx["id"], tx["deadline"])
-        facts = facts_for(content, now=now, deadline=tx["deadline"], confirm_url=link,
+        # A review contact goes out after the deadline (that is when the transaction escalated): its link
+        # and the time it names are the customer's time to answer, from now.
+        deadline = max(tx["deadline"], now + REVIEW_ANSWER_TIME) if d["step"].startswith("contact") else tx["deadline"]
+        link = confirm_url(opts.public_base, opts.secret_key, tx["id"], deadline)
+        facts = facts_for(content, now=now, deadline=deadline, confirm_url=link,
                           restart_url=opts.restart_url, step=d["step"], reason=tx["status_reason"] or "")
         if facts_cache is not None:
             facts_cache[key] = facts
     link = facts["confirm_url"]
     locale = content["customer"].get("locale") or "en"
     rendered = templates.render(d["template"], d["channel"], locale, facts)
-    data = {"confirm_url": link, "transaction_id": tx["id"]} if d["kind"] == "reminder" else {
-        "transaction_id": tx["id"]}
+    data = {"confirm_url": link, "transaction_id": tx["id"]} if d["kind"] == "reminder" or d["step"].startswith(
+        "contact") else {"transaction_id": tx["id"]}
     return [OutgoingMessage(tx["id"], d["step"], d["channel"], r, rendered.body, rendered.subject,
                             rendered.html, d["variant"], data, idempotency_key=f"dl_{d['id']}",
                             expires_at=tx["deadline"] if d["kind"] == "reminder" else None)

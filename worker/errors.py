@@ -28,11 +28,11 @@ class Conflict(RemindError):
 
 
 class NotFound(RemindError):
-    """No transaction has that id."""
+    """No transaction (or event) has that id."""
 
-    def __init__(self, transaction_id: str) -> None:
+    def __init__(self, transaction_id: str, what: str = "transaction") -> None:
         self.transaction_id = transaction_id
-        super().__init__(f"no transaction {transaction_id}")
+        super().__init__(f"no {what} {transaction_id}")
 
 
 class AlreadySettled(RemindError):

@@ -112,8 +112,9 @@ class Remind:
         #: What the last hot reload did, for /readyz and /metrics.
         self.config_state: dict[str, Any] = {"ok": True, "error": None, "failures": 0, "at": None, "signature": None}
         self.senders = senders
-        self.enqueue: Callable[[list[int]], None] = _no_broker
-        self.enqueue_events: Callable[[list[int]], None] = _no_broker
+        # Until a broker is bound (a CLI command): work is left to the next tick of a running scheduler.
+        self.enqueue: Callable[[list[int]], None] = lambda ids: store.leave_to_tick(deliveries=ids)
+        self.enqueue_events: Callable[[list[int]], None] = lambda ids: store.leave_to_tick(events=ids)
         lease = timedelta(seconds=settings.lease_seconds)
         store.events.deliver = bool(settings.platform_webhook_url)
         store.events.retry_window = timedelta(hours=settings.event_retry_hours)
@@ -325,7 +326,7 @@ class Remind:
         if numbers is not None:
             missing = sorted(set(numbers) - set(found))
             if missing:
-                raise NotFound(public_event_id(missing[0]))
+                raise NotFound(public_event_id(missing[0]), "event")
         if found:
             self.enqueue_events(found)
         return [public_event_id(i) for i in found]
@@ -412,10 +413,6 @@ def review_view(view: dict[str, Any]) -> dict[str, Any]:
             "customer": {"id": customer["id"], "segment": customer.get("segment"), "locale": customer.get("locale")},
             "sent": [{k: e[k] for k in ("step", "channel", "template", "status", "sent_at", "recipient", "reason")}
                      for e in view["timeline"] if e["state"] not in ("planned",)]}
-
-
-def _no_broker(ids: list[int]) -> None:
-    raise RuntimeError("no broker is bound: call worker.broker.bind(remind, broker) first")
 
 
 def utcnow() -> datetime:

@@ -26,6 +26,8 @@ from sqlalchemy.exc import IntegrityError
 from .db import is_postgres
 from .events import EventLog, event_data
 from .tables import SETTLED_AT, deliveries, early_callbacks, suppressions, transactions
+from .tables import deliveries as deliveries_table
+from .tables import events as events_table
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
 SETTLED = (CONFIRMED, CANCELLED, ESCALATED)
@@ -599,6 +601,19 @@ class Store:
             tx = conn.execute(select(transactions.c.status, func.count()).group_by(transactions.c.status)).all()
             dl = conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status)).all()
         return {**{f"transactions_{s}": n for s, n in tx}, **{f"deliveries_{s}": n for s, n in dl}}
+
+    def leave_to_tick(self, *, deliveries: Sequence[int] = (), events: Sequence[int] = ()) -> None:
+        """Work written by a process with no broker (a CLI command): its lease ends now, so the next tick
+        of any scheduler enqueues it, as it would a lost message."""
+        now = self.clock()
+        with self.begin() as conn:
+            if deliveries:
+                d = deliveries_table.c
+                conn.execute(update(deliveries_table).where(d.id.in_(list(deliveries)), d.status == "queued").values(
+                    lease_until=now))
+            if events:
+                conn.execute(update(events_table).where(events_table.c.id.in_(list(events)),
+                                                        events_table.c.status == "pending").values(next_attempt_at=now))
 
     def statuses(self, ids: Sequence[str]) -> dict[str, str]:
         """The current status of each transaction of ``ids`` that exists."""

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Unavailable
 from ..service import Remind
-from . import api, health, ops, pages, provider_hooks
+from . import api, health, ops, ops_api, pages, provider_hooks
 from .security import BodyLimit, SecurityHeaders
 
 log = logging.getLogger("remind.web")
@@ -64,6 +64,7 @@ def create_app(remind: Remind) -> FastAPI:
         return JSONResponse({"error": "internal", "detail": "internal error"}, status_code=500)
 
     app.include_router(api.router(remind))
+    app.include_router(ops_api.router(remind))
     app.include_router(pages.router(remind))
     app.include_router(health.router(remind))
     app.include_router(provider_hooks.router(remind))

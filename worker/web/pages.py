@@ -90,6 +90,11 @@ def outage_page(request: Request, headers: dict[str, str]) -> HTMLResponse:
     return page
 
 
+def answering_review(view: dict) -> bool:
+    """Ops asked the customer to verify this escalated transfer: the link may confirm it now."""
+    return view["status"] == "escalated" and view.get("review_state") == "contacted"
+
+
 def router(remind: Remind) -> APIRouter:
     pages = APIRouter(include_in_schema=False)
 
@@ -123,7 +128,7 @@ def router(remind: Remind) -> APIRouter:
         if page:
             return page
         t = _customer_text(view)
-        if view["status"] != "pending":
+        if view["status"] != "pending" and not answering_review(view):
             return settled_page(view, t)
         f = facts(view)
         return _page(t, "review", "review_line", 200, facts=f, form=True, name=view["customer"]["name"])
