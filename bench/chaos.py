@@ -326,6 +326,9 @@ def main() -> int:
         rows = list(conn.execute(text("SELECT * FROM deliveries")))
     keys = Counter((channel, recipient, key) for channel, recipient, key, _ in received)
     duplicates = sum(count - 1 for count in keys.values() if count > 1)
+    if duplicates:
+        by_channel = Counter(channel for (channel, _, _), count in keys.items() for _ in range(count - 1))
+        print(f"duplicates by channel: {dict(by_channel)}; e.g. {[k for k, c in keys.items() if c > 1][:3]}")
     unfinished = [r for r in rows if r.status in ("queued", "sending")]
     unexplained = [r for r in rows if r.status in ("failed", "skipped") and not r.reason]
     lost = len(unfinished) + len(unexplained) + sum(1 for t in txs.values() if t.status == "pending")
