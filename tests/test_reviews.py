@@ -31,7 +31,7 @@ def platform():
 def service(make_harness, platform):
     h = make_harness(platform_webhook_url=platform.url, webhook_secret=SECRET, api_tokens="plat-token",
                      ops_tokens="ops-token")
-    with TestClient(create_app(h.remind)) as client:
+    with TestClient(create_app(h.remind), base_url="https://testserver") as client:  # the cookie is Secure
         yield h, client
 
 
@@ -140,3 +140,23 @@ def test_the_cli_works_the_queue(tmp_path, monkeypatch):
     assert [e["type"] for e in json.loads(events.output)["events"]] == ["transaction.escalated",
                                                                         "transaction.cancelled"]
     server.shutdown()
+
+
+def test_the_review_page_under_ops_lists_the_queue_and_acts_with_a_name(service, platform):
+    h, client = service
+    escalate(h, client, "tx_page")
+    assert client.get("/ops/reviews", follow_redirects=False).status_code == 303  # not signed in
+    assert client.post("/ops/reviews/tx_page/decline", data={"actor": "x"}, follow_redirects=False).status_code == 303
+    assert client.post("/ops/login", data={"token": "ops-token"}, follow_redirects=False).status_code == 303
+    page = client.get("/ops/reviews")
+    assert page.status_code == 200 and "tx_page" in page.text and "1 waiting" in page.text
+    nameless = client.post("/ops/reviews/tx_page/decline", data={"actor": "  ", "reason": "compliance"})
+    assert nameless.status_code == 422 and "actor" in nameless.text
+    done = client.post("/ops/reviews/tx_page/decline", data={"actor": "Wang Fang", "note": "<b>no</b>",
+                                                             "reason": "compliance"})
+    assert done.status_code == 200 and "tx_page: declined by Wang Fang" in done.text and "0 waiting" in done.text
+    view = client.get("/v1/transactions/tx_page", headers=PLATFORM).json()
+    assert view["status"] == "cancelled" and view["status_reason"] == "compliance"
+    assert view["history"][-1]["note"] == "<b>no</b>"  # kept as written; the page escapes it
+    h.drain()
+    assert platform.received[-1]["data"]["actor"] == "Wang Fang"

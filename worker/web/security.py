@@ -14,7 +14,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..settings import TOKEN_VARIABLES
+from ..settings import TOKEN_VARIABLES, Settings
 
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
@@ -167,3 +167,12 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+def ops_signed_in(request: Request, settings: Settings, now: datetime) -> bool:
+    """An ops bearer header (a proxy may add it) or a valid /ops session cookie."""
+    tokens = settings.token_lists["ops"]
+    given = bearer(request)
+    if given is not None and tokens and matches(given, tokens):
+        return True
+    return session_valid(settings.secret_key, request.cookies.get(OPS_COOKIE), tokens, now)
