@@ -136,6 +136,8 @@ def test_the_cli_works_the_queue(tmp_path, monkeypatch):
     assert done.exit_code == 0 and "cancelled by Wang Fang" in done.output
     again = run(main, ["review", "contact", "tx_cli", "--actor", "Wang Fang"])
     assert again.exit_code != 0 and "cancelled" in again.output
+    shown = run(main, ["tx", "show", "tx_cli"]).output
+    assert "escalated      by deadline" in shown and "cancelled      by ops (Wang Fang)" in shown
     events = run(main, ["events", "list", "--json"])
     assert [e["type"] for e in json.loads(events.output)["events"]] == ["transaction.escalated",
                                                                         "transaction.cancelled"]

@@ -86,4 +86,13 @@ def to_text(view: dict[str, Any]) -> str:
         extra = f" — {e['reason']}" if e["reason"] else ""
         lines.append(f"    {when}  {e['step']:<14} {e['channel']:<8} {e['status']:<9}"
                      f"{' ' + e['recipient'] if e['recipient'] else ''}{extra}")
+    if view.get("history"):
+        lines.append("  history")
+        for h in view["history"]:
+            who = h["source"] + (f" ({h['actor']})" if h["actor"] else "")
+            lines.append(f"    {h['at']}  {h['action']:<14} by {who}{' — ' + h['note'] if h['note'] else ''}")
+    if view.get("events"):
+        lines.append("  events to the platform")
+        for e in view["events"]:
+            lines.append(f"    {e['id']:<10} {e['type']:<24} {e['status']} ({e['attempts']} attempts)")
     return "\n".join(lines)
