@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -100,11 +100,13 @@ def router(remind: Remind) -> APIRouter:
             return error(422, "invalid", "some fields are invalid", problems=exc.problems)
         return JSONResponse({"events": found, "next_after": found[-1]["id"] if found else after})
 
-    @events.post("/{event_id}/resend", responses={404: ERRORS[404]}, summary="Send one event again")
+    unsent = {404: ERRORS[404], 409: {"model": ErrorBody, "description": "No REMIND_PLATFORM_WEBHOOK_URL is set"}}
+
+    @events.post("/{event_id}/resend", responses=unsent, summary="Send one event again")
     async def resend_one(event_id: Annotated[str, Path(max_length=40)]):
         return await resend(remind, [event_id], failed=False)
 
-    @events.post("/resend", responses={404: ERRORS[404]}, summary="Send events again: by id, or every failed one")
+    @events.post("/resend", responses=unsent, summary="Send events again: by id, or every failed one")
     async def resend_many(body: ResendRequest):
         if not body.ids and not body.failed:
             return error(422, "invalid", "name the events", problems={"ids": "give ids, or failed: true"})
@@ -134,6 +136,6 @@ async def resend(remind: Remind, ids: list[str] | None, *, failed: bool) -> JSON
     except InvalidInput as exc:
         return error(422, "invalid", "some fields are invalid", problems=exc.problems)
     except ConfigError as exc:
-        raise HTTPException(409, exc.problems[0]) from None
+        return error(409, "not_configured", exc.problems[0])
     return JSONResponse({"resent": sent})
 
