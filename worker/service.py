@@ -110,7 +110,7 @@ class Remind:
                                  lease=timedelta(seconds=settings.lease_seconds))
         self.deliverer = Deliverer(store, lambda: self._templates, senders, DeliveryOptions(
             public_base=settings.public_base, secret_key=settings.secret_key,
-            restart_url=settings.restart_url or settings.public_base + "/",
+            restart_url=settings.restart_url or "",  # none: the notice says how to start again in words
             webhook_url=settings.platform_webhook_url, lease=timedelta(seconds=settings.lease_seconds),
             max_attempts=settings.max_attempts, webhook_max_attempts=settings.webhook_max_attempts),
             self.outcomes, pool=SendPool(settings.send_concurrency), slots=LocalSlots(settings.inflight_limits))
