@@ -54,7 +54,7 @@ def test_default_for_the_sample_in_zh_cn_is_ucs2(config):
         ("cancel", "2026-11-26 17:00", "sms", True), ("cancel", "2026-11-26 17:00", "email", True),
         ("cancel", "2026-11-26 17:00", "push", True),
     ]
-    assert sms(p) == [("reminder", SmsInfo("UCS-2", 183, 183, 3)), ("final_warning", SmsInfo("UCS-2", 191, 191, 3)),
+    assert sms(p) == [("reminder", SmsInfo("UCS-2", 183, 183, 3)), ("final_warning", SmsInfo("UCS-2", 167, 167, 3)),
                       ("cancel", SmsInfo("UCS-2", 105, 105, 2))]
     assert p.totals == {"sms": 3, "email": 2, "push": 4} and p.sms_segments == 8 and p.skipped == {}
     link = confirm_url("https://pay.example", "test-secret", SAMPLE_ID, T0 + timedelta(hours=24))
