@@ -52,7 +52,7 @@ def template_names(locale: str) -> set[str]:
 @pytest.mark.parametrize("tag, expected", [
     ("zh", "zh-CN"), ("zh-Hans", "zh-CN"), ("zh-Hans-CN", "zh-CN"), ("zh-CN", "zh-CN"), ("zh-SG", "zh-CN"),
     ("zh-TW", "zh-TW"), ("zh-HK", "zh-TW"), ("zh-MO", "zh-TW"), ("zh-Hant", "zh-TW"), ("zh-Hant-HK", "zh-TW"),
-    ("zh-Hant-TW", "zh-TW"), ("zh_TW", "zh-TW"), ("ZH-hk", "zh-TW"),
+    ("zh-Hant-TW", "zh-TW"), ("zh-Hant-CN", "zh-TW"), ("zh-Hans-TW", "zh-CN"), ("zh_TW", "zh-TW"), ("ZH-hk", "zh-TW"),
     ("en", "en"), ("en-GB", "en"), ("en-US", "en"), ("fr-FR", "en"), ("xx", "en"), ("", "en"),
 ])
 def test_each_tag_gets_the_templates_of_its_language_and_script(tag, expected):
@@ -66,7 +66,7 @@ def test_a_zh_customer_gets_chinese_text_with_chinese_dates():
 
 
 def test_zh_tw_text_has_traditional_chinese_dates_and_words():
-    for tag in ("zh-TW", "zh-HK", "zh-Hant"):
+    for tag in ("zh-TW", "zh-HK", "zh-Hant", "zh-Hant-CN"):
         text = TEMPLATES.render("reminder", "sms", tag, facts(tag)).body
         assert "轉帳" in text and "转账" not in text
         assert "2026年11月26日 下午5:00前確認" in text, text

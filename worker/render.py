@@ -61,20 +61,21 @@ def _sample_facts() -> dict[str, Any]:
 
 @lru_cache(maxsize=1024)
 def _language_script(tag: str) -> tuple[str, str | None, str | None] | None:
-    """(language, script, territory) of a tag, the script filled in from CLDR's likely subtags
-    (``zh-HK`` -> Hant, ``zh``/``zh-SG`` -> Hans, ``en-GB`` -> Latn); None for a tag Babel does not know."""
+    """(language, script, territory) of a tag as written, the script filled in from CLDR's likely subtags
+    when it is not (``zh-HK`` -> Hant, ``zh``/``zh-SG`` -> Hans, ``en-GB`` -> Latn; ``zh-Hant-CN`` keeps
+    Hant); None for a tag that is not a language tag Babel can read."""
     try:
-        loc = Locale.parse(tag.replace("_", "-"), sep="-")
-    except (UnknownLocaleError, ValueError, TypeError):
+        language, territory, script, _ = parse_locale(tag.strip().replace("-", "_"))[:4]
+    except (ValueError, TypeError):
         return None
-    script = loc.script
+    language = language.lower()
     if script is None:
         likely = get_global("likely_subtags")
-        for key in (f"{loc.language}_{loc.territory}" if loc.territory else None, loc.language):
+        for key in (f"{language}_{territory}" if territory else None, language):
             if key and key in likely:
                 script = parse_locale(likely[key])[2]
                 break
-    return loc.language, script, loc.territory
+    return language, script, territory
 
 
 @lru_cache(maxsize=1024)
@@ -239,24 +240,30 @@ def _plain_spaces(text: str) -> str:
     return text.replace("\u202f", " ").replace("\u00a0", " ")
 
 
+def _babel(tag: str) -> Locale | None:
+    try:
+        return Locale.parse(tag.strip().replace("_", "-"), sep="-")
+    except (UnknownLocaleError, ValueError, TypeError):
+        return None
+
+
 @lru_cache(maxsize=256)
 def babel_locale(tag: str) -> Locale:
-    try:
-        return Locale.parse(tag.replace("_", "-"), sep="-")
-    except (UnknownLocaleError, ValueError, TypeError):
-        return Locale.parse(FALLBACK_LOCALE)
+    return _babel(tag) or Locale.parse(FALLBACK_LOCALE)
 
 
 @lru_cache(maxsize=1024)
 def format_locale(tag: str, template_locale: str) -> Locale:
     """The Babel locale dates and money are written in: the template's language and script, so they read
     in the language of the text around them. The customer's own tag refines it when it is that same
-    language and script (``en-GB`` text ``en``: 26 Nov 2026, 17:00; ``zh-HK`` text ``zh-TW``: Traditional);
-    any other tag (``fr-FR`` with ``en`` text) formats as the template locale."""
+    language and script and Babel knows it (``en-GB`` text ``en``: 26 Nov 2026, 17:00; ``zh-HK`` text
+    ``zh-TW``: Traditional); any other tag (``fr-FR`` with ``en`` text) formats as the template locale."""
     text = _language_script(template_locale)
     own = _language_script(tag) if tag else None
     if own is not None and text is not None and own[:2] == text[:2]:
-        return babel_locale(tag)
+        exact = _babel(tag)
+        if exact is not None and (exact.language, exact.script or own[1]) == text[:2]:
+            return exact
     return babel_locale(template_locale)
 
 
