@@ -25,7 +25,8 @@ from worker.web.app import create_app
 
 TEMPLATES = Templates(ROOT / "templates")
 LOCALES = ("en", "zh-CN", "zh-TW")
-REASONS = ("not_confirmed", "customer_request", "risk_declined", "compliance", "risk_review", "limit_exceeded")
+REASONS = ("not_confirmed", "customer_request", "risk_declined", "compliance", "risk_review", "limit_exceeded",
+           "a_platform_code_of_32_characters")
 DEADLINE = T0 + timedelta(hours=24)  # 2026-11-26 17:00 in Asia/Shanghai
 
 

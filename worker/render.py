@@ -45,7 +45,7 @@ REASONS = "reasons"
 GENERIC_REASON = "_generic"
 #: What a reason code may look like to be shown to a customer (in the generic text); anything else, such as
 #: an operator's free-text note, is not shown.
-_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,31}")  # short enough for a push body
 
 
 def _sample_facts() -> dict[str, Any]:
