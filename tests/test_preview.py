@@ -54,8 +54,8 @@ def test_default_for_the_sample_in_zh_cn_is_ucs2(config):
         ("cancel", "2026-11-26 17:00", "sms", True), ("cancel", "2026-11-26 17:00", "email", True),
         ("cancel", "2026-11-26 17:00", "push", True),
     ]
-    assert sms(p) == [("reminder", SmsInfo("UCS-2", 183, 183, 3)), ("final_warning", SmsInfo("UCS-2", 191, 191, 3)),
-                      ("cancel", SmsInfo("UCS-2", 97, 97, 2))]
+    assert sms(p) == [("reminder", SmsInfo("UCS-2", 183, 183, 3)), ("final_warning", SmsInfo("UCS-2", 167, 167, 3)),
+                      ("cancel", SmsInfo("UCS-2", 105, 105, 2))]
     assert p.totals == {"sms": 3, "email": 2, "push": 4} and p.sms_segments == 8 and p.skipped == {}
     link = confirm_url("https://pay.example", "test-secret", SAMPLE_ID, T0 + timedelta(hours=24))
     reminder_sms = p.steps[1].messages[0]
@@ -68,7 +68,7 @@ def test_default_in_en_is_gsm7_and_relative_times_read_from_each_step(config):
     p = preview(cfg, "default", locale="en", now=T0, settings=settings)
     assert p.transaction["customer"]["locale"] == "en" and p.template_locale == "en"
     assert sms(p) == [("reminder", SmsInfo("GSM-7", 278, 278, 2)), ("final_warning", SmsInfo("GSM-7", 283, 283, 2)),
-                      ("cancel", SmsInfo("GSM-7", 211, 211, 2))]
+                      ("cancel", SmsInfo("GSM-7", 229, 229, 2))]
     email = next(m for s in p.steps if s.id == "final_warning" for m in s.messages if m.channel == "email")
     assert "(in 4 hours)" in email.body  # rendered at the step's own time, 20h, for a deadline at 24h
     assert email.subject and email.html and "<" in email.html

@@ -271,8 +271,9 @@ def tx_submit(file) -> None:
             else:
                 click.echo(f"{label}: conflict: {exc}", err=True)
             continue
+        fallback = f" (no templates for {reg.locale_requested})" if reg.locale_requested is not None else ""
         click.echo(f"{reg.transaction_id}: {'registered' if reg.created else 'already registered'} "
-                   f"({reg.status}, schedule {reg.schedule})")
+                   f"({reg.status}, schedule {reg.schedule}); messages in {reg.locale}{fallback}")
     sys.exit(1 if failed else 0)
 
 

@@ -65,7 +65,7 @@ def build_messages(d: dict[str, Any], tx: dict[str, Any], templates: Templates, 
         # and the time it names are the customer's time to answer, from now.
         deadline = max(tx["deadline"], now + REVIEW_ANSWER_TIME) if d["step"].startswith("contact") else tx["deadline"]
         link = confirm_url(opts.public_base, opts.secret_key, tx["id"], deadline)
-        facts = facts_for(content, now=now, deadline=deadline, confirm_url=link,
+        facts = facts_for(content, templates=templates, now=now, deadline=deadline, confirm_url=link,
                           restart_url=opts.restart_url, step=d["step"], reason=tx["status_reason"] or "")
         if facts_cache is not None:
             facts_cache[key] = facts
@@ -74,6 +74,8 @@ def build_messages(d: dict[str, Any], tx: dict[str, Any], templates: Templates, 
     rendered = templates.render(d["template"], d["channel"], locale, facts)
     data = {"confirm_url": link, "transaction_id": tx["id"]} if d["kind"] == "reminder" or d["step"].startswith(
         "contact") else {"transaction_id": tx["id"]}
+    if d["kind"] == "notice" and tx["status"] == "cancelled" and facts["restart_url"]:
+        data["restart_url"] = facts["restart_url"]  # the platform's page for starting again, when it has one
     return [OutgoingMessage(tx["id"], d["step"], d["channel"], r, rendered.body, rendered.subject,
                             rendered.html, d["variant"], data, idempotency_key=f"dl_{d['id']}",
                             expires_at=tx["deadline"] if d["kind"] == "reminder" else None)

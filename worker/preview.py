@@ -163,11 +163,11 @@ def preview(source: Remind | tuple[Registry, Templates], schedule_name: str,
     created = tx.created_at or now
     deadline = schedule.deadline(created, tx.expires_at)
     link = confirm_url(settings.public_base, _preview_key(settings), tx.id, deadline)
-    restart = settings.restart_url or settings.public_base + "/"
+    restart = settings.restart_url or ""
 
     def render(step_id: str, template: str, channels: tuple[str, ...], at: datetime, reason: str = ""):
-        facts = facts_for(content, now=at, deadline=deadline, confirm_url=link, restart_url=restart,
-                          step=step_id, reason=reason)
+        facts = facts_for(content, templates=templates, now=at, deadline=deadline, confirm_url=link,
+                          restart_url=restart, step=step_id, reason=reason)
         out = []
         for c in choose(channels, schedule.fallback_for(step_id), customer, set()):
             if not c.send:
@@ -202,7 +202,7 @@ def preview(source: Remind | tuple[Registry, Templates], schedule_name: str,
     skipped = {m.channel: m.reason or "" for s in steps for m in s.messages if not m.sent}
     chosen = registry.choose(segment=tx.customer.segment, risk_flag=tx.risk_flag, amount=tx.amount,
                              currency=tx.currency).name
-    return Preview(schedule, chosen, content, tx_payload is None, templates.resolve_locale(tx.customer.locale),
+    return Preview(schedule, chosen, content, tx_payload is None, templates.negotiate(tx.customer.locale),
                    zone.key, created, deadline, tuple(steps), totals, skipped)
 
 
@@ -257,12 +257,12 @@ def sms_budget_warnings(templates: Templates, budget: int, settings: Settings,
     content = parse_transaction(sample_transaction(now)).canonical()
     deadline = now + timedelta(days=1)
     link = confirm_url(settings.public_base, _preview_key(settings), SAMPLE_ID, deadline)
-    restart = settings.restart_url or settings.public_base + "/"
+    restart = settings.restart_url or ""
     warnings: list[str] = []
     for locale in templates.locales:
         local = {**content, "customer": {**content["customer"], "locale": locale}}
-        facts = facts_for(local, now=now, deadline=deadline, confirm_url=link, restart_url=restart,
-                          step="reminder", reason="not_confirmed")
+        facts = facts_for(local, templates=templates, locale=locale, now=now, deadline=deadline,
+                          confirm_url=link, restart_url=restart, step="reminder", reason="not_confirmed")
         for folder in sorted(p for p in (templates.directory / locale).iterdir() if p.is_dir()):
             for part in (part for parts in PARTS.values() for part in parts):
                 path: Path = folder / part

@@ -55,6 +55,10 @@ class Registration:
     created: bool  # False: the same transaction was registered before (a no-op)
     status: str
     schedule: str
+    #: The template locale the customer's messages use (negotiated from customer.locale).
+    locale: str = "en"
+    #: customer.locale when no template locale speaks its language (messages fall back to ``locale``), else None.
+    locale_requested: str | None = None
 
 
 def load_config(settings: Settings) -> tuple[Registry, Templates]:
@@ -124,8 +128,9 @@ class Remind:
         pool = SendPool(settings.send_concurrency)
         self.deliverer = Deliverer(store, lambda: self._templates, senders, DeliveryOptions(
             public_base=settings.public_base, secret_key=settings.secret_key,
-            restart_url=settings.restart_url or settings.public_base + "/", lease=lease,
-            max_attempts=settings.max_attempts), self.outcomes, pool=pool, slots=LocalSlots(settings.inflight_limits))
+            restart_url=settings.restart_url or "",  # none: the notice says how to start again in words
+            lease=lease, max_attempts=settings.max_attempts), self.outcomes, pool=pool,
+            slots=LocalSlots(settings.inflight_limits))
         self.event_sender = EventSender(store, senders.get("webhook"), settings.platform_webhook_url, pool,
                                         first_backoff=timedelta(milliseconds=settings.min_backoff_ms))
         self.decisions = Decisions(store, lambda: self._registry, lease=lease)
@@ -232,13 +237,16 @@ class Remind:
             deadline=deadline, next_due_at=first[0] if first else deadline))
         if existing is None:
             log.info("registered %s on schedule %s, deadline %s", tx.id, schedule.name, deadline.isoformat())
-            return Registration(tx.id, True, PENDING, schedule.name)
+            return Registration(tx.id, True, PENDING, schedule.name, self._templates.negotiate(tx.customer.locale),
+                                None if self._templates.speaks(tx.customer.locale) else tx.customer.locale)
         if existing["content"]["customer"].get("erased"):  # the same transaction, but nothing of it is kept
             content = erase_contact(content)[0]
         diff = differing_fields(existing["content"], content, ignore_created_at=omitted_created_at)
         if diff:
             raise Conflict(tx.id, diff)
-        return Registration(tx.id, False, existing["status"], existing["schedule"])
+        return Registration(tx.id, False, existing["status"], existing["schedule"],
+                            self._templates.negotiate(tx.customer.locale),
+                            None if self._templates.speaks(tx.customer.locale) else tx.customer.locale)
 
     def confirm(self, tx_id: str, *, by_customer: bool = False, source: str = "platform", actor: str | None = None,
                 note: str | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from ..errors import AlreadySettled, Conflict, InvalidInput, NotFound
 from ..ingest import Transaction
 from ..service import Remind
-from .schemas import ERRORS, CancelRequest, ErasureView, ErrorBody, TransactionView
+from .schemas import ERRORS, CancelRequest, ErasureView, ErrorBody, RegisteredView, TransactionView
 from .security import check_scope
 
 #: The request body's schema: the ingest model itself, its nested models published as components.
@@ -41,9 +41,9 @@ def router(remind: Remind) -> APIRouter:
         return await run_in_threadpool(remind.show, tx_id)
 
     @api.post(
-        "/transactions", status_code=201, response_model=TransactionView,
+        "/transactions", status_code=201, response_model=RegisteredView,
         summary="Register a pending transaction",
-        responses={200: {"model": TransactionView, "description": "The same transaction was registered before"},
+        responses={200: {"model": RegisteredView, "description": "The same transaction was registered before"},
                    400: ERRORS[400], 409: {"model": ErrorBody, "description": "Same id, different content"},
                    413: ERRORS[413], 422: ERRORS[422]},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -58,7 +58,10 @@ def router(remind: Remind) -> APIRouter:
             return error(422, "invalid", "the body must be a JSON object", problems={"(body)": "not an object"})
         def register_and_show() -> tuple[bool, dict]:  # one hop to the thread pool, not two
             reg = remind.register(payload)
-            return reg.created, remind.show(reg.transaction_id)
+            view = {**remind.show(reg.transaction_id), "locale": reg.locale}
+            if reg.locale_requested is not None:  # no templates in the customer's language: say so
+                view["locale_requested"] = reg.locale_requested
+            return reg.created, view
 
         try:
             created, body = await run_in_threadpool(register_and_show)

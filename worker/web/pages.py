@@ -13,7 +13,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from ..errors import AlreadySettled, NotFound
 from ..links import InvalidToken, read_token
-from ..render import facts_for
+from ..render import facts_for, negotiate_tag
 from ..service import Remind
 
 _ENV = Environment(loader=FileSystemLoader(str(Path(__file__).parent)), autoescape=select_autoescape(["html"]))
@@ -27,8 +27,8 @@ TEXT = {
         "done": "Transfer confirmed", "done_line": "Thank you, {name}. We are sending {total} now; it should "
         "arrive around {arrival}. You will be notified when it does.",
         "already": "Already confirmed", "already_line": "This transfer was confirmed before; nothing more to do.",
-        "cancelled": "This transfer was cancelled", "cancelled_line": "It was not confirmed in time, so no money "
-        "was moved. To send money, start a new transfer in the app.",
+        "cancelled": "This transfer was cancelled", "cancelled_line": "{reason} No money was moved. To send money, "
+        "start a new transfer in the app.",
         "escalated": "This transfer is under review", "escalated_line": "We are checking this transfer for your "
         "security. Our team will contact you; no money has moved yet.",
         "invalid": "This link is not valid", "invalid_line": "Please open the latest message we sent you, or "
@@ -46,8 +46,7 @@ TEXT = {
         "done": "转账已确认",
         "done_line": "谢谢您，{name}。我们正在转出 {total}，预计 {arrival} 到账，到账后会通知您。",
         "already": "已确认", "already_line": "这笔转账此前已确认，无需再操作。",
-        "cancelled": "这笔转账已取消", "cancelled_line": "由于未在规定时间内确认，转账已取消，资金未被划转。"
-        "如需转账，请在 App 中重新发起。",
+        "cancelled": "这笔转账已取消", "cancelled_line": "{reason}资金未被划转。如需转账，请在 App 中重新发起。",
         "escalated": "这笔转账正在审核",
         "escalated_line": "为保障您的资金安全，这笔转账正在审核中，我们的团队会与您联系。资金尚未划转。",
         "invalid": "链接无效",
@@ -57,17 +56,31 @@ TEXT = {
         "unavailable": "请一分钟后再试",
         "unavailable_line": "系统暂时无法处理您的请求，转账状态没有任何变化。请一分钟后重新打开此链接或再次点击按钮。",
     },
+    "zh-TW": {
+        "lang": "zh-TW", "amount": "轉帳金額", "fee": "手續費", "total": "合計金額", "method": "付款方式",
+        "arrival": "預計入帳", "deadline": "確認期限", "button": "確認這筆轉帳",
+        "safety": "請只確認您本人申請的轉帳。",
+        "review": "請核對您的轉帳", "review_line": "{name} 您好：請核對以下資訊後確認轉帳。",
+        "done": "轉帳已確認",
+        "done_line": "謝謝您，{name}。我們正在轉出 {total}，預計 {arrival} 入帳，入帳後會通知您。",
+        "already": "已確認", "already_line": "這筆轉帳先前已確認，不需要再做任何動作。",
+        "cancelled": "這筆轉帳已取消", "cancelled_line": "{reason}款項並未轉出。如需轉帳，請在 App 中重新申請。",
+        "escalated": "這筆轉帳正在審核中",
+        "escalated_line": "為保障您的資金安全，這筆轉帳正在審核中，我們的團隊會與您聯絡。款項尚未轉出。",
+        "invalid": "連結無效",
+        "invalid_line": "請開啟我們最新傳送給您的訊息，或直接開啟 App。",
+        "expired": "連結已過期",
+        "expired_line": "確認期限已過。如仍需轉帳，請在 App 中重新申請。",
+        "unavailable": "請一分鐘後再試",
+        "unavailable_line": "系統暫時無法處理您的要求，轉帳狀態沒有任何變更。"
+        "請一分鐘後重新開啟此連結，或再按一次按鈕。",
+    },
 }
 
 
 def _text(locale: str) -> dict[str, str]:
-    if locale in TEXT:
-        return TEXT[locale]
-    return TEXT["zh-CN"] if locale.lower().startswith("zh") else TEXT["en"]
-
-
-def _customer_text(view: dict) -> dict[str, str]:
-    return _text(view["customer"].get("locale") or "en")
+    """The page's words for a template locale (see ``Templates.negotiate``); English for one without them."""
+    return TEXT.get(locale, TEXT["en"])
 
 
 def _page(t: dict[str, str], title_key: str, line_key: str, status: int, *, facts=None, form=False,
@@ -79,7 +92,21 @@ def _page(t: dict[str, str], title_key: str, line_key: str, status: int, *, fact
 
 
 def _request_text(request: Request) -> dict[str, str]:
-    return _text("zh-CN" if request.headers.get("accept-language", "").lower().startswith("zh") else "en")
+    """Before the transaction is known (a bad link, an outage): the browser's languages, best first."""
+    tags = []
+    for item in request.headers.get("accept-language", "").split(","):
+        tag, _, q = item.strip().partition(";q=")
+        try:
+            weight = float(q) if q else 1.0
+        except ValueError:
+            continue
+        if tag and tag != "*" and weight > 0:
+            tags.append((-weight, len(tags), tag))
+    for _, _, tag in sorted(tags)[:8]:
+        found = negotiate_tag(tag, tuple(TEXT))
+        if found:
+            return TEXT[found]
+    return TEXT["en"]
 
 
 def outage_page(request: Request, headers: dict[str, str]) -> HTMLResponse:
@@ -99,20 +126,28 @@ def router(remind: Remind) -> APIRouter:
     pages = APIRouter(include_in_schema=False)
 
     def load(token: str, request: Request):
-        lang = "zh-CN" if request.headers.get("accept-language", "").lower().startswith("zh") else "en"
         try:
             tx_id = read_token(remind.settings.secret_key, token, now=remind.store.clock())
             view = remind.show(tx_id)
         except InvalidToken as exc:
             key = "expired" if exc.expired else "invalid"
-            return None, _page(_text(lang), key, f"{key}_line", 410 if exc.expired else 400, tone="bad")
+            return None, _page(_request_text(request), key, f"{key}_line", 410 if exc.expired else 400, tone="bad")
         except NotFound:
-            return None, _page(_text(lang), "invalid", "invalid_line", 404, tone="bad")
+            return None, _page(_request_text(request), "invalid", "invalid_line", 404, tone="bad")
         return view, None
 
+    def page_locale(view: dict) -> str:
+        """The customer's template locale when the page speaks it (the messages' language), else en."""
+        locale = remind.templates.negotiate(view["customer"].get("locale"))
+        return locale if locale in TEXT else "en"
+
+    def customer_text(view: dict) -> dict[str, str]:
+        return _text(page_locale(view))
+
     def facts(view: dict) -> dict:
-        return facts_for(view, now=remind.store.clock(), deadline=datetime.fromisoformat(view["deadline"]),
-                         confirm_url="", restart_url="", step="page")
+        return facts_for(view, templates=remind.templates, locale=page_locale(view), now=remind.store.clock(),
+                         deadline=datetime.fromisoformat(view["deadline"]), confirm_url="", restart_url="",
+                         step="page", reason=view.get("status_reason") or "")
 
     def settled_page(view: dict, t: dict[str, str]) -> HTMLResponse:
         status = view["status"]
@@ -120,14 +155,14 @@ def router(remind: Remind) -> APIRouter:
             return _page(t, "already", "already_line", 200, facts=facts(view))
         if status == "escalated":
             return _page(t, "escalated", "escalated_line", 409, tone="bad")
-        return _page(t, "cancelled", "cancelled_line", 409, tone="bad")
+        return _page(t, "cancelled", "cancelled_line", 409, tone="bad", reason=facts(view)["reason_text"])
 
     @pages.get("/c/{token}", response_class=HTMLResponse)
     async def show(token: str, request: Request):
         view, page = await run_in_threadpool(load, token, request)
         if page:
             return page
-        t = _customer_text(view)
+        t = customer_text(view)
         if view["status"] != "pending" and not answering_review(view):
             return settled_page(view, t)
         f = facts(view)
@@ -138,7 +173,7 @@ def router(remind: Remind) -> APIRouter:
         view, page = await run_in_threadpool(load, token, request)
         if page:
             return page
-        t = _customer_text(view)
+        t = customer_text(view)
         if view["status"] == "confirmed":
             return settled_page(view, t)
         try:

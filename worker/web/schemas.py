@@ -43,6 +43,14 @@ class TransactionView(BaseModel):
     timeline: list[TimelineEntry]
 
 
+class RegisteredView(TransactionView):
+    """The registered transaction, and the language its customer's messages are written in."""
+
+    locale: str = Field(description="the template locale used for this customer's messages (e.g. en, zh-TW)")
+    locale_requested: str | None = Field(None, description="only when customer.locale has no templates in its "
+                                         "language: that tag (messages then use `locale`, the fallback)")
+
+
 class ErasureView(BaseModel):
     """The customer's transactions no longer hold a name, phone, email or push token. The same answer
     for a customer erased before (``erased`` and ``cancelled`` then empty) or never seen (all zero)."""
