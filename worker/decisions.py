@@ -28,6 +28,7 @@ SOURCES = ("customer", "platform", "cli", "ops", "deadline")
 REASONS = ("not_confirmed", "customer_request", "risk_declined", "compliance")
 #: The templates of the customer messages that decisions send.
 CANCELLED_TEMPLATE, APPROVED_TEMPLATE, CONTACT_TEMPLATE = "cancelled", "approved", "review_contact"
+DECISION_TEMPLATES = (CANCELLED_TEMPLATE, APPROVED_TEMPLATE, CONTACT_TEMPLATE)
 #: Notice steps (``deliveries.step``) and the transaction status each needs when it goes out.
 NOTICE_STATUS = {"cancel": CANCELLED, "escalate": ESCALATED, "approve": CONFIRMED, "contact": ESCALATED}
 
@@ -156,6 +157,8 @@ class Decisions:
         """The customer's message about a decision, on the channels of the schedule's final step (with
         its fallbacks), as the deadline's notice would go. Returns the queued ids to enqueue."""
         schedule = self._schedule(row)
+        if step == "cancel" and schedule.final.action == "cancel":
+            template = schedule.final.template  # the schedule's own wording for a cancellation
         customer = row["content"]["customer"]
         if customer.get("erased"):
             return []

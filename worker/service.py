@@ -18,13 +18,13 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from .contacts import CONTACT_FIELD
-from .decisions import Decision, Decisions, check_reason, check_text
+from .decisions import DECISION_TEMPLATES, Decision, Decisions, check_reason, check_text
 from .delivery import Deliverer, DeliveryOptions
 from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound
 from .events import EventSender
 from .inflight import LocalSlots, SendPool
 from .ingest import Line, Transaction, differing_fields, parse_transaction
-from .ladder import Registry, load_dir, slots
+from .ladder import CHANNELS, Registry, load_dir, slots
 from .masking import mask_recipient
 from .outcomes import Outcomes
 from .render import Templates
@@ -65,6 +65,9 @@ def load_config(settings: Settings) -> tuple[Registry, Templates]:
     """Templates and schedules, validated together; raises ConfigError listing every problem."""
     templates = Templates(settings.templates_dir)
     schedules = load_dir(settings.schedules_dir, templates.missing)
+    problems = [p for t in DECISION_TEMPLATES for ch in CHANNELS for p in templates.missing(t, ch)]
+    if problems:  # decisions (a cancel, a review) message the customer on any channel
+        raise ConfigError(problems)
     return Registry(schedules), templates
 
 
