@@ -11,7 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from .broker import InProcessWorker, bind, make_broker
-from .errors import SettingsError
+from .errors import SettingsError, Unavailable
 from .senders import check_channels
 from .service import Remind
 from .settings import Settings
@@ -42,12 +42,41 @@ def preflight(remind: Remind) -> None:
     check_channels(remind.settings, channels)
 
 
+class _Outages:
+    """What a periodic job logs while the database or Redis is down: one warning when the outage starts and one
+    line when the job works again, instead of a traceback every few seconds. Anything else stays a traceback."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}
+
+    def failed(self, job: str, exc: Exception) -> bool:
+        """True when ``exc`` is an outage (logged once); False for anything else (the caller logs it)."""
+        outage = Unavailable.of(exc)
+        if outage is None:
+            return False
+        if job not in self._since:
+            self._since[job] = time.monotonic()
+            log.warning("%s: the %s is unreachable (%s); trying again every few seconds", job, outage.what,
+                        outage.reason)
+        return True
+
+    def worked(self, job: str) -> None:
+        since = self._since.pop(job, None)
+        if since is not None:
+            log.info("%s: working again after %.0f s", job, time.monotonic() - since)
+
+
+_outages = _Outages()
+
+
 def _tick(remind: Remind) -> None:
     try:
         result = remind.tick()
-    except Exception:  # a failed tick must not kill the scheduler; the next one retries
-        log.exception("tick failed")
+    except Exception as exc:  # a failed tick must not kill the scheduler; the next one retries
+        if not _outages.failed("tick", exc):
+            log.exception("tick failed")
         return
+    _outages.worked("tick")
     if result:
         log.info("tick: %d due, %d enqueued, %d skipped late, %d settled, %d recovered",
                  result.claimed, len(result.enqueued), result.skipped, result.settled, result.recovered)
@@ -56,9 +85,11 @@ def _tick(remind: Remind) -> None:
 def _retention(remind: Remind) -> None:
     try:
         erased = remind.erase_expired()
-    except Exception:  # the next sweep tries again
-        log.exception("retention sweep failed")
+    except Exception as exc:  # the next sweep tries again
+        if not _outages.failed("retention sweep", exc):
+            log.exception("retention sweep failed")
         return
+    _outages.worked("retention sweep")
     if erased:
         log.info("retention: personal data erased from %d transactions settled over %d days ago", erased,
                  remind.settings.retention_days)
