@@ -310,3 +310,70 @@ def _try_confirm(http: httpx.Client, link: str):
     assert response.status_code == 200, response.text
     return response
 
+
+@pytest.mark.timeout(300)
+def test_redis_killed_and_restarted_under_the_running_scheduler_and_worker(tmp_path, private_postgres, private_redis,
+                                                                           twilio_fake, sendgrid_fake, fcm_fake):
+    """Redis runs without persistence here, as on the machine: its restart loses every message it held. The
+    deliveries behind them are in SQL, so they go out once, when Redis is back; like what the scheduler could not
+    hand over while Redis was down goes out as soon as it is back; both without waiting for the lease."""
+    from worker.service import Remind
+    from worker.settings import Settings
+
+    database_url = private_postgres.create_database(f"remind_redis_outage_{uuid.uuid4().hex[:8]}")
+    upgrade(make_engine(database_url))
+    # One worker thread and providers at ~1 s, so most of the first burst still waits in Redis when it dies.
+    fcm_fake.latency = (0.8, 1.0)
+    lease = 300  # the default REMIND_LEASE_SECONDS: nothing here may wait for it
+    env = service_env(tmp_path, database_url, private_redis.url, twilio_fake, sendgrid_fake, fcm_fake,
+                      ladder=LADDER.replace("after: 20s", "after: 10m").replace("after: 40s", "after: 20m"))
+    remind = Remind.from_settings(Settings(_env_file=None, database_url=database_url, secret_key=SECRET,
+                                           schedules_dir=tmp_path / "schedules", templates_dir=ROOT / "templates",
+                                           public_url="https://pay.example", dev_sender="outbox",
+                                           outbox=tmp_path / "unused.jsonl"), migrate=False)
+    procs = Processes(env, tmp_path)
+    try:
+        procs.start("scheduler", "scheduler")
+        procs.start("worker", "worker", "-p", "1", "-t", "1")
+        procs.wait_ready("scheduler", "scheduler ticking", 60)
+        procs.wait_ready("worker", "worker ready", 60)
+
+        def register(prefix: str, count: int, first: int) -> list[str]:
+            now = datetime.now(UTC)
+            ids = [f"{prefix}{i}" for i in range(count)]
+            for i, tx_id in enumerate(ids):  # the nudge (2 s) is due at once
+                remind.register(customer_tx(tx_id, first + i, now - timedelta(seconds=2)))
+            return ids
+
+        def pushed() -> Counter:
+            return Counter(m.token for m in fcm_fake.messages)
+
+        burst = register("burst_", 16, 0)
+        wait_for("the first sends of the burst", lambda: len(fcm_fake.messages) >= 1, 30, every=0.05)
+        private_redis.kill()
+        killed = time.monotonic()
+        in_outage = register("outage_", 4, 20)  # due while Redis is down: committed, not handed over
+        confirmed_in_outage = register("confirmed_", 1, 30)
+        remind.confirm(confirmed_in_outage[0])  # the database is up: confirming does not need Redis
+        while time.monotonic() < killed + 6:
+            time.sleep(0.2)
+            assert not procs.dead(), procs.logs()
+        private_redis.start()
+        restarted = time.monotonic()
+
+        expected = Counter({f"device-{tx_id}": 1 for tx_id in burst + in_outage})
+        # Both what Redis lost and what could not reach it go out at once, not after the 5-minute lease.
+        wait_for("every nudge", lambda: pushed() == expected, 45, every=0.5)
+        assert time.monotonic() - restarted < lease
+        time.sleep(2)
+        assert pushed() == expected  # nothing twice, and nothing for the transaction confirmed meanwhile
+        assert not procs.dead(), procs.logs()
+        counts = remind.store.counts()
+        assert not counts.get("deliveries_queued") and not counts.get("deliveries_sending"), counts
+        assert not [e for t in burst + in_outage for e in remind.show(t)["timeline"] if e["status"] == "failed"]
+    finally:
+        procs.stop()
+        remind.store.engine.dispose()
+    assert "Redis lost its queued messages (restarted empty?)" in procs.log("scheduler"), procs.logs()
+    assert "Traceback" not in procs.log("scheduler"), procs.logs()
+    print(procs.logs())

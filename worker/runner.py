@@ -10,7 +10,7 @@ import time
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from .broker import InProcessWorker, bind, make_broker
+from .broker import InProcessWorker, RedisRestarts, bind, make_broker
 from .errors import SettingsError, Unavailable
 from .senders import check_channels
 from .service import Remind
@@ -69,7 +69,15 @@ class _Outages:
 _outages = _Outages()
 
 
-def _tick(remind: Remind) -> None:
+def _tick(remind: Remind, restarts: RedisRestarts | None = None) -> None:
+    if restarts is not None:
+        try:
+            restarts()
+        except Exception as exc:  # the tick goes on: deadlines settle in SQL even while Redis is down
+            if not _outages.failed("Redis check", exc):
+                log.exception("Redis check failed")
+        else:
+            _outages.worked("Redis check")
     try:
         result = remind.tick()
     except Exception as exc:  # a failed tick must not kill the scheduler; the next one retries
@@ -105,7 +113,8 @@ def _reload(remind: Remind, reschedule: bool) -> None:
 def _add_tick(scheduler, remind: Remind) -> None:
     # Each process keeps its tick in memory (APScheduler 3 cannot share a job store between
     # processes); the database claim is what coordinates several schedulers.
-    scheduler.add_job(_tick, "interval", args=[remind], seconds=remind.settings.tick_seconds,
+    restarts = RedisRestarts(remind.settings, remind) if remind.settings.redis_url else None
+    scheduler.add_job(_tick, "interval", args=[remind, restarts], seconds=remind.settings.tick_seconds,
                       id="tick", max_instances=1, coalesce=True, misfire_grace_time=None)
     if remind.settings.retention_days:
         scheduler.add_job(_retention, "interval", args=[remind], seconds=RETENTION_SECONDS, id="retention",
