@@ -193,6 +193,7 @@ def test_postgres_stopped_and_started_under_the_running_service(tmp_path, privat
                                                                  twilio_fake, sendgrid_fake, fcm_fake):
     database_url = private_postgres.create_database(f"remind_pg_outage_{uuid.uuid4().hex[:8]}")
     upgrade(make_engine(database_url))
+    twilio_fake.latency = (6, 6)  # the SMS sent just before the outage is answered during it
     port = free_port()
     env = service_env(tmp_path, database_url, private_redis.url, twilio_fake, sendgrid_fake, fcm_fake)
     procs = Processes(env, tmp_path)
@@ -217,19 +218,21 @@ def test_postgres_stopped_and_started_under_the_running_service(tmp_path, privat
             created_resp = http.post("/v1/transactions", json=customer_tx(tx_id, n, created), headers=auth)
             assert created_resp.status_code == 201, created_resp.text
         started = time.monotonic()
-        # Before the outage: the nudges of due_soon and confirms, the SMS of cancels_in_outage (its nudge was
-        # superseded), all recorded as sent.
-        before = {("push", "device-due_soon"): 1, ("push", "device-confirms"): 1, ("sms", "+8613800138001"): 1}
+        # Before the outage: the nudges of due_soon and confirms, recorded as sent; the SMS of cancels_in_outage
+        # (its nudge was superseded) is at Twilio, which answers only once the database is gone.
+        before = {("push", "device-due_soon"): 1, ("push", "device-confirms"): 1}
         wait_for("the messages due before the outage", lambda: sent_to(twilio_fake, sendgrid_fake, fcm_fake) == before,
                  10)
-        wait_for("the sends to be recorded", lambda: all(r["status"] == "sent" for r in db_rows(database_url)[1]
-                                                         if r["kind"] == "reminder" and r["status"] != "skipped"), 10)
+        wait_for("the pushes to be recorded", lambda: all(r["status"] == "sent" for r in db_rows(database_url)[1]
+                                                          if r["channel"] == "push" and r["status"] != "skipped"), 10)
+        wait_for("the SMS to be at Twilio", lambda: twilio_fake.in_flight == 1, 10, every=0.05)
         link = urlsplit(next(m.data["confirm_url"] for m in fcm_fake.messages if m.token == "device-confirms")).path
         assert http.get(link).status_code == 200  # the customer opens the reminder's link: the Confirm button
         assert time.monotonic() - started < 12, "too slow to stop the database before the SMS falls due"
 
         private_postgres.stop("fast")
         stopped = time.monotonic()
+        twilio_fake.latency = (0, 0)  # the SMS in flight still waits out its 6 s; later ones do not
         try:
             # -- the outage, as each face shows it ----------------------------------------------------------
             done = cli(env, tmp_path, "tx", "confirm", "confirms")
@@ -268,8 +271,8 @@ def test_postgres_stopped_and_started_under_the_running_service(tmp_path, privat
         done = cli(env, tmp_path, "tx", "confirm", "registered_late")
         assert done.returncode == 0 and done.stdout == "registered_late: confirmed\n", done.stdout + done.stderr
 
-        after = {**before, ("sms", "+8613800138000"): 1, ("email", "cancels_in_outage@example.com"): 1,
-                 ("email", "due_soon@example.com"): 1}
+        after = {**before, ("sms", "+8613800138001"): 1, ("sms", "+8613800138000"): 1,
+                 ("email", "cancels_in_outage@example.com"): 1, ("email", "due_soon@example.com"): 1}
         # due_soon's SMS and the cancellation of cancels_in_outage come once the database is back; due_soon's
         # own deadline (t0 + 35 s) cancels it with an email.
         wait_for("the reminders and cancellations due during the outage",
@@ -290,6 +293,8 @@ def test_postgres_stopped_and_started_under_the_running_service(tmp_path, privat
         procs.stop()
         if not private_postgres.running():
             private_postgres.start()
+    # The SMS Twilio accepted while the database was down is recorded sent once it is back, not "outcome unknown".
+    assert "the results of 1 sends wait for the database" in procs.log("worker"), procs.logs()
     scheduler_log = procs.log("scheduler")
     assert "tick: the database is unreachable (" in scheduler_log and "tick: working again after" in scheduler_log
     assert "Traceback" not in scheduler_log + procs.log("web"), procs.logs()  # one line, not one traceback per tick
