@@ -37,9 +37,7 @@ def prepare(settings: Settings) -> Settings:
 
 def preflight(remind: Remind) -> None:
     """After the schedules are loaded: in production every channel they use must reach a real provider."""
-    channels = {c for s in remind.registry for step in s.steps for c in (*step.channels, *(step.fallback or ()))}
-    channels |= {c for s in remind.registry for c in s.final.channels}
-    check_channels(remind.settings, channels)
+    check_channels(remind.settings, remind.registry.channels())
 
 
 class _Outages:
