@@ -193,7 +193,7 @@ def test_postgres_stopped_and_started_under_the_running_service(tmp_path, privat
                                                                  twilio_fake, sendgrid_fake, fcm_fake):
     database_url = private_postgres.create_database(f"remind_pg_outage_{uuid.uuid4().hex[:8]}")
     upgrade(make_engine(database_url))
-    twilio_fake.latency = (6, 6)  # the SMS sent just before the outage is answered during it
+    twilio_fake.latency = (8, 8)  # the SMS sent just before the outage is answered during it
     port = free_port()
     env = service_env(tmp_path, database_url, private_redis.url, twilio_fake, sendgrid_fake, fcm_fake)
     procs = Processes(env, tmp_path)
@@ -232,7 +232,7 @@ def test_postgres_stopped_and_started_under_the_running_service(tmp_path, privat
 
         private_postgres.stop("fast")
         stopped = time.monotonic()
-        twilio_fake.latency = (0, 0)  # the SMS in flight still waits out its 6 s; later ones do not
+        twilio_fake.latency = (0, 0)  # the SMS in flight still waits out its 8 s; later ones do not
         try:
             # -- the outage, as each face shows it ----------------------------------------------------------
             done = cli(env, tmp_path, "tx", "confirm", "confirms")
