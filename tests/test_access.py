@@ -204,3 +204,29 @@ def test_settings_read_the_three_scopes_from_the_environment(monkeypatch):
     monkeypatch.setenv("REMIND_METRICS_TOKEN", "m1,m2,")
     assert Settings(_env_file=None).token_lists == {"platform": ["a1", "a2"], "ops": ["o1"], "metrics": ["m1", "m2"]}
 
+
+
+def test_failed_sign_ins_are_limited_per_client_address(tmp_path, clock):
+    """Ten wrong tokens from one address in five minutes; then 429 with Retry-After, and while it lasts not even
+    the right token is looked at, so guessing goes no faster however many tries are sent."""
+    remind, client = app_for(tmp_path, clock)
+    other = TestClient(client.app, base_url="https://testserver", follow_redirects=False,
+                       client=("203.0.113.9", 50000))
+    with client, other:
+        for _ in range(9):
+            assert login(client, "ops-guess").status_code == 401
+        clock.advance(minutes=2)
+        assert login(client, "ops-guess").status_code == 401  # the tenth
+        blocked = login(client, "ops-new")
+        assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) == 180
+        assert "Too many failed sign-ins" in blocked.text and "3 minutes" in blocked.text
+        assert OPS_COOKIE not in blocked.cookies and "set-cookie" not in blocked.headers
+        assert login(other, "ops-new").status_code == 303  # another address signs in as usual
+        assert client.get("/ops", headers=bearer("ops-new")).status_code == 200  # a bearer header is not limited
+
+        clock.advance(minutes=3, seconds=1)  # the first nine failures left the window
+        assert login(client, "ops-new").status_code == 303
+        assert client.get("/ops").status_code == 200
+        for _ in range(10):
+            assert login(client, "ops-guess").status_code == 401  # a success starts the count afresh
+        assert login(client, "ops-guess").status_code == 429

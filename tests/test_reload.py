@@ -132,3 +132,51 @@ def test_a_name_the_store_cannot_hold_is_refused_and_the_service_keeps_running(m
     assert h.remind.registry.get("default").steps[0].variants == ()  # the last good ladder
     h.at(minutes=11).tick()
     assert [(line["step"], line["variant"]) for line in h.lines()] == [("nudge", "default")]
+
+
+PUSH_ONLY = """\
+name: default
+match: {}
+steps:
+  - after: 10m
+    channels: [push]
+    template: nudge
+cancel:
+  after: 24h
+  template: cancelled
+  reason: not_confirmed
+  channels: [push]
+"""
+
+
+def test_in_production_an_edit_that_needs_missing_credentials_is_refused_like_an_invalid_one(tmp_path, fcm_fake,
+                                                                                              caplog):
+    """Production starts only with a provider for every channel its schedules use; a hot reload may not add
+    one without: the reminders would fail at send time, or reach no customer at all."""
+    import logging
+
+    from worker.runner import preflight
+
+    schedules = tmp_path / "schedules"
+    schedules.mkdir()
+    (schedules / "default.yaml").write_text(PUSH_ONLY)
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'r.db'}", schedules_dir=schedules, env="production",
+                             dev_sender=None, secret_key="f3c1e0a9b7d24c65a8e1d0f9c2b74e13",
+                             fcm_project_id=fcm_fake.project_id, fcm_credentials_file=fcm_fake.credentials_file,
+                             fcm_api_base_url=fcm_fake.base_url)
+    remind = Remind.from_settings(settings)
+    preflight(remind)  # push has its provider: the process starts
+    (schedules / "default.yaml").write_text(PUSH_ONLY.replace("channels: [push]\n    template: nudge",
+                                                              "channels: [push, sms]\n    template: nudge"))
+    with caplog.at_level(logging.ERROR, logger="remind"):
+        assert remind.reload_if_changed(reschedule=True) is False
+    refused, = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+    assert "keeping the last good one" in refused and "TWILIO_ACCOUNT_SID: required in production" in refused
+    assert remind.config_state["ok"] is False and "TWILIO_ACCOUNT_SID" in remind.config_state["error"]
+    assert remind.registry.get("default").steps[0].channels == ("push",)  # the last good ladder runs on
+    assert remind.register(transaction(created_at=None)).created
+
+    # An edit within the configured channels is taken as before.
+    (schedules / "default.yaml").write_text(PUSH_ONLY.replace("after: 10m", "after: 5m"))
+    assert remind.reload_if_changed(reschedule=True) is True
+    assert remind.registry.get("default").steps[0].after == timedelta(minutes=5)

@@ -18,7 +18,7 @@ from dramatiq.common import compute_backoff
 from dramatiq.middleware import Retries
 from dramatiq.rate_limits import WindowRateLimiter
 
-from .errors import TransientSendError
+from .errors import TransientSendError, Unavailable
 from .inflight import RedisSlots
 from .service import Remind
 from .settings import Settings, parse_rate
@@ -150,8 +150,21 @@ def bind(remind: Remind, broker: Broker) -> Actors:
     largest = remind.settings.delivery_batch
 
     def enqueue(ids: list[int]) -> None:
-        for batch in chunks(list(ids), largest):
-            batch_actor.send(batch)
+        batches = chunks(list(ids), largest)
+        for n, batch in enumerate(batches):
+            try:
+                batch_actor.send(batch)
+            except Exception as exc:
+                if Unavailable.of(exc) is None:
+                    raise
+                # Redis is down: the rows are committed with a lease; end it, so the next tick that reaches
+                # Redis enqueues them again instead of after REMIND_LEASE_SECONDS.
+                left = [i for b in batches[n:] for i in b]
+                try:
+                    remind.store.expire_leases(remind.store.clock(), left)
+                except Exception:  # noqa: BLE001 - the database too: the lease still sends them
+                    log.warning("%d deliveries not enqueued; they go out when their lease ends", len(left))
+                raise
 
     remind.enqueue = enqueue
 
@@ -168,6 +181,34 @@ def bind(remind: Remind, broker: Broker) -> Actors:
 
     remind.enqueue_events = enqueue_events
     return Actors(broker, deliver_actor, batch_actor, queue)
+
+
+class RedisRestarts:
+    """Notices that Redis lost what it held (restarted without persistence, flushed, failed over to an empty
+    replica): a key this service keeps there is gone. The queued deliveries' messages went with it, so
+    their leases end at once and the next tick enqueues them again, instead of after REMIND_LEASE_SECONDS.
+    Messages that did survive (in a worker's memory) become duplicates, which the claim makes harmless."""
+
+    def __init__(self, settings: Settings, remind: Remind) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.key = f"{settings.redis_namespace}:alive"
+        self.store = remind.store
+        self._known = False  # this process has seen the key (or set it) since it started
+
+    def __call__(self) -> int:
+        """Check (one round trip); returns how many deliveries are enqueued again."""
+        if self.client.exists(self.key):
+            self._known = True
+            return 0
+        expired = self.store.expire_leases(self.store.clock())
+        self.client.set(self.key, "1")
+        if self._known and expired:
+            log.warning("Redis lost its queued messages (restarted empty?): %d queued deliveries are enqueued "
+                        "again", expired)
+        self._known = True
+        return expired
 
 
 def _delay_ms(exc: TransientSendError) -> int | None:

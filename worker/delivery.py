@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from jinja2 import TemplateError
 
 from .contacts import CONTACT_FIELD, all_pairs, usable
 from .decisions import notice_status
-from .errors import PermanentSendError, SendError, TransientSendError
+from .errors import PermanentSendError, SendError, TransientSendError, Unavailable
 from .inflight import Gather, ProviderSlots, SendPool, Unlimited
 from .links import confirm_url
 from .masking import mask_recipient
@@ -241,11 +242,30 @@ class Deliverer:
     def _record_bulk(self, records: list[dict[str, Any]]) -> list[None]:
         # Only over our own claim: a status callback (delivered) or the lease (failed) may have
         # written first, and their word stands.
-        with self.store.autocommit() as conn:
-            self.store.update_deliveries(conn, records, if_status="sending")
-            early = self.store.take_early_callbacks(conn, [r["provider_id"] for r in records if r.get("provider_id")])
+        early = self._while_the_database_is_down(lambda: self._write_results(records), len(records))
         self.outcomes.apply_early_callbacks(early)  # status callbacks that came before the provider id
         return [None] * len(records)
+
+    def _write_results(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        with self.store.autocommit() as conn:
+            self.store.update_deliveries(conn, records, if_status="sending")
+            return self.store.take_early_callbacks(conn, [r["provider_id"] for r in records if r.get("provider_id")])
+
+    def _while_the_database_is_down(self, write: Callable[[], Any], count: int) -> Any:
+        """``write()``, tried again while the database is unreachable, for up to a lease: the provider has
+        these messages, and without their result the lease would record them as "outcome unknown"."""
+        give_up = time.monotonic() + self.opts.lease.total_seconds()
+        pause = 0.5
+        while True:
+            try:
+                return write()
+            except Exception as exc:
+                outage = Unavailable.of(exc)
+                if outage is None or time.monotonic() + pause > give_up:
+                    raise
+                log.warning("the results of %d sends wait for the database: %s", count, outage.reason)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     def _prepare(self, d: dict[str, Any], tx: dict[str, Any], required: tuple[str, ...] | None,
                  suppressed: set[tuple[str, str]], now: datetime,

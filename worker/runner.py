@@ -10,8 +10,8 @@ import time
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from .broker import InProcessWorker, bind, make_broker
-from .errors import SettingsError
+from .broker import InProcessWorker, RedisRestarts, bind, make_broker
+from .errors import SettingsError, Unavailable
 from .senders import check_channels
 from .service import Remind
 from .settings import Settings
@@ -37,17 +37,52 @@ def prepare(settings: Settings) -> Settings:
 
 def preflight(remind: Remind) -> None:
     """After the schedules are loaded: in production every channel they use must reach a real provider."""
-    channels = {c for s in remind.registry for step in s.steps for c in (*step.channels, *(step.fallback or ()))}
-    channels |= {c for s in remind.registry for c in s.final.channels}
-    check_channels(remind.settings, channels)
+    check_channels(remind.settings, remind.registry.channels())
 
 
-def _tick(remind: Remind) -> None:
+class _Outages:
+    """What a periodic job logs while the database or Redis is down: one warning when the outage starts and one
+    line when the job works again, instead of a traceback every few seconds. Anything else stays a traceback."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}
+
+    def failed(self, job: str, exc: Exception) -> bool:
+        """True when ``exc`` is an outage (logged once); False for anything else (the caller logs it)."""
+        outage = Unavailable.of(exc)
+        if outage is None:
+            return False
+        if job not in self._since:
+            self._since[job] = time.monotonic()
+            log.warning("%s: the %s is unreachable (%s); trying again every few seconds", job, outage.what,
+                        outage.reason)
+        return True
+
+    def worked(self, job: str) -> None:
+        since = self._since.pop(job, None)
+        if since is not None:
+            log.info("%s: working again after %.0f s", job, time.monotonic() - since)
+
+
+_outages = _Outages()
+
+
+def _tick(remind: Remind, restarts: RedisRestarts | None = None) -> None:
+    if restarts is not None:
+        try:
+            restarts()
+        except Exception as exc:  # the tick goes on: deadlines settle in SQL even while Redis is down
+            if not _outages.failed("Redis check", exc):
+                log.exception("Redis check failed")
+        else:
+            _outages.worked("Redis check")
     try:
         result = remind.tick()
-    except Exception:  # a failed tick must not kill the scheduler; the next one retries
-        log.exception("tick failed")
+    except Exception as exc:  # a failed tick must not kill the scheduler; the next one retries
+        if not _outages.failed("tick", exc):
+            log.exception("tick failed")
         return
+    _outages.worked("tick")
     if result:
         log.info("tick: %d due, %d enqueued, %d skipped late, %d settled, %d recovered",
                  result.claimed, len(result.enqueued), result.skipped, result.settled, result.recovered)
@@ -56,9 +91,11 @@ def _tick(remind: Remind) -> None:
 def _retention(remind: Remind) -> None:
     try:
         erased = remind.erase_expired()
-    except Exception:  # the next sweep tries again
-        log.exception("retention sweep failed")
+    except Exception as exc:  # the next sweep tries again
+        if not _outages.failed("retention sweep", exc):
+            log.exception("retention sweep failed")
         return
+    _outages.worked("retention sweep")
     if erased:
         log.info("retention: personal data erased from %d transactions settled over %d days ago", erased,
                  remind.settings.retention_days)
@@ -74,7 +111,8 @@ def _reload(remind: Remind, reschedule: bool) -> None:
 def _add_tick(scheduler, remind: Remind) -> None:
     # Each process keeps its tick in memory (APScheduler 3 cannot share a job store between
     # processes); the database claim is what coordinates several schedulers.
-    scheduler.add_job(_tick, "interval", args=[remind], seconds=remind.settings.tick_seconds,
+    restarts = RedisRestarts(remind.settings, remind) if remind.settings.redis_url else None
+    scheduler.add_job(_tick, "interval", args=[remind, restarts], seconds=remind.settings.tick_seconds,
                       id="tick", max_instances=1, coalesce=True, misfire_grace_time=None)
     if remind.settings.retention_days:
         scheduler.add_job(_retention, "interval", args=[remind], seconds=RETENTION_SECONDS, id="retention",

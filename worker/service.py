@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from .contacts import CONTACT_FIELD
 from .decisions import DECISION_TEMPLATES, Decision, Decisions, check_reason, check_text
 from .delivery import Deliverer, DeliveryOptions
-from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound
+from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFound, SettingsError
 from .events import EventSender
 from .inflight import LocalSlots, SendPool
 from .ingest import Line, Transaction, differing_fields, parse_transaction
@@ -29,7 +29,7 @@ from .masking import mask_recipient
 from .outcomes import Outcomes
 from .render import Templates
 from .scheduler import Scheduler, TickResult
-from .senders import Sender, describe, senders_from_settings
+from .senders import Sender, check_channels, describe, senders_from_settings
 from .settings import Settings
 from .store import ESCALATED, PENDING, NewTransaction, Store, make_engine, upgrade
 from .store.events import iso
@@ -168,8 +168,13 @@ class Remind:
         return self._templates
 
     def reload(self) -> None:
-        """Load schedules and templates again; on ConfigError the running ones stay in use."""
+        """Load schedules and templates again; on ConfigError the running ones stay in use. In production a
+        schedule may only use channels whose provider credentials are set, as at start (``check_channels``)."""
         registry, templates = load_config(self.settings)
+        try:
+            check_channels(self.settings, registry.channels())
+        except SettingsError as exc:
+            raise ConfigError([f"{self.settings.schedules_dir}: {exc}"]) from None
         with self._config_lock:
             self._registry, self._templates = registry, templates
 

@@ -24,5 +24,10 @@ class Registry:
     def get(self, name: str) -> Schedule | None:
         return self._by_name.get(name)
 
+    def channels(self) -> set[str]:
+        """Every channel a schedule may send on: its steps', their fallbacks', and its final step's."""
+        return {c for s in self.schedules for step in s.steps for c in (*step.channels, *(step.fallback or ()))} | {
+            c for s in self.schedules for c in s.final.channels}
+
     def __iter__(self):
         return iter(self.schedules)

@@ -316,6 +316,20 @@ class Store:
             conn.execute(update(deliveries).where(deliveries.c.id.in_(stale)).values(lease_until=None))
         return again, lost
 
+    def expire_leases(self, now: datetime, ids: Sequence[int] | None = None) -> int:
+        """End the lease of queued deliveries now (``ids``, or every queued one), so the next tick's
+        ``claim_expired`` enqueues them again: their broker messages never got there (Redis was down) or
+        were lost with it (a restart without persistence). A duplicate message is harmless (the claim);
+        waiting out a lease is not. Returns how many."""
+        stmt = (update(deliveries).where(deliveries.c.status == "queued", deliveries.c.lease_until > now)
+                .values(lease_until=now, updated_at=now))
+        if ids is not None:
+            if not ids:
+                return 0
+            stmt = stmt.where(deliveries.c.id.in_(list(ids)))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount
+
     # -- delivery ---------------------------------------------------------------------------
 
     def queued_deliveries(self, conn: Connection, ids: Sequence[int]) -> tuple[

@@ -24,7 +24,16 @@ from ..ladder import Schedule, format_duration
 from ..service import Remind
 from ..stats import funnel, human, pct
 from .schemas import ERRORS, ErrorBody
-from .security import OPS_COOKIE, OPS_SESSION, bearer, check_scope, issue_session, matches, session_valid
+from .security import (
+    OPS_COOKIE,
+    OPS_SESSION,
+    FailureLimit,
+    bearer,
+    check_scope,
+    issue_session,
+    matches,
+    session_valid,
+)
 
 NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
 Since = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL, description=(
@@ -84,9 +93,20 @@ class StatsView(BaseModel):
     schedules: list[ScheduleStats]
 
 
+#: Failed /ops sign-ins allowed per client address in any LOGIN_WINDOW; more get 429 with Retry-After.
+LOGIN_FAILURES, LOGIN_WINDOW = 10, timedelta(minutes=5)
+
+
+def human_wait(seconds: int) -> str:
+    minutes = math.ceil(seconds / 60)
+    return f"{seconds} seconds" if seconds < 60 else f"{minutes} minute{'s' if minutes > 1 else ''}"
+
+
 def router(remind: Remind) -> APIRouter:
     ops = APIRouter(tags=["ops"])
     settings = remind.settings
+    #: Failed sign-ins per client address (behind a proxy: the address it forwards, as uvicorn trusts it).
+    sign_in_failures = FailureLimit(remind.store.clock, limit=LOGIN_FAILURES, window=LOGIN_WINDOW)
 
     def auth(request: Request) -> None:
         check_scope(request, "ops", settings.token_lists)
@@ -131,12 +151,20 @@ def router(remind: Remind) -> APIRouter:
         return login_page(None, 200)
 
     @ops.post("/ops/login", include_in_schema=False, response_class=HTMLResponse)
-    async def login(token: Annotated[str, Form(max_length=512)] = ""):
+    async def login(request: Request, token: Annotated[str, Form(max_length=512)] = ""):
         tokens = settings.token_lists["ops"]
         if not tokens:
             return login_page("Ops is disabled: set REMIND_OPS_TOKEN.", 401)
+        client = request.client.host if request.client else "-"
+        wait = sign_in_failures.retry_after(client)
+        if wait is not None:  # refused before the token is looked at: no guess is checked while blocked
+            page = login_page(f"Too many failed sign-ins from your address: try again in {human_wait(wait)}.", 429)
+            page.headers["Retry-After"] = str(wait)
+            return page
         if not matches(token.strip(), tokens):
+            sign_in_failures.failed(client)
             return login_page("That is not a valid ops token (REMIND_OPS_TOKEN).", 401)
+        sign_in_failures.succeeded(client)
         response = RedirectResponse("/ops", status_code=303)
         response.set_cookie(OPS_COOKIE, issue_session(settings.secret_key, token.strip(), remind.store.clock()),
                             max_age=int(OPS_SESSION.total_seconds()), path="/ops", httponly=True,

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+import math
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 from fastapi import HTTPException, Request
@@ -95,6 +98,55 @@ def session_valid(secret: str, cookie: str | None, tokens: list[str], now: datet
 #: Routes that must take more than the default limit. SendGrid posts event batches of up to 768 KB and,
 #: when one is refused, retries and then drops it: every unsubscribe, spam report and bounce in it lost.
 ROUTE_LIMITS: dict[str, int] = {"/webhooks/sendgrid/events": 4 * 1024 * 1024}
+
+
+class FailureLimit:
+    """At most ``limit`` failures per client in any ``window`` (the /ops sign-in: 10 per 5 minutes), on the
+    service's clock. A client over it is refused before its attempt is even looked at, so guessing goes no
+    faster however many tries are sent, until its oldest failure leaves the window. In memory, per process;
+    at most ``clients`` clients are remembered (the least recently failing ones are forgotten first)."""
+
+    def __init__(self, clock: Callable[[], datetime], *, limit: int = 10, window: timedelta = timedelta(minutes=5),
+                 clients: int = 10_000) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self.clients = clients
+        self._failures: OrderedDict[str, deque[datetime]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: datetime) -> deque[datetime] | None:
+        failures = self._failures.get(client)
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if failures is not None and not failures:
+            del self._failures[client]
+            return None
+        return failures
+
+    def retry_after(self, client: str) -> int | None:
+        """Seconds until ``client`` may try again, or None when it may now."""
+        now = self.clock()
+        with self._lock:
+            failures = self._recent(client, now)
+            if failures is None or len(failures) < self.limit:
+                return None
+            return max(1, math.ceil((failures[0] + self.window - now).total_seconds()))
+
+    def failed(self, client: str) -> None:
+        now = self.clock()
+        with self._lock:
+            failures = self._recent(client, now)
+            if failures is None:
+                failures = self._failures[client] = deque(maxlen=self.limit)
+            failures.append(now)
+            self._failures.move_to_end(client)
+            while len(self._failures) > self.clients:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failures.pop(client, None)
 
 
 class BodyLimit:
