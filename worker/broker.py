@@ -150,21 +150,7 @@ def bind(remind: Remind, broker: Broker) -> Actors:
     largest = remind.settings.delivery_batch
 
     def enqueue(ids: list[int]) -> None:
-        batches = chunks(list(ids), largest)
-        for n, batch in enumerate(batches):
-            try:
-                batch_actor.send(batch)
-            except Exception as exc:
-                if Unavailable.of(exc) is None:
-                    raise
-                # Redis is down: the rows are committed with a lease; end it, so the next tick that reaches
-                # Redis enqueues them again instead of after REMIND_LEASE_SECONDS.
-                left = [i for b in batches[n:] for i in b]
-                try:
-                    remind.store.expire_leases(remind.store.clock(), left)
-                except Exception:  # noqa: BLE001 - the database too: the lease still sends them
-                    log.warning("%d deliveries not enqueued; they go out when their lease ends", len(left))
-                raise
+        _send_or_leave_to_tick(batch_actor, chunks(list(ids), largest), remind, "deliveries")
 
     remind.enqueue = enqueue
 
@@ -176,8 +162,7 @@ def bind(remind: Remind, broker: Broker) -> Actors:
                                   priority=0, options={"max_retries": 0})
 
     def enqueue_events(ids: list[int]) -> None:
-        for batch in chunks(list(ids), largest):
-            events_actor.send(batch)
+        _send_or_leave_to_tick(events_actor, chunks(list(ids), largest), remind, "events")
 
     remind.enqueue_events = enqueue_events
     return Actors(broker, deliver_actor, batch_actor, queue)
@@ -203,12 +188,30 @@ class RedisRestarts:
             self._known = True
             return 0
         expired = self.store.expire_leases(self.store.clock())
+        self.store.events.expire(self.store.clock())  # events waiting in the lost messages too
         self.client.set(self.key, "1")
         if self._known and expired:
             log.warning("Redis lost its queued messages (restarted empty?): %d queued deliveries are enqueued "
                         "again", expired)
         self._known = True
         return expired
+
+
+def _send_or_leave_to_tick(actor: dramatiq.Actor, batches: list[list[int]], remind: Remind, what: str) -> None:
+    """Send each batch; when Redis is down, the rows are committed with a lease: end it, so the next tick
+    that reaches Redis enqueues them again instead of after REMIND_LEASE_SECONDS. Then raise."""
+    for n, batch in enumerate(batches):
+        try:
+            actor.send(batch)
+        except Exception as exc:
+            if Unavailable.of(exc) is None:
+                raise
+            left = [i for b in batches[n:] for i in b]
+            try:
+                remind.store.leave_to_tick(**{what: left})
+            except Exception:  # noqa: BLE001 - the database too: the lease still sends them
+                log.warning("%d %s not enqueued; they go out when their lease ends", len(left), what)
+            raise
 
 
 def _delay_ms(exc: TransientSendError) -> int | None:

@@ -141,6 +141,18 @@ class EventLog:
                 status=PENDING, next_attempt_at=now + self.lease))
         return ids
 
+    def expire(self, now: datetime, ids: Sequence[int] | None = None) -> int:
+        """End the lease of pending events (``ids``, or all) whose message never reached the broker or was
+        lost with it, so the next tick hands them to the workers. Returns how many. Without ``ids`` (Redis
+        restarted empty) this cannot tell a lease from a backoff, so a retry waiting its turn comes early:
+        one attempt sooner than planned, which the platform takes like any other."""
+        stmt = update(events).where(events.c.status == PENDING, events.c.next_attempt_at > now).values(
+            next_attempt_at=now)
+        if ids is not None:
+            stmt = stmt.where(events.c.id.in_(list(ids)))
+        with self.store.begin() as conn:
+            return conn.execute(stmt).rowcount
+
     def resend(self, ids: Sequence[int] | None, now: datetime, *, failed_only: bool = False) -> list[int]:
         """Send events again (``ids``, or every failed one): a fresh retry window from now. Returns the ids
         found; those are sent even if the platform had them (it deduplicates on ``webhook-id``)."""

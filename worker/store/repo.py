@@ -26,8 +26,6 @@ from sqlalchemy.exc import IntegrityError
 from .db import is_postgres
 from .events import EventLog, event_data
 from .tables import SETTLED_AT, deliveries, early_callbacks, suppressions, transactions
-from .tables import deliveries as deliveries_table
-from .tables import events as events_table
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
 SETTLED = (CONFIRMED, CANCELLED, ESCALATED)
@@ -617,17 +615,13 @@ class Store:
         return {**{f"transactions_{s}": n for s, n in tx}, **{f"deliveries_{s}": n for s, n in dl}}
 
     def leave_to_tick(self, *, deliveries: Sequence[int] = (), events: Sequence[int] = ()) -> None:
-        """Work written by a process with no broker (a CLI command): its lease ends now, so the next tick
-        of any scheduler enqueues it, as it would a lost message."""
+        """Work whose broker message never left (a CLI command has no broker; Redis was down): its lease
+        ends now, so the next tick of any scheduler enqueues it, as it would a lost message."""
         now = self.clock()
-        with self.begin() as conn:
-            if deliveries:
-                d = deliveries_table.c
-                conn.execute(update(deliveries_table).where(d.id.in_(list(deliveries)), d.status == "queued").values(
-                    lease_until=now))
-            if events:
-                conn.execute(update(events_table).where(events_table.c.id.in_(list(events)),
-                                                        events_table.c.status == "pending").values(next_attempt_at=now))
+        if deliveries:
+            self.expire_leases(now, deliveries)
+        if events:
+            self.events.expire(now, events)
 
     def statuses(self, ids: Sequence[str]) -> dict[str, str]:
         """The current status of each transaction of ``ids`` that exists."""
