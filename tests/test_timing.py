@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 from support import T0, Clock, make_settings, transaction
 
-from worker.errors import PermanentSendError
+from worker.errors import AlreadySettled, PermanentSendError
 from worker.senders import OutboxSender
 from worker.service import Remind
 from worker.web.app import create_app
@@ -111,3 +111,182 @@ def test_a_repeat_of_a_registered_transaction_is_still_idempotent_after_its_dead
     assert post(client, without_created_at).status_code == 200
     assert post(client, {**body, "fee": "1.00"}).status_code == 409  # other content: still a conflict
     assert post(client, {**body, "id": "tx_2"}).status_code == 422  # a new one: refused
+
+
+# -- notices wait out quiet hours; the status does not ------------------------------------------------
+
+
+def test_a_cancellation_at_0230_changes_the_status_then_and_sends_the_notice_at_0800(make_harness):
+    h = make_harness()
+    # created 17:00 in Shanghai; expires 02:30 the next night, inside quiet hours (22:00-08:00)
+    h.remind.register(transaction(expires_at="2026-11-26T02:30:00+08:00"))
+    planned = {e["channel"]: e["due_at"] for e in h.remind.show("tx_1")["timeline"] if e["step"] == "cancel"}
+    assert planned == {"email": "2026-11-25T18:30:00Z", "sms,push": "2026-11-26T00:00:00Z"}  # shown ahead
+    for at in ("2026-11-25T09:16", "2026-11-25T11:01"):  # the nudge and the 2h reminder (19:00 there)
+        h.clock.set(utc(at))
+        h.tick()
+    before = len(h.lines())
+
+    h.clock.set(utc("2026-11-25T18:30"))  # 02:30 in Shanghai: the deadline
+    h.tick()
+    view = h.remind.show("tx_1")
+    assert view["status"] == "cancelled" and view["cancelled_at"] == "2026-11-25T18:30:00Z"
+    assert [(x["step"], x["channel"]) for x in h.lines()[before:]] == [("cancel", "email")]  # email is not held
+    notice = entries(h, "cancel")
+    for channel in ("sms", "push"):  # planned for 08:00 in Shanghai, and why
+        assert notice[channel]["status"] == "planned" and notice[channel]["state"] == "queued"
+        assert notice[channel]["due_at"] == "2026-11-26T00:00:00Z"
+        assert "quiet hours until 08:00 (Asia/Shanghai)" in notice[channel]["reason"]
+    assert h.remind.store.counts()["deliveries_held"] == 2
+
+    h.clock.set(utc("2026-11-25T19:00"))  # 03:00: the customer tries the link; too late, and it stays so
+    with pytest.raises(AlreadySettled):
+        h.remind.confirm("tx_1", by_customer=True)
+    held = delivery(h, "cancel", "sms")
+    assert h.remind.deliver(held["id"]) == "duplicate"  # a stray message sends nothing early
+    assert delivery(h, "cancel", "sms") == held  # and leaves the row as it was: deferred, not skipped
+    h.clock.set(utc("2026-11-25T23:59"))  # 07:59
+    assert not h.tick().released and len(h.lines()) == before + 1
+
+    h.clock.set(utc("2026-11-26T00:00"))  # 08:00
+    assert h.tick().released == 2
+    assert [(x["step"], x["channel"]) for x in h.lines()[before + 1:]] in (
+        [("cancel", "sms"), ("cancel", "push")], [("cancel", "push"), ("cancel", "sms")])
+    assert {e["status"] for e in entries(h, "cancel").values()} == {"sent"}
+    h.clock.set(utc("2026-11-26T01:00"))
+    h.tick()
+    assert len(h.lines()) == before + 3  # exactly once
+
+
+def test_an_escalation_notice_held_for_the_night_keeps_to_its_outcome(make_harness):
+    """risk_review escalates at 8h: at 02:30 in Shanghai the status changes and the email goes; the SMS
+    waits for 08:00, and once ops confirmed the transaction in between it never goes out."""
+    h = make_harness()
+    h.clock.set(utc("2026-11-25T10:30"))  # 18:30 in Shanghai
+    h.remind.register(transaction(risk_flag=True, created_at="2026-11-25T18:30:00+08:00"))
+    for at in ("2026-11-25T10:36", "2026-11-25T11:31", "2026-11-25T14:00", "2026-11-25T18:30"):
+        h.clock.set(utc(at))
+        h.tick()
+    assert h.remind.show("tx_1")["escalated_at"] == "2026-11-25T18:30:00Z"
+    notice = entries(h, "escalate")
+    assert notice["email"]["status"] == "sent" and notice["sms"]["due_at"] == "2026-11-26T00:00:00Z"
+    h.clock.set(utc("2026-11-25T20:00"))
+    assert h.remind.confirm("tx_1")["status"] == "confirmed"  # ops, after review
+    h.clock.set(utc("2026-11-26T00:01"))
+    h.tick()
+    assert ("escalate", "sms") not in sent(h)
+    sms = entries(h, "escalate")["sms"]
+    assert sms["status"] == "skipped" and "confirmed first" in sms["reason"]
+
+
+# -- fallbacks wait out quiet hours; the final warning's never past the deadline --------------------------
+
+
+def test_a_fallback_that_would_land_in_quiet_hours_waits_for_their_end(make_harness, tmp_path):
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(senders={"sms": outbox, "email": outbox, "push": Refusing(tmp_path / "outbox.jsonl", {"nudge"})})
+    h.clock.set(utc("2026-11-25T13:30"))  # 21:30 in Shanghai
+    h.remind.register(transaction(created_at="2026-11-25T21:30:00+08:00"))
+    h.clock.set(utc("2026-11-25T14:10"))  # 22:10: the 21:45 nudge goes late; its push is refused
+    h.tick()
+    assert h.lines() == []
+    nudge = entries(h, "nudge")
+    assert nudge["push"]["status"] == "failed" and nudge["push"]["reason"].endswith("falling back to sms")
+    assert nudge["sms"]["status"] == "planned" and nudge["sms"]["due_at"] == "2026-11-26T00:00:00Z"
+    assert nudge["sms"]["reason"].startswith("fallback: push failed")
+    assert nudge["sms"]["reason"].endswith("held for quiet hours until 08:00 (Asia/Shanghai)")
+    held = delivery(h, "nudge", "sms")
+    assert h.remind.deliver(held["id"]) == "duplicate" and h.lines() == []  # a stray message: nothing early
+
+    h.clock.set(utc("2026-11-25T23:59"))
+    h.tick()
+    assert h.lines() == []
+    h.clock.set(utc("2026-11-26T00:00"))  # 08:00: the held fallback, with the 2h reminder held as well
+    result = h.tick()
+    assert result.released == 1 and ("nudge", "sms") in sent(h)
+    assert entries(h, "nudge")["sms"]["status"] == "sent"
+
+
+FINAL_EMAIL_ONLY = """\
+name: default
+match: {}
+priority: 100
+quiet_hours: {start: "22:00", end: "08:00", channels: [sms, push]}
+steps:
+  - after: 1h
+    channels: [email]
+    template: reminder
+  - after: 20h
+    channels: [email]
+    template: final_warning
+    fallback: [sms]
+cancel:
+  after: 24h
+  template: cancelled
+  reason: not_confirmed
+  channels: [email]
+"""
+
+
+@pytest.mark.parametrize("created,warned,held_until", [
+    # the final warning at 23:00, the deadline at 03:00: 08:00 would pass it, so its fallback goes now
+    ("2026-11-24T19:00", "2026-11-25T15:00", None),
+    # the final warning at 06:30, the deadline at 10:30: 08:00 leaves the final gap (2h), so it waits
+    ("2026-11-25T02:30", "2026-11-25T22:30", "2026-11-26T00:00:00Z"),
+])
+def test_the_final_warnings_fallback_is_never_held_past_the_deadline(make_harness, tmp_path, created, warned,
+                                                                       held_until):
+    folder = tmp_path / "schedules"
+    folder.mkdir()
+    (folder / "default.yaml").write_text(FINAL_EMAIL_ONLY)
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(schedules_dir=folder,
+                     senders={"sms": outbox, "push": outbox, "email": Refusing(tmp_path / "outbox.jsonl",
+                                                                               {"final_warning"})})
+    h.clock.set(utc(created))
+    h.remind.register(transaction(created_at=utc(created).isoformat()))
+    h.clock.set(utc(created) + timedelta(hours=1, minutes=1))
+    h.tick()
+    h.clock.set(utc(warned))  # inside quiet hours in Shanghai; the email is refused
+    h.tick()
+    sms = entries(h, "final_warning")["sms"]
+    deadline = utc(created) + timedelta(hours=24)
+    if held_until is None:
+        assert sent(h) == [("final_warning", "sms"), ("reminder", "email")]
+        assert sms["status"] == "sent" and "final warning not held" in sms["reason"]
+    else:
+        assert sent(h) == [("reminder", "email")]
+        assert sms["status"] == "planned" and sms["due_at"] == held_until
+        h.clock.set(utc(held_until[:16]))
+        h.tick()
+        assert sent(h) == [("final_warning", "sms"), ("reminder", "email")]
+        assert utc(held_until[:16]) + timedelta(hours=2) <= deadline  # the final gap is kept
+    h.clock.set(deadline)
+    h.tick()
+    assert h.remind.show("tx_1")["status"] == "cancelled"
+
+
+def test_fallback_time_follows_the_ladders_quiet_hour_rules():
+    from support import ROOT
+
+    from worker.ladder import fallback_time, load_file
+
+    default = load_file(ROOT / "schedules" / "default.yaml")
+    created, zone = utc("2026-11-25T09:00"), "Asia/Shanghai"  # 17:00 there; cancel at 24h
+    deadline = created + timedelta(hours=24)
+
+    def when(step, channel, at, deadline=deadline, created=created):
+        return fallback_time(default, step, channel, utc(at), created_at=created, deadline=deadline, zone=zone)
+
+    assert when("reminder", "sms", "2026-11-25T13:00") == (utc("2026-11-25T13:00"), None)  # 21:00: at once
+    assert when("reminder", "email", "2026-11-25T15:00") == (utc("2026-11-25T15:00"), None)  # email is not held
+    at, note = when("reminder", "sms", "2026-11-25T15:00")  # 23:00: to 08:00
+    assert at == utc("2026-11-26T00:00") and note == "held for quiet hours until 08:00 (Asia/Shanghai)"
+    # an expires_at at 07:00 there: the nudge held until 08:00 would come after it: dropped; the 2h
+    # reminder is now this transaction's final warning (the 20h one falls after the deadline): at once
+    assert when("nudge", "sms", "2026-11-25T15:00", utc("2026-11-25T23:00"))[0] is None
+    assert when("reminder", "sms", "2026-11-25T15:00", utc("2026-11-25T23:00"))[0] == utc("2026-11-25T15:00")
+    # created 03:00 there: the final warning (20h) at 23:00, the deadline at 03:00; 08:00 would pass it
+    night = utc("2026-11-24T19:00")
+    at, note = when("final_warning", "sms", "2026-11-25T15:30", night + timedelta(hours=24), night)
+    assert at == utc("2026-11-25T15:30") and "final warning not held" in note
