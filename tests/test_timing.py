@@ -179,6 +179,25 @@ def test_an_escalation_notice_held_for_the_night_keeps_to_its_outcome(make_harne
     assert sms["status"] == "skipped" and "confirmed first" in sms["reason"]
 
 
+def test_a_notices_fallback_waits_like_the_notice(make_harness, tmp_path):
+    """The escalation email at 02:30 is refused; its fallback (push) waits for 08:00 with the SMS."""
+    outbox = OutboxSender(tmp_path / "outbox.jsonl")
+    h = make_harness(senders={"sms": outbox, "push": outbox, "email": Refusing(tmp_path / "outbox.jsonl",
+                                                                               {"escalate"})})
+    h.clock.set(utc("2026-11-25T10:30"))
+    h.remind.register(transaction(risk_flag=True, created_at="2026-11-25T18:30:00+08:00"))
+    h.clock.set(utc("2026-11-25T18:30"))  # 02:30 in Shanghai: everything before is skipped as late
+    h.tick()
+    notice = entries(h, "escalate")
+    assert h.remind.show("tx_1")["status"] == "escalated" and notice["email"]["status"] == "failed"
+    assert notice["push"]["status"] == "planned" and notice["push"]["due_at"] == "2026-11-26T00:00:00Z"
+    assert "held for quiet hours until 08:00" in notice["push"]["reason"]
+    assert ("escalate", "push") not in sent(h)
+    h.clock.set(utc("2026-11-26T00:00"))
+    h.tick()
+    assert [step for step in sent(h) if step[0] == "escalate"] == [("escalate", "push"), ("escalate", "sms")]
+
+
 # -- fallbacks wait out quiet hours; the final warning's never past the deadline --------------------------
 
 
