@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 from click.testing import CliRunner
-from support import ROOT, transaction
+from support import ROOT, T0, Clock, transaction
 
 from worker.cli import main
+from worker.service import Remind
 
 
 @pytest.fixture
@@ -19,6 +21,10 @@ def env(tmp_path, monkeypatch):
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("REDIS_URL", raising=False)
+    # The service clock, not today's date: the sample transactions were created on support.T0.
+    real = Remind.from_settings.__func__
+    monkeypatch.setattr(Remind, "from_settings",
+                        classmethod(lambda cls, *a, **kw: real(cls, *a, **{"clock": Clock(), **kw})))
     return values
 
 
@@ -55,6 +61,16 @@ def test_invalid_and_conflicting_submissions_exit_non_zero_naming_fields(env):
     result = run("tx", "submit", "-", input=json.dumps(transaction("tx_x", fee="1.00")))
     assert result.exit_code == 1 and "conflict" in result.output and "fee" in result.output
     assert run("tx", "show", "nope").exit_code != 0
+
+
+def test_an_expired_transaction_is_refused_naming_the_field_and_nothing_is_kept(env, tmp_path):
+    late = transaction("tx_late", created_at=(T0 - timedelta(hours=1)).isoformat(),
+                       expires_at=(T0 - timedelta(seconds=1)).isoformat())
+    result = run("tx", "submit", "-", input=json.dumps(late))
+    assert result.exit_code == 1
+    assert "tx_late: invalid: expires_at: the deadline 2026-11-25T08:59:59Z has already passed" in result.output
+    assert run("tx", "show", "tx_late").exit_code != 0
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_schedules_check_passes_on_the_shipped_files_and_fails_on_a_broken_one(env, tmp_path, monkeypatch):

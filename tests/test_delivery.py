@@ -288,7 +288,7 @@ def test_an_escalation_settled_otherwise_before_it_went_out_is_never_announced(m
     h = make_harness(platform_webhook_url=url, webhook_secret=SECRET)
     real_enqueue, real_events, held, held_events = h.remind.enqueue, h.remind.enqueue_events, [], []
     h.remind.enqueue, h.remind.enqueue_events = held.extend, held_events.extend
-    h.remind.register(transaction(risk_flag=True))
+    h.remind.register(transaction(risk_flag=True, customer={"timezone": "UTC"}))  # 18:00 there: not quiet
     h.at(hours=9).tick(settle=False)
     assert h.remind.show("tx_1")["status"] == "escalated" and held and held_events  # notices and event wait
     h.remind.enqueue, h.remind.enqueue_events = real_enqueue, real_events

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from support import T0, make_settings, transaction
+from support import T0, Clock, make_settings, transaction
 
 from worker.errors import Conflict, InvalidInput
 from worker.ingest import parse_transaction
@@ -18,7 +18,7 @@ from worker.service import Remind
 
 @pytest.fixture
 def remind(tmp_path):
-    return Remind.from_settings(make_settings(tmp_path, f"sqlite:///{tmp_path / 'r.db'}"))
+    return Remind.from_settings(make_settings(tmp_path, f"sqlite:///{tmp_path / 'r.db'}"), clock=Clock())
 
 
 def test_json_numbers_are_parsed_exactly_and_money_is_quantized():

@@ -83,8 +83,8 @@ def test_late_registration_sends_only_the_latest_due_reminder(make_harness):
 def test_a_passed_deadline_cancels_at_once_and_exactly_once(make_harness):
     h = make_harness()
     h.remind.register(transaction("tx_1", expires_at=(T0 + timedelta(hours=3)).isoformat()))
-    h.at(hours=5).tick()
-    h.at(hours=6).tick()
+    h.at(hours=4).tick()  # 21:00 in Shanghai: late, but before quiet hours
+    h.at(hours=4, minutes=30).tick()
     assert sorted(steps_sent(h, "tx_1")) == [("cancel", "email"), ("cancel", "push"), ("cancel", "sms")]
     view = h.remind.show("tx_1")
     assert view["status"] == "cancelled" and view["deadline"].startswith("2026-11-25T12:00")

@@ -109,9 +109,15 @@ def test_an_early_expires_at_drops_steps_and_moves_the_cancel(config):
     p = preview(cfg, "default", tx, "en", T0, settings=settings)
     assert [(s.id, s.local, s.dropped is not None) for s in p.steps] == [
         ("nudge", "2026-11-25 17:15", False), ("reminder", "2026-11-25 19:00", False),
-        ("cancel", "2026-11-26 03:00", False), ("final_warning", "2026-11-26 13:00", True)]
+        ("cancel", "2026-11-26 03:00", False), ("cancel", "2026-11-26 08:00", False),
+        ("final_warning", "2026-11-26 13:00", True)]
     assert p.steps[-1].messages == () and "expires_at" in p.steps[-1].dropped
     assert p.steps[2].note == "at expires_at, before the schedule's own time"
+    # cancelled at 03:00; the SMS and push notices wait for the end of quiet hours
+    assert [m.channel for m in p.steps[2].messages] == ["email"]
+    assert [m.channel for m in p.steps[3].messages] == ["sms", "push"]
+    assert p.steps[3].note == ("at expires_at, before the schedule's own time; "
+                               "held for quiet hours until 08:00 (Asia/Shanghai)")
     assert p.totals == {"sms": 2, "email": 1, "push": 3}
     assert (f"+20h  2026-11-26 13:00 {SHANGHAI}  final_warning  dropped: at or after the deadline "
             f"2026-11-26 03:00 (expires_at)") in to_text(p)

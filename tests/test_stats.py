@@ -44,7 +44,8 @@ def build_dataset(make_harness, tmp_path) -> Harness:
     """On `funnel`: 10 transactions reached by the nudge; 3 confirm after it (5m, 15m, 60m later), 2 after
     the reminder (10m, 60m later), 1 is cancelled by the platform after the reminder, 4 are cancelled at
     the deadline after the final warning. Plus one confirmed before any reminder, one created three days
-    ago (cancelled at once, nothing sent), and one risk-flagged transaction on `review` that escalates."""
+    ago (first seen by a tick now: cancelled at once, no reminder sent), and one risk-flagged
+    transaction on `review` that escalates."""
     folder = tmp_path / "schedules"
     folder.mkdir()
     for name, text in SCHEDULES.items():
@@ -54,7 +55,9 @@ def build_dataset(make_harness, tmp_path) -> Harness:
     for i in range(10):
         r.register(transaction(f"d{i}"))
     r.register(transaction("d_early"))
+    h.at(days=-3)  # registered in time three days ago (a passed deadline is refused), first ticked now
     r.register(transaction("d_old", created_at=(T0 - timedelta(days=3)).isoformat()))
+    h.at()
     r.register(transaction("r1", risk_flag=True))
     h.at(minutes=1)
     r.confirm("d_early")

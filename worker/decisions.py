@@ -16,6 +16,7 @@ from typing import Any
 from .contacts import all_pairs, choose
 from .errors import AlreadySettled, InvalidInput, NotFound
 from .ladder import Registry, Schedule
+from .scheduler import hold_for_quiet_hours
 from .store import CANCELLED, CONFIRMED, ESCALATED, PENDING, NewDelivery, Store
 from .store.events import event_data
 
@@ -165,8 +166,10 @@ class Decisions:
         suppressed = self.store.suppressed(conn, all_pairs(customer))
         now = self.store.clock()
         final = schedule.final
-        rows = [NewDelivery(row["id"], step, "notice", c.channel, template, now, "queued" if c.send else "skipped",
-                            c.reason, "default")
+        zone = customer.get("timezone") or "UTC"
+        rows = [hold_for_quiet_hours(NewDelivery(row["id"], step, "notice", c.channel, template, now,
+                                                 "queued" if c.send else "skipped", c.reason, "default"),
+                                     schedule, now, zone)
                 for c in choose(final.channels, schedule.fallback_for(final.action), customer, suppressed)]
         return self.store.add_deliveries(conn, rows, now, self.lease)
 

@@ -276,8 +276,12 @@ class Transaction(BaseModel):
         return data
 
 
-def parse_transaction(payload: Mapping[str, Any] | Transaction, *, now: datetime | None = None) -> Transaction:
-    """Validate a payload; raise InvalidInput naming every bad field. ``created_at`` defaults to now."""
+def parse_transaction(payload: Mapping[str, Any] | Transaction, *, now: datetime | None = None,
+                      refuse_past: bool = True) -> Transaction:
+    """Validate a payload; raise InvalidInput naming every bad field. ``created_at`` defaults to now.
+
+    ``refuse_past``: an ``expires_at`` at or before a defaulted ``created_at`` is refused here; register
+    passes False and checks the deadline itself, after it knows whether this is a repeat."""
     if isinstance(payload, Transaction):
         tx = payload
     else:
@@ -292,7 +296,7 @@ def parse_transaction(payload: Mapping[str, Any] | Transaction, *, now: datetime
             raise InvalidInput(_problems(exc)) from None
     if tx.created_at is None:
         created = (now or datetime.now(UTC)).astimezone(UTC)
-        if tx.expires_at and tx.expires_at <= created:
+        if refuse_past and tx.expires_at and tx.expires_at <= created:
             raise InvalidInput({"expires_at": "is already in the past"})
         tx = tx.model_copy(update={"created_at": created})
     return tx

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from .contacts import addresses, all_pairs, choose
-from .ladder import Registry
+from .ladder import Registry, Schedule, fallback_time, quiet_until
 from .masking import mask_text
 from .store import CANCELLED, ESCALATED, PENDING, NewDelivery, Store
 from .store.events import event_data
@@ -81,13 +82,20 @@ class Outcomes:
             fallback = schedule.fallback_for(d["step"]) if schedule else ()
             choices = choose([d["channel"]], fallback, customer, suppressed, taken=[s["channel"] for s in siblings])
             substitute = next((c for c in choices if c.send), None)
+            # Quiet hours: the fallback waits for their end, as the step itself would have.
+            at, wait = _when(schedule, tx, d, substitute.channel, now) if substitute and schedule else (now, None)
+            if at is None:  # a reminder quiet hours would hold until its deadline: dropped, as slots() does
+                self.store.update_delivery(conn, delivery_id, status="failed", lease_until=None,
+                                           reason=f"{reason}; no fallback to {substitute.channel}: {wait}")
+                return None
             if substitute is not None:
-                alt = substitute.channel
+                alt, held = substitute.channel, at > now
                 self.store.update_delivery(conn, delivery_id, status="failed", lease_until=None,
                                            reason=f"{reason}; falling back to {alt}")
+                why = f"fallback: {d['channel']} failed ({reason})" + (f"; {wait}" if wait else "")
                 new_ids = self.store.add_deliveries(conn, [NewDelivery(
-                    tx["id"], d["step"], d["kind"], alt, d["template"], d["due_at"], "queued",
-                    f"fallback: {d['channel']} failed ({reason})", d["variant"])], now, self.lease)
+                    tx["id"], d["step"], d["kind"], alt, d["template"], at if held else d["due_at"], "queued",
+                    why, d["variant"], held=held)], now, self.lease)
             else:
                 others_alive = any(s["status"] in ALIVE for s in siblings if s["id"] != delivery_id)
                 note = "" if others_alive else "; no channel left for this step"
@@ -156,3 +164,15 @@ class Outcomes:
         else:
             self.failed(delivery_id, f"{provider} reported {status}" + (f" (error {code})" if code else ""),
                         code=code)
+
+
+def _when(schedule: Schedule, tx: dict[str, Any], d: dict[str, Any], channel: str,
+          now: datetime) -> tuple[datetime | None, str | None]:
+    """When a fallback on ``channel`` for delivery ``d`` goes out: (at, None) now, (end, why) held for
+    the customer's quiet hours, or (None, why) for a reminder quiet hours would hold until its deadline.
+    A notice waits like the notice itself; a reminder follows ``slots``' rules, final warning included."""
+    zone = tx["content"]["customer"].get("timezone") or "UTC"
+    if d["kind"] == "reminder":
+        return fallback_time(schedule, d["step"], channel, now, created_at=tx["created_at"],
+                             deadline=tx["deadline"], zone=zone)
+    return quiet_until(schedule, channel, now, zone) or (now, None)

@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 
 from .contacts import addresses, choose
 from .ingest import parse_transaction
-from .ladder import CHANNELS, Registry, Schedule, Step, format_duration, slots, step_times
+from .ladder import CHANNELS, Registry, Schedule, Step, format_duration, notice_times, slots, step_times
 from .links import confirm_url
 from .render import PARTS, Templates, facts_for
 from .settings import Settings
@@ -191,10 +191,12 @@ def preview(source: Remind | tuple[Registry, Templates], schedule_name: str,
             steps.append(PreviewStep(step.id, "reminder", step.template, step.after, send_at, _local(send_at, zone),
                                      note=note, messages=render(step.id, step.template, channels, send_at)))
     final = schedule.final
-    note = None if deadline == created + final.after else "at expires_at, before the schedule's own time"
-    steps.append(PreviewStep(final.action, final.action, final.template, deadline - created, deadline,
-                             _local(deadline, zone), note=note,
-                             messages=render(final.action, final.template, final.channels, deadline, final.reason)))
+    early = None if deadline == created + final.after else "at expires_at, before the schedule's own time"
+    for channels, at, held in notice_times(schedule, deadline, zone):  # the status changes at the deadline
+        note = "; ".join(n for n in (early, held) if n) or None
+        steps.append(PreviewStep(final.action, final.action, final.template, deadline - created, at,
+                                 _local(at, zone), note=note,
+                                 messages=render(final.action, final.template, channels, at, final.reason)))
 
     steps.sort(key=lambda s: s.due_at)  # stable: dropped steps (past an early expires_at) end up last
     sent = [m for s in steps for m in s.messages if m.sent]

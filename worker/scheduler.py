@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from .contacts import all_pairs, choose
-from .ladder import Decision, Registry, Schedule, choose_variant, decide
+from .ladder import Decision, Registry, Schedule, choose_variant, decide, quiet_until
 from .store import CANCELLED, Cursor, NewDelivery, Store
 from .store.events import event_data
 
@@ -33,9 +33,11 @@ class TickResult:
     recovered: int = 0
     lost_in_send: int = 0
     events: int = 0  # events to the platform handed to the workers (new, or due for another attempt)
+    released: int = 0  # deliveries held for quiet hours, enqueued now that the quiet period ended
 
     def __bool__(self) -> bool:
-        return bool(self.claimed or self.enqueued or self.recovered or self.lost_in_send or self.events)
+        return bool(self.claimed or self.enqueued or self.recovered or self.lost_in_send or self.released
+                    or self.events)
 
 
 def _rows(content: dict, tx_id: str, step: str, kind: str, template: str, channels: Sequence[str],
@@ -69,10 +71,22 @@ def plan_transaction(row: dict, schedule: Schedule, now: datetime, *,
     if d.settle:
         final = schedule.final
         settle_status, settle_reason = final.status, final.reason
-        rows += _rows(content, tx_id, final.action, "notice", final.template, final.channels,
-                      schedule.fallback_for(final.action), row["deadline"], suppressed)
+        zone = content["customer"].get("timezone") or "UTC"
+        rows += [hold_for_quiet_hours(r, schedule, now, zone) for r in _rows(
+            content, tx_id, final.action, "notice", final.template, final.channels,
+            schedule.fallback_for(final.action), row["deadline"], suppressed)]
     cursor = Cursor(tx_id, d.handled_until, d.next_due_at, settle_status, settle_reason, schedule.version)
     return d, cursor, rows
+
+
+def hold_for_quiet_hours(row: NewDelivery, schedule: Schedule, now: datetime, zone: str) -> NewDelivery:
+    """A notice that would go out now, inside the customer's quiet hours, waits for their end (the
+    status has changed already; only the message waits)."""
+    held = quiet_until(schedule, row.channel, now, zone) if row.status == "queued" else None
+    if held is None:
+        return row
+    at, note = held
+    return replace(row, due_at=at, reason=f"{row.reason}; {note}" if row.reason else note, held=True)
 
 
 #: One claimed transaction and what the tick decided for it: (row, decision, cursor, new deliveries).
@@ -182,13 +196,16 @@ class Scheduler:
                         result.settled += 1
                         log.info("%s %s: deadline reached", row["id"],
                                  "cancelling" if cursor.settle_status == CANCELLED else "escalating")
-                again, lost = self.store.claim_expired(conn, now_, self.batch_size, self.lease)
+                again, lost, released = self.store.claim_expired(conn, now_, self.batch_size, self.lease)
                 due = self.store.events.due(conn, now_, self.batch_size)
                 events += due
             result.claimed += len(claimed)
             result.recovered += len(again)
             result.lost_in_send += len(lost)
-            batch = ids + again
+            result.released += len(released)
+            batch = ids + again + released
+            if released:
+                log.info("released %d deliveries held for quiet hours", len(released))
             if again:
                 log.warning("re-enqueued %d deliveries whose messages never completed", len(again))
             if lost:
@@ -199,6 +216,6 @@ class Scheduler:
             if events:
                 self.enqueue_events(events)
                 result.events += len(events)
-            if (len(claimed) < self.batch_size and len(again) + len(lost) < self.batch_size
+            if (len(claimed) < self.batch_size and len(again) + len(lost) + len(released) < self.batch_size
                     and len(due) < self.batch_size):
                 return result

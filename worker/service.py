@@ -24,7 +24,7 @@ from .errors import AlreadySettled, ConfigError, Conflict, InvalidInput, NotFoun
 from .events import EventSender
 from .inflight import LocalSlots, SendPool
 from .ingest import Line, Transaction, differing_fields, parse_transaction
-from .ladder import CHANNELS, Registry, load_dir, slots
+from .ladder import CHANNELS, Registry, Schedule, format_duration, load_dir, slots
 from .masking import mask_recipient
 from .outcomes import Outcomes
 from .render import Templates
@@ -228,21 +228,30 @@ class Remind:
 
     def register(self, payload: Mapping[str, Any] | Transaction, *, now: datetime | None = None) -> Registration:
         """Register a pending transaction. The same id with the same content again is a no-op;
-        with different content, Conflict names the fields that differ."""
+        with different content, Conflict names the fields that differ. A new transaction whose deadline
+        has passed already (``expires_at``, or ``created_at`` plus the schedule's final step) is refused
+        naming that field: nothing is stored and nothing is sent. A repeat is still a no-op after it."""
         if not isinstance(payload, Mapping | Transaction):
             raise InvalidInput({"(body)": "a JSON object describing one transaction"})
         omitted_created_at = not isinstance(payload, Transaction) and payload.get("created_at") is None
-        tx = parse_transaction(payload, now=now or self.store.clock())
+        now = now or self.store.clock()
+        tx = parse_transaction(payload, now=now, refuse_past=False)
         content = tx.canonical()
         schedule = self._registry.choose(segment=tx.customer.segment, risk_flag=tx.risk_flag,
                                          amount=tx.amount, currency=tx.currency)
         deadline = schedule.deadline(tx.created_at, tx.expires_at)
-        first = [s.at for s in slots(schedule, tx.created_at, deadline, tx.customer.timezone)]
-        existing = self.store.insert_transaction(NewTransaction(
-            id=tx.id, content=content, customer_id=tx.customer.id, segment=tx.customer.segment,
-            risk_flag=tx.risk_flag, amount=tx.amount, currency=tx.currency, schedule=schedule.name,
-            schedule_version=schedule.version, created_at=tx.created_at, expires_at=tx.expires_at,
-            deadline=deadline, next_due_at=first[0] if first else deadline))
+        late = _deadline_passed(tx, schedule, now)
+        if late:  # a repeat of a registered transaction still answers as one; a new one is refused
+            existing = self.store.get_transaction(tx.id)
+            if existing is None:
+                raise InvalidInput(late)
+        else:
+            first = [s.at for s in slots(schedule, tx.created_at, deadline, tx.customer.timezone)]
+            existing = self.store.insert_transaction(NewTransaction(
+                id=tx.id, content=content, customer_id=tx.customer.id, segment=tx.customer.segment,
+                risk_flag=tx.risk_flag, amount=tx.amount, currency=tx.currency, schedule=schedule.name,
+                schedule_version=schedule.version, created_at=tx.created_at, expires_at=tx.expires_at,
+                deadline=deadline, next_due_at=first[0] if first else deadline))
         if existing is None:
             log.info("registered %s on schedule %s, deadline %s", tx.id, schedule.name, deadline.isoformat())
             return Registration(tx.id, True, PENDING, schedule.name, self._templates.negotiate(tx.customer.locale),
@@ -429,6 +438,21 @@ def review_view(view: dict[str, Any]) -> dict[str, Any]:
             "customer": {"id": customer["id"], "segment": customer.get("segment"), "locale": customer.get("locale")},
             "sent": [{k: e[k] for k in ("step", "channel", "template", "status", "sent_at", "recipient", "reason")}
                      for e in view["timeline"] if e["state"] not in ("planned",)]}
+
+
+def _deadline_passed(tx: Transaction, schedule: Schedule, now: datetime) -> dict[str, str]:
+    """The fields that put a transaction's deadline at or before ``now``, with why; empty when it is ahead."""
+    problems = {}
+    stamp, now = "%Y-%m-%dT%H:%M:%SZ", now.astimezone(UTC)
+    if tx.expires_at is not None and tx.expires_at <= now:
+        problems["expires_at"] = f"the deadline {tx.expires_at:{stamp}} has already passed (now {now:{stamp}})"
+    own = tx.created_at + schedule.final.after
+    if own <= now:
+        problems["created_at"] = (
+            f"too old: schedule {schedule.name!r} would have {schedule.final.status} it at {own:{stamp}} "
+            f"(created_at + {format_duration(schedule.final.after)}), already passed (now {now:{stamp}})")
+    return problems
+
 
 
 def utcnow() -> datetime:

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from .contacts import CONTACT_FIELD
-from .ladder import Schedule, choose_variant, slots
+from .ladder import Schedule, choose_variant, notice_times, slots
 from .masking import mask_recipient
 
 
@@ -46,10 +46,11 @@ def build(tx: dict[str, Any], deliveries: list[dict[str, Any]], schedule: Schedu
                                 "sent_at": None, "status": "planned", "state": "planned", "attempts": 0,
                                 "reason": slot.note, "recipient": None})
         final = schedule.final
-        entries.append({"step": final.action, "kind": "notice", "channel": ",".join(final.channels),
-                        "template": final.template, "variant": "default", "due_at": _iso(tx["deadline"]),
-                        "sent_at": None, "status": "planned", "state": "planned", "attempts": 0,
-                        "reason": final.reason, "recipient": None})
+        for channels, at, note in notice_times(schedule, tx["deadline"], zone):  # quiet hours hold some
+            entries.append({"step": final.action, "kind": "notice", "channel": ",".join(channels),
+                            "template": final.template, "variant": "default", "due_at": _iso(at),
+                            "sent_at": None, "status": "planned", "state": "planned", "attempts": 0,
+                            "reason": f"{final.reason}; {note}" if note else final.reason, "recipient": None})
     entries.sort(key=lambda e: (e["due_at"] or "", e["step"], e["channel"]))
     return {
         **content,

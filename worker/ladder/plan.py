@@ -91,6 +91,53 @@ def slots(schedule: Schedule, created_at: datetime, deadline: datetime, zone: st
     return sorted(out, key=lambda s: (s.at, s.index))
 
 
+def quiet_until(schedule: Schedule, channel: str, at: datetime, zone: str | ZoneInfo = "UTC") -> tuple[
+        datetime, str] | None:
+    """When a message on ``channel`` that would go out at ``at`` falls in the customer's quiet hours:
+    (the end of that quiet period, why it waits). None when it may go out at ``at``."""
+    quiet = schedule.quiet_hours
+    if quiet is None or channel not in quiet.channels:
+        return None
+    tz = zone if isinstance(zone, ZoneInfo) else ZoneInfo(zone)
+    period = quiet.period(at, tz)
+    if period is None:
+        return None
+    end = period[1]
+    return end, f"held for quiet hours until {end.astimezone(tz).strftime('%H:%M')} ({tz.key})"
+
+
+def notice_times(schedule: Schedule, at: datetime, zone: str | ZoneInfo = "UTC") -> list[
+        tuple[tuple[str, ...], datetime, str | None]]:
+    """When the final step's notice goes out when the transaction settles at ``at``: (channels, when,
+    why it waits). The status changes at ``at``; the channels quiet hours hold wait for their end."""
+    groups: dict[tuple[datetime, str | None], list[str]] = {}
+    for channel in schedule.final.channels:
+        groups.setdefault(quiet_until(schedule, channel, at, zone) or (at, None), []).append(channel)
+    return sorted(((tuple(channels), when, note) for (when, note), channels in groups.items()), key=lambda g: g[1])
+
+
+def fallback_time(schedule: Schedule, step_id: str, channel: str, now: datetime, *, created_at: datetime,
+                  deadline: datetime, zone: str | ZoneInfo = "UTC") -> tuple[datetime | None, str | None]:
+    """When a reminder's fallback on ``channel``, decided at ``now``, goes out: (when, why it waits).
+
+    Like ``slots``: inside quiet hours it waits for their end; the final warning's fallback is never held
+    so late that it leaves less than the final-gap rule's room before the deadline (then it goes now:
+    the moment before quiet hours began is behind us); any other reminder that would wait until the
+    deadline is dropped: (None, why)."""
+    held = quiet_until(schedule, channel, now, zone)
+    if held is None:
+        return now, None
+    end, note = held
+    steps = schedule.steps
+    last = max((i for i, s in enumerate(steps) if created_at + s.after < deadline), default=-1)
+    index = next((i for i, s in enumerate(steps) if s.id == step_id), -1)
+    if index == last and index >= 0 and end + min_final_gap(steps[index].after) > deadline:
+        return now, "final warning not held: quiet hours would pass the deadline"
+    if end >= deadline:
+        return None, "quiet hours last until the deadline"
+    return end, note
+
+
 def step_times(schedule: Schedule, created_at: datetime, deadline: datetime) -> list[tuple[Step, datetime]]:
     """Each reminder with the ladder's own time (no quiet hours); steps at or past the deadline dropped."""
     return [(s, created_at + s.after) for s in schedule.steps if created_at + s.after < deadline]
@@ -127,4 +174,5 @@ def decide(
     )
 
 
-__all__ = ["BEFORE_QUIET", "UTC", "Decision", "Slot", "choose_variant", "decide", "slots", "step_times"]
+__all__ = ["BEFORE_QUIET", "UTC", "Decision", "Slot", "choose_variant", "decide", "fallback_time", "notice_times",
+           "quiet_until", "slots", "step_times"]

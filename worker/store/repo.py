@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_postgres
@@ -29,6 +29,9 @@ from .tables import SETTLED_AT, deliveries, early_callbacks, suppressions, trans
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
 SETTLED = (CONFIRMED, CANCELLED, ESCALATED)
+#: A delivery's status, with ``held`` for a queued one waiting out quiet hours (never enqueued yet).
+HELD_STATE = case((and_(deliveries.c.status == "queued", deliveries.c.enqueued_at.is_(None)), "held"),
+                  else_=deliveries.c.status)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class NewDelivery:
     status: str  # queued | skipped
     reason: str | None = None
     variant: str = "default"
+    #: Queued but held (quiet hours): not enqueued now; its lease runs out at ``due_at`` and the tick's
+    #: lease recovery releases it then. Until released (``enqueued_at`` NULL) no worker sends it.
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,19 +96,23 @@ class Cursor:
 #: PostgreSQL bulk statements. Each has one fixed text whatever the batch size, so the server plans it
 #: once per connection; SQLAlchemy's multi-row VALUES would send (and psycopg re-parse) a new text of
 #: thousands of parameters per batch, which cost the tick more than its claim.
-_UNNEST_COLUMNS = ("transaction_id", "step", "kind", "channel", "template", "variant", "due_at", "status", "reason")
+_UNNEST_COLUMNS = ("transaction_id", "step", "kind", "channel", "template", "variant", "due_at", "status", "reason",
+                   "held")
 _INSERT_UNNEST = text("""
     INSERT INTO deliveries (transaction_id, step, kind, channel, template, variant, due_at, status, reason,
                             attempts, updated_at, lease_until, enqueued_at)
     SELECT t.transaction_id, t.step, t.kind, t.channel, t.template, t.variant, t.due_at, t.status, t.reason,
-           0, :now, CASE WHEN t.status = 'queued' THEN CAST(:lease_until AS timestamptz) END,
-           CASE WHEN t.status = 'queued' THEN CAST(:now AS timestamptz) END
+           0, :now,
+           CASE WHEN t.status = 'queued' AND t.held THEN t.due_at
+                WHEN t.status = 'queued' THEN CAST(:lease_until AS timestamptz) END,
+           CASE WHEN t.status = 'queued' AND NOT t.held THEN CAST(:now AS timestamptz) END
     FROM unnest(CAST(:transaction_id AS text[]), CAST(:step AS text[]), CAST(:kind AS text[]),
                 CAST(:channel AS text[]), CAST(:template AS text[]), CAST(:variant AS text[]),
-                CAST(:due_at AS timestamptz[]), CAST(:status AS text[]), CAST(:reason AS text[]))
-         AS t(transaction_id, step, kind, channel, template, variant, due_at, status, reason)
+                CAST(:due_at AS timestamptz[]), CAST(:status AS text[]), CAST(:reason AS text[]),
+                CAST(:held AS boolean[]))
+         AS t(transaction_id, step, kind, channel, template, variant, due_at, status, reason, held)
     ON CONFLICT (transaction_id, step, channel) DO NOTHING
-    RETURNING id, status""")
+    RETURNING id, status, enqueued_at""")
 _ADVANCE_UNNEST = text("""
     UPDATE transactions AS tx
     SET handled_until = c.handled, next_due_at = c.next, schedule_version = c.version
@@ -266,7 +276,8 @@ class Store:
 
     def add_deliveries(self, conn: Connection, rows: Sequence[NewDelivery], now: datetime,
                        lease: timedelta) -> list[int]:
-        """Insert deliveries; return the ids of the queued ones (to enqueue after commit)."""
+        """Insert deliveries; return the ids of the queued ones to enqueue after commit (not the held
+        ones: their lease runs out at their ``due_at``, and ``claim_expired`` releases them then)."""
         if not rows:
             return []
         # A row that exists already (a fallback took that channel earlier, a re-run) is kept as it is:
@@ -274,37 +285,41 @@ class Store:
         if self.pg:  # one statement with a fixed text of 9 array parameters, whatever the batch size
             params: dict[str, Any] = {name: [getattr(d, name) for d in rows] for name in _UNNEST_COLUMNS}
             params.update(now=now, lease_until=now + lease)
-            return [r.id for r in conn.execute(_INSERT_UNNEST, params) if r.status == "queued"]
+            return [r.id for r in conn.execute(_INSERT_UNNEST, params)
+                    if r.status == "queued" and r.enqueued_at is not None]
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
         values = [{
             "transaction_id": d.transaction_id, "step": d.step, "kind": d.kind, "channel": d.channel,
             "template": d.template, "variant": d.variant, "due_at": d.due_at, "status": d.status,
             "reason": d.reason, "attempts": 0, "updated_at": now,
-            "lease_until": now + lease if d.status == "queued" else None,
-            "enqueued_at": now if d.status == "queued" else None,
+            "lease_until": (d.due_at if d.held else now + lease) if d.status == "queued" else None,
+            "enqueued_at": now if d.status == "queued" and not d.held else None,
         } for d in rows]
         stmt = sqlite_insert(deliveries).on_conflict_do_nothing(index_elements=["transaction_id", "step", "channel"])
-        result = conn.execute(stmt.returning(deliveries.c.id, deliveries.c.status), values)
-        return [r.id for r in result if r.status == "queued"]
+        result = conn.execute(stmt.returning(deliveries.c.id, deliveries.c.status, deliveries.c.enqueued_at), values)
+        return [r.id for r in result if r.status == "queued" and r.enqueued_at is not None]
 
     def claim_expired(self, conn: Connection, now: datetime, limit: int, lease: timedelta) -> tuple[
-            list[int], list[int]]:
+            list[int], list[int], list[int]]:
         """Deliveries whose lease ran out: queued ones are re-enqueued (the broker lost the message);
         ones caught mid-send are failed, not resent, since the provider may already have them (except
-        webhooks to the platform, which are at-least-once and deduplicated by webhook-id).
+        webhooks to the platform, which are at-least-once and deduplicated by webhook-id). Held ones
+        (quiet hours; never enqueued) are released: their lease is their ``due_at``.
 
-        Returns (ids to enqueue again, ids failed)."""
-        stmt = (select(deliveries.c.id, deliveries.c.status, deliveries.c.kind)
+        Returns (ids to enqueue again, ids failed, held ids released: to enqueue)."""
+        stmt = (select(deliveries.c.id, deliveries.c.status, deliveries.c.kind, deliveries.c.enqueued_at)
                 .where(deliveries.c.lease_until <= now)
                 .order_by(deliveries.c.lease_until).limit(limit))
         rows = conn.execute(self._lock(stmt, skip_locked=True)).all()
+        released = [r.id for r in rows if r.status == "queued" and r.enqueued_at is None]
         # Webhooks are at-least-once: the platform deduplicates on webhook-id, so resend those.
-        again = [r.id for r in rows if r.status == "queued" or (r.status == "sending" and r.kind == "webhook")]
+        again = [r.id for r in rows if (r.status == "queued" and r.enqueued_at is not None)
+                 or (r.status == "sending" and r.kind == "webhook")]
         lost = [r.id for r in rows if r.status == "sending" and r.kind != "webhook"]
         stale = [r.id for r in rows if r.status not in ("queued", "sending")]
-        if again:
-            conn.execute(update(deliveries).where(deliveries.c.id.in_(again)).values(
+        if again or released:
+            conn.execute(update(deliveries).where(deliveries.c.id.in_(again + released)).values(
                 status="queued", lease_until=now + lease, enqueued_at=now, updated_at=now))
         if lost:
             conn.execute(update(deliveries).where(deliveries.c.id.in_(lost)).values(
@@ -312,7 +327,7 @@ class Store:
                 reason="outcome unknown: the worker stopped during the send; not resent, to avoid a duplicate"))
         if stale:
             conn.execute(update(deliveries).where(deliveries.c.id.in_(stale)).values(lease_until=None))
-        return again, lost
+        return again, lost, released
 
     def expire_leases(self, now: datetime, ids: Sequence[int] | None = None) -> int:
         """End the lease of queued deliveries now (``ids``, or every queued one), so the next tick's
@@ -333,9 +348,12 @@ class Store:
     def queued_deliveries(self, conn: Connection, ids: Sequence[int]) -> tuple[
             list[dict[str, Any]], dict[str, dict[str, Any]]]:
         """The deliveries of ``ids`` still queued, and their transactions by id: a plain read, to decide
-        and render; ``claim_delivery`` is what makes one delivery this worker's, right before its send."""
+        and render; ``claim_delivery`` is what makes one delivery this worker's, right before its send.
+        A held delivery (quiet hours) not yet released by the tick is left out, untouched: a stray
+        message for it sends nothing early, and its lease still releases it on time."""
         found = conn.execute(select(deliveries).where(
-            deliveries.c.id.in_(sorted(set(ids))), deliveries.c.status == "queued").order_by(deliveries.c.id))
+            deliveries.c.id.in_(sorted(set(ids))), deliveries.c.status == "queued",
+            deliveries.c.enqueued_at.is_not(None)).order_by(deliveries.c.id))
         rows = [dict(r) for r in found.mappings()]
         if not rows:
             return [], {}
@@ -608,10 +626,12 @@ class Store:
             return [dict(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        """Transactions by status and deliveries by status, for `remind status` and metrics."""
+        """Transactions by status and deliveries by status, for `remind status` and metrics; queued
+        deliveries held for quiet hours (not enqueued yet) are counted as ``held``."""
         with self.engine.connect() as conn:
             tx = conn.execute(select(transactions.c.status, func.count()).group_by(transactions.c.status)).all()
-            dl = conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status)).all()
+            state = HELD_STATE.label("state")
+            dl = conn.execute(select(state, func.count()).group_by(state)).all()
         return {**{f"transactions_{s}": n for s, n in tx}, **{f"deliveries_{s}": n for s, n in dl}}
 
     def leave_to_tick(self, *, deliveries: Sequence[int] = (), events: Sequence[int] = ()) -> None:
@@ -648,8 +668,9 @@ def metrics_snapshot(store: Store, now: datetime) -> dict[str, Any]:
     """Figures for /metrics, read from SQL so every process reports the same truth."""
     with store.engine.connect() as conn:
         tx = conn.execute(select(transactions.c.status, func.count()).group_by(transactions.c.status)).all()
-        dl = conn.execute(select(deliveries.c.channel, deliveries.c.status, func.count())
-                          .group_by(deliveries.c.channel, deliveries.c.status)).all()
+        state = HELD_STATE.label("state")  # "held": waiting out quiet hours
+        dl = conn.execute(select(deliveries.c.channel, state, func.count())
+                          .group_by(deliveries.c.channel, state)).all()
         due = conn.execute(select(func.count(), func.min(transactions.c.next_due_at)).where(
             transactions.c.next_due_at <= now, transactions.c.status == PENDING)).one()
         retries = conn.execute(select(deliveries.c.channel, func.sum(deliveries.c.attempts - 1))
