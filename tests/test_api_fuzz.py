@@ -110,4 +110,4 @@ def test_fuzzed_registrations_never_5xx_and_a_refusal_leaves_no_row(api, payload
         assert rows(remind) == before, "a refused body left a row"
         return
     shown = client.get(f"/v1/transactions/{payload['id']}", headers=AUTH)
-    assert shown.status_code == 200 and shown.json()["id"] == payload["id"]
+    assert shown.status_code == 200 and shown.json()["id"] == json.loads(text)["id"]

@@ -252,6 +252,9 @@ def test_tx_submit_prints_the_locale_used(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.chdir(tmp_path)
+    real = Remind.from_settings.__func__  # the service clock, not today's date: the samples date from T0
+    monkeypatch.setattr(Remind, "from_settings",
+                        classmethod(lambda cls, *a, **kw: real(cls, *a, **{"clock": Clock(), **kw})))
     body = json.dumps([transaction("tx_a", customer={"locale": "fr-FR"}),
                        transaction("tx_b", customer={"locale": "zh-MO"})])
     result = CliRunner().invoke(main, ["tx", "submit", "-"], input=body)

@@ -38,7 +38,7 @@ def service(make_harness, platform):
 def escalate(h, client, *tx_ids: str) -> None:
     for n, tx_id in enumerate(tx_ids):
         h.at(minutes=n)
-        register(client, tx_id, risk_flag=True)
+        register(client, tx_id, risk_flag=True, customer={"timezone": "UTC"})  # 18:00 there at +9 h: not quiet
     h.at(hours=6, minutes=30).tick()  # the final warning (by email: SMS and push wait out the night)
     h.drain()
     h.at(hours=9).tick()  # the risk schedule escalates at 8 h
