@@ -351,6 +351,7 @@ def main() -> None:
     parser.add_argument("--scrapes", type=int, default=20, help="timed /metrics scrapes (20)")
     parser.add_argument("--all-time", action="store_true", help="also /v1/stats since the first transaction")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one request may take (900)")
+    parser.add_argument("--drop", action="store_true", help="drop the database at the end (kept by default)")
     args = parser.parse_args()
     args.transactions = args.transactions or (20_000 if args.small else 1_000_000)
     if args.small:
@@ -436,6 +437,9 @@ def main() -> None:
     figures["deliveries"] = dl_n
     figures["code"] = "tree" if not args.code else Path(args.code).name
     figures["wall_s"] = f"{time.perf_counter() - wall:.0f}"
+    if args.drop:
+        with _admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{args.db_name}" WITH (FORCE)')
     print("scale: " + " ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
 
 

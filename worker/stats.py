@@ -21,7 +21,9 @@ exactly, on reminder deliveries (``kind = 'reminder'``) whose status is ``sent``
 Per schedule: transactions by final status, the overall rate (confirmed / transactions, Wilson),
 and a histogram of time to confirm counted from ``created_at``. Filters: ``since`` keeps
 transactions created at or after it (an ISO date/time, or a duration such as ``7d`` meaning now
-minus 7 days); ``schedule`` keeps one schedule. See docs/stats.md.
+minus 7 days; default the last 7 days); ``schedule`` keeps one schedule. The database aggregates
+(worker.store.funnel_figures); ``summarize`` computes the same in Python, row by row, as the reference
+the tests hold it to. See docs/stats.md.
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ def pct(rate: dict[str, float | None]) -> str:
 
 def to_text(stats: dict[str, Any]) -> str:
     """A table per schedule, for a terminal."""
-    scope = f"since {stats['since']}" if stats["since"] else "all time"
+    scope = f"since {stats['since']}" if stats["since"] else "all time"  # since: 7 days back unless given
     lines = [f"confirmation funnel, {scope}" + (f", schedule {stats['schedule']}" if stats["schedule"] else "")]
     if not stats["schedules"]:
         lines.append("no transactions")
