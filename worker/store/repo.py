@@ -608,7 +608,7 @@ EXACT_BELOW = 100_000
 #: The due steps waiting are counted up to this many: a larger backlog reads as this figure (the
 #: scheduler lag shows how far behind it is).
 DUE_COUNT_CAP = 10_000
-#: Provider latency is read from the last 1000 sends among the newest this many deliveries (by id).
+#: Provider latency is read from the newest 1000 sent deliveries (by id) among the newest this many.
 LATENCY_WINDOW = 20_000
 #: Statuses a delivery holds while it is in flight: always counted exactly (on the lease index).
 IN_FLIGHT = ("queued", "sending")
@@ -627,7 +627,7 @@ def metrics_snapshot(store: Store, now: datetime) -> dict[str, Any]:
     - due steps waiting: counted on ``ix_transactions_next_due_at`` up to ``DUE_COUNT_CAP``;
       the oldest due step: one index probe;
     - retries: on ``ix_deliveries_retried`` (only deliveries tried more than once);
-    - provider latency: the last 1000 sends among the newest ``LATENCY_WINDOW`` deliveries (by id)."""
+    - provider latency: the newest 1000 sent deliveries (by id) among the newest ``LATENCY_WINDOW``."""
     t, d = transactions.c, deliveries.c
     due_rows = select(t.id).where(t.next_due_at <= now, t.status == PENDING).limit(DUE_COUNT_CAP).subquery()
     with store.engine.connect() as conn:
@@ -638,16 +638,16 @@ def metrics_snapshot(store: Store, now: datetime) -> dict[str, Any]:
         retries = conn.execute(select(d.channel, func.sum(d.attempts - 1)).where(text("attempts > 1"))
                                .group_by(d.channel)).all()
         newest = conn.execute(select(func.max(d.id))).scalar() or 0
-        recent = conn.execute(select(d.channel, d.started_at, d.sent_at)
+        recent = conn.execute(select(d.channel, d.started_at, d.sent_at)  # backwards on the primary key, no sort
                               .where(d.id > newest - LATENCY_WINDOW, d.sent_at.is_not(None), d.started_at.is_not(None))
-                              .order_by(d.sent_at.desc()).limit(1000)).all()
+                              .order_by(d.id.desc()).limit(1000)).all()
     return {
         "transactions": tx,
         "deliveries": dl,
         "due_waiting": due_count or 0,
         "oldest_due": oldest_due,
         "retries": {c: int(n or 0) for c, n in retries},
-        # the provider call's duration, from the last 1000 sends (started = decided, sent = provider answered)
+        # the provider call's duration, from the newest 1000 sends (started = decided, sent = provider answered)
         "latencies": [(c, (sent - started).total_seconds()) for c, started, sent in recent],
     }
 

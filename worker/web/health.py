@@ -15,7 +15,8 @@ from .security import check_scope
 
 
 class StoreCollector:
-    """Collects at scrape time from SQL: correct however many scheduler and worker processes run."""
+    """Collects at scrape time from SQL: correct however many scheduler and worker processes run. Every
+    figure reads an index or the planner's statistics, never a whole table (see store.metrics_snapshot)."""
 
     def __init__(self, remind: Remind) -> None:
         self.remind = remind
@@ -41,7 +42,7 @@ class StoreCollector:
             retries.add_metric([channel], n)
         yield retries
         latency = GaugeMetricFamily("remind_provider_latency_seconds",
-                                    "Provider call duration over the last 1000 sends", labels=["channel", "quantile"])
+                                    "Provider call duration over the newest 1000 sends", labels=["channel", "quantile"])
         by_channel: dict[str, list[float]] = {}
         for channel, seconds in snap["latencies"]:
             by_channel.setdefault(channel, []).append(seconds)
