@@ -751,7 +751,7 @@ def _seconds(pg: bool, later: str, earlier: str) -> str:
 
 def _median_sql(groups: str, value: str, source: str) -> str:
     """Per ``groups``, the median of ``value`` over ``source`` (the mean of the two middle values for an even
-    count, as statistics.median), with window functions both databases have."""
+    count, as statistics.median), with window functions: SQLite has no percentile_cont."""
     return f"""
         SELECT {groups}, AVG(v) AS median FROM (
             SELECT {groups}, {value} AS v,
@@ -791,38 +791,49 @@ def funnel_figures(store: Store, since: datetime | None, schedule: str | None) -
     per_channel = ", ".join(f"SUM(CASE WHEN d.channel = '{c}' THEN 1 ELSE 0 END) AS {c}" for c in REMINDER_CHANNELS)
     attributed = ("u.status = 'confirmed' AND u.confirmed_at IS NOT NULL AND u.first_sent <= u.confirmed_at "
                   "AND (u.next_sent IS NULL OR u.next_sent > u.confirmed_at)")
-    steps = f"""
+    # One row per unit, as narrow as the attribution allows: the window sorts them by transaction.
+    ordered = f"""
         WITH tx AS ({in_scope}),
         units AS (
-            SELECT d.transaction_id, tx.schedule, tx.status, tx.created_at, tx.confirmed_at, d.step, d.variant,
-                   MIN(d.sent_at) AS first_sent, {per_channel},
-                   SUM(CASE WHEN d.channel = 'sms' THEN d.segments END) AS segments
+            SELECT d.transaction_id, tx.schedule, tx.status, tx.confirmed_at, d.step, d.variant,
+                   MIN(d.sent_at) AS first_sent, MIN({_seconds(pg, "d.sent_at", "tx.created_at")}) AS first_offset,
+                   {per_channel}, SUM(CASE WHEN d.channel = 'sms' THEN d.segments END) AS segments
             FROM tx JOIN deliveries AS d ON d.transaction_id = tx.id
             WHERE {FUNNEL_ROWS}
             GROUP BY d.transaction_id, tx.schedule, tx.status, tx.created_at, tx.confirmed_at, d.step, d.variant),
         ordered AS (
             SELECT units.*, LEAD(first_sent) OVER (
                 PARTITION BY transaction_id ORDER BY first_sent, step{collate}, variant{collate}) AS next_sent
-            FROM units),
-        attributed AS (
-            SELECT u.schedule, u.step, u.variant, {_seconds(pg, "u.confirmed_at", "u.first_sent")} AS seconds
-            FROM ordered AS u WHERE {attributed}),
-        medians AS ({_median_sql("schedule, step, variant", "seconds", "attributed")})
-        SELECT u.schedule, u.step, u.variant, COUNT(*) AS reached,
-               SUM(CASE WHEN {attributed} THEN 1 ELSE 0 END) AS confirmed_after,
-               SUM(CASE WHEN u.next_sent IS NULL AND u.status = 'cancelled' THEN 1 ELSE 0 END) AS cancelled,
-               SUM(CASE WHEN u.next_sent IS NULL AND u.status = 'escalated' THEN 1 ELSE 0 END) AS escalated,
-               {", ".join(f"SUM(u.{c}) AS {c}" for c in REMINDER_CHANNELS)}, SUM(u.segments) AS sms_segments,
-               MIN({_seconds(pg, "u.first_sent", "u.created_at")}) AS first_offset,
-               MIN(m.median) AS median
-        FROM ordered AS u
-        LEFT JOIN medians AS m ON m.schedule = u.schedule AND m.step = u.step AND m.variant = u.variant
-        GROUP BY u.schedule, u.step, u.variant"""
+            FROM units)"""
+    seconds = f"CASE WHEN {attributed} THEN {_seconds(pg, 'u.confirmed_at', 'u.first_sent')} END"
+    figures = f"""
+        u.schedule, u.step, u.variant, COUNT(*) AS reached,
+        SUM(CASE WHEN {attributed} THEN 1 ELSE 0 END) AS confirmed_after,
+        SUM(CASE WHEN u.next_sent IS NULL AND u.status = 'cancelled' THEN 1 ELSE 0 END) AS cancelled,
+        SUM(CASE WHEN u.next_sent IS NULL AND u.status = 'escalated' THEN 1 ELSE 0 END) AS escalated,
+        {", ".join(f"SUM(u.{c}) AS {c}" for c in REMINDER_CHANNELS)}, SUM(u.segments) AS sms_segments,
+        MIN(u.first_offset) AS first_offset"""
+    if pg:  # one pass: the window's rows stream into the aggregate, medians included (NULLs are skipped)
+        steps = f"""{ordered}
+            SELECT {figures}, percentile_cont(0.5) WITHIN GROUP (ORDER BY {seconds}) AS median
+            FROM ordered AS u GROUP BY u.schedule, u.step, u.variant"""
+        schedule_median = (f"SELECT c.schedule, percentile_cont(0.5) WITHIN GROUP (ORDER BY {to_confirm}) AS median "
+                            f"FROM {confirmed} GROUP BY c.schedule")
+    else:
+        steps = f"""{ordered},
+            attributed AS (SELECT u.schedule, u.step, u.variant, {seconds} AS seconds FROM ordered AS u
+                           WHERE {attributed}),
+            medians AS ({_median_sql("schedule, step, variant", "seconds", "attributed")})
+            SELECT {figures}, MIN(m.median) AS median
+            FROM ordered AS u
+            LEFT JOIN medians AS m ON m.schedule = u.schedule AND m.step = u.step AND m.variant = u.variant
+            GROUP BY u.schedule, u.step, u.variant"""
+        schedule_median = _median_sql("schedule", to_confirm, confirmed)
     statements = {
         "status": f"SELECT s.schedule, s.status, COUNT(*) AS n FROM ({in_scope}) AS s GROUP BY s.schedule, s.status",
         "histogram": f"SELECT c.schedule, {bucket} AS bucket, COUNT(*) AS n FROM {confirmed} GROUP BY c.schedule, "
                      f"{bucket}",
-        "median": _median_sql("schedule", to_confirm, confirmed),
+        "median": schedule_median,
         "steps": steps,
     }
     out: dict[str, Any] = {}
