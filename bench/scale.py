@@ -314,7 +314,8 @@ def explain(label, call):
         raw = conn.connection.dbapi_connection
         for statement, parameters in list(seen):
             cur = raw.cursor()
-            cur.execute("SET work_mem = '64MB'")  # as the funnel sets it for its transaction
+            cur.execute("SET work_mem = '64MB'")  # as the funnel sets them for its transaction
+            cur.execute("SET jit = off")
             cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters)
             out.append("\n".join(row[0] for row in cur.fetchall()))
             raw.rollback()
