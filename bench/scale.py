@@ -154,6 +154,16 @@ def build_sql(tx_count: int, days: int, suppressions: int) -> list[str]:
     ]
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """The share of all cores busy over ``seconds`` (from /proc/stat)."""
+    from _harness import machine_cpu
+
+    busy0, total0 = machine_cpu()
+    time.sleep(seconds)
+    busy1, total1 = machine_cpu()
+    return (busy1 - busy0) / max(total1 - total0, 1e-9)
+
+
 def suppressed_address(i: int) -> tuple[str, str]:
     """The (channel, address) of the i-th suppression the build wrote."""
     return ("sms", "email", "push")[i % 3], f"bench-address-{i}"
@@ -384,6 +394,15 @@ def main() -> None:
         by_status = conn.execute("SELECT status, count(*) FROM transactions GROUP BY 1 ORDER BY 1").fetchall()
     log(f"{tx_n:,} transactions ({', '.join(f'{s} {n:,}' for s, n in by_status)}), {dl_n:,} deliveries")
 
+    # How busy the machine is: the CPU share other processes used over a second, and a fixed piece of
+    # server work (about 0.4 s on an idle core of the machine this was written on); figures scale with it.
+    busy = cpu_busy()
+    with psycopg.connect(db_url(args.db_name)) as conn:
+        t0 = time.perf_counter()
+        conn.execute("SELECT count(*) FROM generate_series(1, 5000000)").fetchone()
+        calibration_ms = (time.perf_counter() - t0) * 1000
+    log(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}, {100 * busy:.0f}% busy; "
+        f"calibration (count of 5M generate_series) {calibration_ms:.0f} ms")
     import socket
 
     with socket.socket() as s:
@@ -450,6 +469,8 @@ def main() -> None:
     figures["deliveries"] = dl_n
     figures["code"] = "tree" if not args.code else Path(args.code).name
     figures["wall_s"] = f"{time.perf_counter() - wall:.0f}"
+    figures["cpu_busy_before_pct"] = f"{100 * busy:.0f}"
+    figures["calibration_ms"] = f"{calibration_ms:.0f}"
     if args.drop:
         with _admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{args.db_name}" WITH (FORCE)')

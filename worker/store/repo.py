@@ -632,14 +632,15 @@ def metrics_snapshot(store: Store, now: datetime) -> dict[str, Any]:
     due_rows = select(t.id).where(t.next_due_at <= now, t.status == PENDING).limit(DUE_COUNT_CAP).subquery()
     with store.engine.connect() as conn:
         tx, dl = _status_counts(store, conn)
-        due_count = conn.execute(select(func.count()).select_from(due_rows)).scalar()
-        oldest_due = conn.execute(select(func.min(t.next_due_at)).where(
-            t.next_due_at <= now, t.status == PENDING)).scalar()
+        due_count, oldest_due, newest = conn.execute(select(  # three index probes, one round trip
+            select(func.count()).select_from(due_rows).scalar_subquery(),
+            select(func.min(t.next_due_at)).where(t.next_due_at <= now, t.status == PENDING).scalar_subquery(),
+            select(func.max(d.id)).scalar_subquery())).one()
         retries = conn.execute(select(d.channel, func.sum(d.attempts - 1)).where(text("attempts > 1"))
                                .group_by(d.channel)).all()
-        newest = conn.execute(select(func.max(d.id))).scalar() or 0
         recent = conn.execute(select(d.channel, d.started_at, d.sent_at)  # backwards on the primary key, no sort
-                              .where(d.id > newest - LATENCY_WINDOW, d.sent_at.is_not(None), d.started_at.is_not(None))
+                              .where(d.id > (newest or 0) - LATENCY_WINDOW, d.sent_at.is_not(None),
+                                     d.started_at.is_not(None))
                               .order_by(d.id.desc()).limit(1000)).all()
     return {
         "transactions": tx,
@@ -656,54 +657,47 @@ def _status_counts(store: Store, conn: Connection) -> tuple[dict[str, int], dict
     """Transactions by status and deliveries by (channel, status): exact, or estimated on a large
     PostgreSQL table (see metrics_snapshot)."""
     t, d = transactions.c, deliveries.c
-    sizes = _estimated_rows(conn) if store.pg else {}
-    if sizes.get("transactions", -1) < EXACT_BELOW:
+    stats = _statistics(conn) if store.pg else {}
+    tx_rows, dl_rows = stats.get("transactions", -1), stats.get("deliveries", -1)
+    if tx_rows < EXACT_BELOW or stats["status"] is None:
         tx = {s: n for s, n in conn.execute(select(t.status, func.count()).group_by(t.status))}
-    else:
-        tx = _estimated_statuses(conn, sizes["transactions"])
+    else:  # rows x each status's frequency in pg_stats
+        tx = {value: round(tx_rows * freq) for value, freq in zip(*stats["status"], strict=True)}
         if tx.get(PENDING, 0) < EXACT_BELOW:  # the live ones, on the partial index of the scheduler's cursor
             tx[PENDING] = conn.execute(select(func.count()).where(
                 t.next_due_at.is_not(None), t.status == PENDING)).scalar() or 0
-    dl = None
-    if sizes.get("deliveries", -1) >= EXACT_BELOW:
-        dl = _estimated_channel_statuses(conn, sizes["deliveries"])
-    if dl is None:
+    if dl_rows < EXACT_BELOW or stats["channel_status"] is None:
         return tx, {(c, s): n for c, s, n in conn.execute(
             select(d.channel, d.status, func.count()).group_by(d.channel, d.status))}
-    dl = {key: n for key, n in dl.items() if key[1] not in IN_FLIGHT}
+    # rows x each (channel, status) pair's frequency in the MCV list of st_deliveries_channel_status
+    dl = {(pair[0], pair[1]): round(dl_rows * freq) for pair, freq in zip(*stats["channel_status"], strict=True)
+          if pair[1] not in IN_FLIGHT}
     dl.update({(c, s): n for c, s, n in conn.execute(
         select(d.channel, d.status, func.count()).where(d.lease_until.is_not(None), d.status.in_(IN_FLIGHT))
         .group_by(d.channel, d.status))})
     return tx, dl
 
 
-def _estimated_rows(conn: Connection) -> dict[str, float]:
-    """PostgreSQL's estimate of each table's rows (``pg_class.reltuples``; -1 before the first ANALYZE)."""
-    rows = conn.execute(text("SELECT relname, reltuples FROM pg_class WHERE oid IN "
-                             "(to_regclass('transactions'), to_regclass('deliveries'))")).all()
-    return {name: float(n) for name, n in rows}
+_STATISTICS = text("""
+    SELECT (SELECT reltuples FROM pg_class WHERE oid = to_regclass('transactions')) AS transactions,
+           (SELECT reltuples FROM pg_class WHERE oid = to_regclass('deliveries')) AS deliveries,
+           s.most_common_vals::text::text[] AS status_values, s.most_common_freqs AS status_freqs,
+           x.most_common_vals AS pair_values, x.most_common_freqs AS pair_freqs
+    FROM (SELECT 1) AS one
+    LEFT JOIN pg_stats AS s ON s.schemaname = current_schema() AND s.tablename = 'transactions'
+                           AND s.attname = 'status'
+    LEFT JOIN pg_stats_ext AS x ON x.statistics_schemaname = current_schema() AND x.statistics_name = :name""")
 
 
-def _estimated_statuses(conn: Connection, rows: float) -> dict[str, int]:
-    """Transactions by status: rows x each status's frequency in pg_stats (from the last ANALYZE)."""
-    found = conn.execute(text(
-        "SELECT most_common_vals::text::text[], most_common_freqs FROM pg_stats "
-        "WHERE schemaname = current_schema() AND tablename = 'transactions' AND attname = 'status'")).first()
-    if found is None or found[0] is None:
-        return {}
-    return {value: round(rows * freq) for value, freq in zip(found[0], found[1], strict=True)}
-
-
-def _estimated_channel_statuses(conn: Connection, rows: float) -> dict[tuple[str, str], int] | None:
-    """Deliveries by (channel, status): rows x each pair's frequency in the MCV list of the extended
-    statistics st_deliveries_channel_status; None when they have not been gathered yet."""
-    found = conn.execute(text(
-        "SELECT most_common_vals, most_common_freqs FROM pg_stats_ext "
-        "WHERE statistics_schemaname = current_schema() AND statistics_name = :name"),
-        {"name": DELIVERY_STATISTICS}).first()
-    if found is None or found[0] is None:
-        return None
-    return {(pair[0], pair[1]): round(rows * freq) for pair, freq in zip(found[0], found[1], strict=True)}
+def _statistics(conn: Connection) -> dict[str, Any]:
+    """In one round trip, PostgreSQL's estimates (as of the last ANALYZE; -1 rows before the first): each
+    table's rows (``pg_class.reltuples``), the frequencies of ``transactions.status`` (``pg_stats``) and of
+    the (channel, status) pairs (the MCV list of ``st_deliveries_channel_status``, ``pg_stats_ext``)."""
+    row = conn.execute(_STATISTICS, {"name": DELIVERY_STATISTICS}).mappings().one()
+    return {"transactions": float(row["transactions"] if row["transactions"] is not None else -1),
+            "deliveries": float(row["deliveries"] if row["deliveries"] is not None else -1),
+            "status": (row["status_values"], row["status_freqs"]) if row["status_values"] is not None else None,
+            "channel_status": (row["pair_values"], row["pair_freqs"]) if row["pair_values"] is not None else None}
 
 
 def funnel_rows(store: Store, since: datetime | None, schedule: str | None) -> tuple[
