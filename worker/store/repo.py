@@ -778,10 +778,11 @@ def funnel_figures(store: Store, since: datetime | None, schedule: str | None) -
     where = " AND ".join(scope)
     collate = ' COLLATE "C"' if pg else ""  # ties in first_sent are ordered by step and variant as Python does
     in_scope = f"SELECT t.id, t.schedule, t.status, t.created_at, t.confirmed_at FROM transactions AS t WHERE {where}"
-    to_confirm = _seconds(pg, "confirmed_at", "created_at")
+    to_confirm = "c.seconds"  # computed once per row, in ``confirmed``
     bucket = "CASE " + " ".join(f"WHEN {to_confirm} < {hi} THEN {i}" for i, hi in enumerate(HISTOGRAM_BOUNDS)) + \
         f" ELSE {len(HISTOGRAM_BOUNDS)} END"
-    confirmed = f"(SELECT * FROM ({in_scope}) AS s WHERE status = 'confirmed' AND confirmed_at IS NOT NULL) AS c"
+    confirmed = (f"(SELECT s.schedule, {_seconds(pg, 's.confirmed_at', 's.created_at')} AS seconds "
+                 f"FROM ({in_scope}) AS s WHERE s.status = 'confirmed' AND s.confirmed_at IS NOT NULL) AS c")
     per_channel = ", ".join(f"SUM(CASE WHEN d.channel = '{c}' THEN 1 ELSE 0 END) AS {c}" for c in REMINDER_CHANNELS)
     attributed = ("u.status = 'confirmed' AND u.confirmed_at IS NOT NULL AND u.first_sent <= u.confirmed_at "
                   "AND (u.next_sent IS NULL OR u.next_sent > u.confirmed_at)")
@@ -790,7 +791,7 @@ def funnel_figures(store: Store, since: datetime | None, schedule: str | None) -
     ordered = f"""
         WITH ordered AS (
             SELECT t.id AS transaction_id, t.schedule, t.status, t.confirmed_at, d.step, d.variant,
-                   MIN(d.sent_at) AS first_sent, MIN({_seconds(pg, "d.sent_at", "t.created_at")}) AS first_offset,
+                   MIN(d.sent_at) AS first_sent, {_seconds(pg, "MIN(d.sent_at)", "t.created_at")} AS first_offset,
                    {per_channel}, SUM(CASE WHEN d.channel = 'sms' THEN d.segments END) AS segments,
                    LEAD(MIN(d.sent_at)) OVER (PARTITION BY t.id ORDER BY MIN(d.sent_at), d.step{collate},
                                               d.variant{collate}) AS next_sent
@@ -820,7 +821,7 @@ def funnel_figures(store: Store, since: datetime | None, schedule: str | None) -
             FROM ordered AS u
             LEFT JOIN medians AS m ON m.schedule = u.schedule AND m.step = u.step AND m.variant = u.variant
             GROUP BY u.schedule, u.step, u.variant"""
-        schedule_median = _median_sql("schedule", to_confirm, confirmed)
+        schedule_median = _median_sql("schedule", "seconds", confirmed)
     statements = {
         "status": f"SELECT s.schedule, s.status, COUNT(*) AS n FROM ({in_scope}) AS s GROUP BY s.schedule, s.status",
         "histogram": f"SELECT c.schedule, {bucket} AS bucket, COUNT(*) AS n FROM {confirmed} GROUP BY c.schedule, "
