@@ -3,23 +3,44 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import event, insert, text
-from support import T0, reset_database
+from support import PG_ADMIN_URL, T0, reset_database, unavailable
 
-from worker.store import Store, make_engine, metrics_snapshot, repo
+from worker.store import Store, make_engine, metrics_snapshot, repo, upgrade
 from worker.store.tables import deliveries, suppressions, transactions
 
 
+@pytest.fixture(scope="module")
+def scale_url() -> Iterator[str]:
+    """A database of this module's own: its ANALYZEd statistics must not change the plans other tests see
+    on the session's database. A missing PostgreSQL fails under CI=true (support.unavailable)."""
+    name = f"remind_test_scale_{os.getpid()}"
+    try:
+        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        unavailable("PostgreSQL", exc)
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(make_engine(url))
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 @pytest.fixture
-def pg_store(postgres_url):
-    """A store on the session's PostgreSQL database, emptied first (a missing server fails under CI=true)."""
-    reset_database(postgres_url)
-    engine = make_engine(postgres_url)
+def pg_store(scale_url):
+    """A store on this module's PostgreSQL database, emptied first."""
+    reset_database(scale_url)
+    engine = make_engine(scale_url)
     yield Store(engine, clock=lambda: T0)
-    reset_database(postgres_url)
     engine.dispose()
 
 
@@ -65,8 +86,6 @@ def test_the_suppression_lookup_reads_the_primary_key_on_postgresql(pg_store):
 
 
 def test_the_suppression_lookup_reads_the_primary_key_on_sqlite(tmp_path):
-    from worker.store import upgrade
-
     engine = make_engine(f"sqlite:///{tmp_path / 's.db'}")
     upgrade(engine)
     store = Store(engine, clock=lambda: T0)
