@@ -198,7 +198,8 @@ def test_remind_stats_prints_a_table_and_json(dataset, tmp_path, monkeypatch):
                        "REMIND_OUTBOX": str(tmp_path / "cli.jsonl")}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("REDIS_URL", raising=False)
-    result = CliRunner().invoke(main, ["stats"])
+    # an explicit window: without one it is the last 7 days of the wall clock, and the data set lives at T0
+    result = CliRunner().invoke(main, ["stats", "--since", "2026-11-01"])
     assert result.exit_code == 0, result.output
     assert "funnel: 12 transactions, 6 confirmed 50.0% [25.4%-74.6%], 6 cancelled" in result.output
     assert "1 confirmed before the first step went out" in result.output
@@ -206,8 +207,9 @@ def test_remind_stats_prints_a_table_and_json(dataset, tmp_path, monkeypatch):
     assert nudge.split()[:5] == ["nudge", "default", "10", "3", "30.0%"] and nudge.rstrip().endswith("push 10")
     assert "time to confirm: <5m 1, 5m-15m 0, 15m-1h 2, 1h-4h 3" in result.output
 
-    as_json = json.loads(CliRunner().invoke(main, ["stats", "--json", "--schedule", "review"]).output)
-    expected = funnel(dataset.remind.store, schedule="review")
+    as_json = json.loads(CliRunner().invoke(main, ["stats", "--json", "--schedule", "review", "--since",
+                                                   "2026-11-01"]).output)
+    expected = funnel(dataset.remind.store, schedule="review", since="2026-11-01")
     assert as_json["schedules"] == expected["schedules"]
     bad = CliRunner().invoke(main, ["stats", "--since", "yesterday-ish"])
     assert bad.exit_code == 2 and "--since" in bad.output
@@ -232,3 +234,91 @@ def test_get_v1_stats_needs_the_ops_token_and_returns_the_funnel(dataset):
         page = client.get("/ops", headers=auth)
         assert page.status_code == 200 and "content-security-policy" in page.headers
         assert "Confirmation funnel" in page.text
+
+
+def test_the_default_window_is_the_last_7_days_of_the_service_clock(dataset):
+    """No ``since``: transactions created in the 7 days before the injected clock, never the wall clock's."""
+    store = dataset.remind.store
+    one_day = funnel(store, now=T0 + timedelta(days=1))
+    assert one_day["since"] == "2026-11-19T09:00:00Z"  # T0 + 1 day - 7 days
+    assert [s["transactions"] for s in one_day["schedules"]] == [12, 1]  # d_old (T0 - 3 days) is in
+    later = funnel(store, now=T0 + timedelta(days=5))  # the window starts at T0 - 2 days: d_old is out
+    assert [s["transactions"] for s in later["schedules"]] == [11, 1]
+    assert funnel(store, now=T0 + timedelta(days=8))["schedules"] == []  # everything is older than 7 days
+    widened = funnel(store, since="30d", now=T0 + timedelta(days=8))
+    assert [s["transactions"] for s in widened["schedules"]] == [12, 1]
+    assert widened["schedules"] == one_day["schedules"]
+
+    dataset.clock.set(T0 + timedelta(days=8))
+    with TestClient(create_app(dataset.remind)) as client:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        body = client.get("/v1/stats", headers=auth).json()
+        assert body["since"] == "2026-11-26T09:00:00Z" and body["schedules"] == []
+        wide = client.get("/v1/stats?since=30d", headers=auth).json()
+        assert [s["transactions"] for s in wide["schedules"]] == [12, 1]
+        page = client.get("/ops", headers=auth)
+        assert page.status_code == 200 and "Transactions created since 2026-11-26T09:00:00Z" in page.text
+        assert "No transactions on this schedule in this period" in page.text
+        assert "12 transactions" not in client.get("/ops", headers=auth).text
+        assert client.get("/ops?since=30d", headers=auth).text.count('class="chart funnel"') == 2
+
+
+def test_the_database_aggregation_matches_the_python_reference(dataset):
+    """worker.stats.summarize (Python, on every row) is the definition; the database's aggregation must give
+    exactly the same figures, on both backends."""
+    from worker.store import funnel_rows
+
+    store = dataset.remind.store
+    for since, schedule in ((T0 - timedelta(days=30), None), (T0 - timedelta(hours=1), None),
+                            (T0 - timedelta(days=30), "review")):
+        expected = summarize(*funnel_rows(store, since, schedule))
+        assert funnel(store, since=since, schedule=schedule)["schedules"] == expected
+
+
+def test_the_aggregation_matches_the_reference_on_random_rows(backend, tmp_path):
+    """Rows written straight into the tables: A/B variants, several steps sent in the same second (ties),
+    confirmations exactly at a send, before any send and never, failed and skipped deliveries, SMS with and
+    without segments, a transaction outside the window."""
+    import random
+
+    from sqlalchemy import insert
+
+    from worker.store import Store, funnel_rows, make_engine, upgrade
+    from worker.store.tables import deliveries, transactions
+
+    url, _redis = backend
+    engine = make_engine(url)
+    upgrade(engine)
+    rng = random.Random(14)
+    at = [T0 + timedelta(minutes=m) for m in range(0, 600, 5)]
+    txs, dls = [], []
+    for i in range(300):
+        created = T0 - timedelta(days=10 if i % 50 == 0 else 0, minutes=rng.randrange(60))
+        status = rng.choice(["confirmed", "confirmed", "cancelled", "escalated", "pending"])
+        confirmed = rng.choice(at) if status == "confirmed" else None
+        txs.append({"id": f"r{i:03d}", "status": status, "content": {}, "customer_id": "c", "risk_flag": False,
+                    "amount": 1, "currency": "USD", "schedule": rng.choice(["a", "b"]), "schedule_version": "v",
+                    "created_at": created, "deadline": created + timedelta(days=1), "registered_at": created,
+                    "confirmed_at": confirmed})
+        for step in rng.sample(["one", "two", "three", "four"], rng.randrange(5)):
+            variant = rng.choice(["default", "A", "B"])
+            sent = rng.choice(at)
+            for channel in rng.sample(["sms", "email", "push"], rng.randrange(1, 4)):
+                dstatus = rng.choice(["sent", "sent", "delivered", "failed", "skipped", "queued"])
+                dls.append({"transaction_id": f"r{i:03d}", "step": step, "kind": rng.choice(["reminder"] * 5 + [
+                    "notice"]), "channel": channel, "variant": variant, "due_at": sent, "status": dstatus,
+                    "attempts": 1, "updated_at": sent,
+                    "sent_at": sent + timedelta(seconds=rng.choice([0, 0, 1])) if dstatus in ("sent", "delivered")
+                    else None,
+                    "segments": rng.choice([None, 1, 2]) if channel == "sms" else None})
+    with engine.begin() as conn:
+        conn.execute(insert(transactions), txs)
+        conn.execute(insert(deliveries), dls)
+    store = Store(engine)
+    for since, schedule in ((T0 - timedelta(days=30), None), (T0 - timedelta(days=1), None),
+                            (T0 - timedelta(days=30), "b")):
+        expected = summarize(*funnel_rows(store, since, schedule))
+        got = funnel(store, since=since, schedule=schedule)["schedules"]
+        assert got == expected
+    assert sum(s["transactions"] for s in funnel(store, since=T0 - timedelta(days=1))["schedules"]) == 294
+    engine.dispose()

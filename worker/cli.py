@@ -457,7 +457,8 @@ def events_resend(event_ids: tuple[str, ...], failed: bool) -> None:
 
 
 @main.command()
-@click.option("--since", default=None, help="Transactions created since: an ISO date/time or a duration (7d).")
+@click.option("--since", default=None, help="Transactions created since: an ISO date/time or a duration such as "
+              "30d (default: the last 7 days).")
 @click.option("--schedule", default=None, help="Only this schedule.")
 @click.option("--json", "as_json", is_flag=True, help="The same JSON as GET /v1/stats.")
 def stats(since: str | None, schedule: str | None, as_json: bool) -> None:

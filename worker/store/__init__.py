@@ -12,9 +12,11 @@ from .repo import (
     NewDelivery,
     NewTransaction,
     Store,
+    funnel_figures,
     funnel_rows,
     metrics_snapshot,
 )
 
 __all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor", "NewDelivery",
-           "NewTransaction", "Store", "funnel_rows", "make_engine", "metrics_snapshot", "normalize_url", "upgrade"]
+           "NewTransaction", "Store", "funnel_figures", "funnel_rows", "make_engine", "metrics_snapshot",
+           "normalize_url", "upgrade"]

@@ -20,12 +20,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, and_, bindparam, case, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_postgres
 from .events import EventLog, event_data
-from .tables import SETTLED_AT, deliveries, early_callbacks, suppressions, transactions
+from .tables import DELIVERY_STATISTICS, SETTLED_AT, deliveries, early_callbacks, suppressions, transactions
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
 SETTLED = (CONFIRMED, CANCELLED, ESCALATED)
@@ -133,6 +133,19 @@ _CLAIM_MANY = text("""
           WHERE t.id = d.transaction_id AND t.status = ANY(CAST(:statuses AS text[]))
           FOR SHARE OF t))
     RETURNING d.id, d.attempts""")
+
+
+#: Which (channel, address hash) pairs are suppressed: one probe of the primary key (channel,
+#: address_hash) per pair asked, however large the table or the batch (tests/test_scale.py checks the plan;
+#: bench/scale.py prints it at 300,000 rows). ``address_hash = ANY(...)`` alone could not use the key, whose
+#: first column is the channel: a sequential scan. A plain join of the pairs could still be planned as a
+#: hash join over the whole table for a tick's few thousand addresses; a LATERAL subquery with LIMIT is
+#: always a nested loop of index probes (the key is unique, so LIMIT 1 changes no answer).
+_SUPPRESSED = text("""
+    SELECT k.channel, k.address_hash
+    FROM unnest(CAST(:channels AS text[]), CAST(:hashes AS text[])) AS k(channel, address_hash)
+    CROSS JOIN LATERAL (SELECT 1 FROM suppressions AS s
+                        WHERE s.channel = k.channel AND s.address_hash = k.address_hash LIMIT 1) AS hit""")
 
 
 class Store:
@@ -488,16 +501,16 @@ class Store:
 
     def suppressed(self, conn: Connection, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which (channel, address) pairs are suppressed, in one query."""
-        by_hash = {self.address_hash(c, a): (c, a) for c, a in pairs}
-        if not by_hash:
+        by_key = {(c, self.address_hash(c, a)): (c, a) for c, a in pairs}
+        if not by_key:
             return set()
-        if self.pg:  # one array parameter: the statement text stays the same for any number of addresses
-            found = conn.execute(text("SELECT address_hash FROM suppressions WHERE address_hash = ANY(:hashes)"),
-                                 {"hashes": list(by_hash)}).scalars().all()
-        else:
-            found = conn.execute(select(suppressions.c.address_hash).where(
-                suppressions.c.address_hash.in_(list(by_hash)))).scalars().all()
-        return {by_hash[h] for h in found}
+        if self.pg:  # two array parameters: the statement text stays the same for any number of addresses
+            found = conn.execute(_SUPPRESSED, {"channels": [c for c, _h in by_key],
+                                               "hashes": [h for _c, h in by_key]}).all()
+        else:  # row values: SQLite reads each pair from the primary key
+            found = conn.execute(select(suppressions.c.channel, suppressions.c.address_hash).where(
+                tuple_(suppressions.c.channel, suppressions.c.address_hash).in_(list(by_key)))).all()
+        return {by_key[(c, h)] for c, h in found}
 
     # -- personal data ----------------------------------------------------------------------------
 
@@ -664,29 +677,104 @@ __all__ = ["CANCELLED", "CONFIRMED", "ESCALATED", "PENDING", "SETTLED", "Cursor"
            "NewTransaction", "Scrub", "Store", "and_", "metrics_snapshot"]
 
 
+#: /metrics counts a table's rows exactly while PostgreSQL estimates it below this many rows; above, the
+#: settled statuses are estimated from the planner's statistics (see metrics_snapshot).
+EXACT_BELOW = 100_000
+#: The due steps waiting are counted up to this many: a larger backlog reads as this figure (the
+#: scheduler lag shows how far behind it is).
+DUE_COUNT_CAP = 10_000
+#: Provider latency is read from the newest 1000 sent deliveries (by id) among the newest this many.
+LATENCY_WINDOW = 20_000
+#: Statuses a delivery holds while it is in flight: always counted exactly (on the lease index).
+IN_FLIGHT = ("queued", "sending")
+
+
 def metrics_snapshot(store: Store, now: datetime) -> dict[str, Any]:
-    """Figures for /metrics, read from SQL so every process reports the same truth."""
+    """Figures for /metrics, read from SQL so every process reports the same truth, and read from indexes
+    or statistics so a scrape costs the same at a thousand rows or ten million:
+
+    - transactions by status, deliveries by (channel, status): exact while the table is small (below
+      ``EXACT_BELOW`` rows, and always on SQLite); on a larger PostgreSQL table the settled statuses are
+      ``pg_class.reltuples`` times their frequency in the planner's statistics (``pg_stats``, and the
+      (channel, status) MCV list of ``st_deliveries_channel_status``), as fresh as the last ANALYZE; the
+      live ones stay exact: pending transactions on ``ix_transactions_next_due_at`` (while fewer than
+      ``EXACT_BELOW``), queued and sending deliveries on the lease index;
+    - due steps waiting: counted on ``ix_transactions_next_due_at`` up to ``DUE_COUNT_CAP``;
+      the oldest due step: one index probe;
+    - retries: on ``ix_deliveries_retried`` (only deliveries tried more than once);
+    - provider latency: the newest 1000 sent deliveries (by id) among the newest ``LATENCY_WINDOW``."""
+    t, d = transactions.c, deliveries.c
+    due_rows = select(t.id).where(t.next_due_at <= now, t.status == PENDING).limit(DUE_COUNT_CAP).subquery()
     with store.engine.connect() as conn:
-        tx = conn.execute(select(transactions.c.status, func.count()).group_by(transactions.c.status)).all()
-        state = HELD_STATE.label("state")  # "held": waiting out quiet hours
-        dl = conn.execute(select(deliveries.c.channel, state, func.count())
-                          .group_by(deliveries.c.channel, state)).all()
-        due = conn.execute(select(func.count(), func.min(transactions.c.next_due_at)).where(
-            transactions.c.next_due_at <= now, transactions.c.status == PENDING)).one()
-        retries = conn.execute(select(deliveries.c.channel, func.sum(deliveries.c.attempts - 1))
-                               .where(deliveries.c.attempts > 1).group_by(deliveries.c.channel)).all()
-        recent = conn.execute(select(deliveries.c.channel, deliveries.c.started_at, deliveries.c.sent_at)
-                              .where(deliveries.c.sent_at.is_not(None), deliveries.c.started_at.is_not(None))
-                              .order_by(deliveries.c.sent_at.desc()).limit(1000)).all()
+        tx, dl = _status_counts(store, conn)
+        due_count, oldest_due, newest = conn.execute(select(  # three index probes, one round trip
+            select(func.count()).select_from(due_rows).scalar_subquery(),
+            select(func.min(t.next_due_at)).where(t.next_due_at <= now, t.status == PENDING).scalar_subquery(),
+            select(func.max(d.id)).scalar_subquery())).one()
+        retries = conn.execute(select(d.channel, func.sum(d.attempts - 1)).where(text("attempts > 1"))
+                               .group_by(d.channel)).all()
+        recent = conn.execute(select(d.channel, d.started_at, d.sent_at)  # backwards on the primary key, no sort
+                              .where(d.id > (newest or 0) - LATENCY_WINDOW, d.sent_at.is_not(None),
+                                     d.started_at.is_not(None))
+                              .order_by(d.id.desc()).limit(1000)).all()
     return {
-        "transactions": {s: n for s, n in tx},
-        "deliveries": {(c, s): n for c, s, n in dl},
-        "due_waiting": due[0] or 0,
-        "oldest_due": due[1],
+        "transactions": tx,
+        "deliveries": dl,
+        "due_waiting": due_count or 0,
+        "oldest_due": oldest_due,
         "retries": {c: int(n or 0) for c, n in retries},
-        # the provider call's duration, from the last 1000 sends (started = decided, sent = provider answered)
+        # the provider call's duration, from the newest 1000 sends (started = decided, sent = provider answered)
         "latencies": [(c, (sent - started).total_seconds()) for c, started, sent in recent],
     }
+
+
+def _status_counts(store: Store, conn: Connection) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """Transactions by status and deliveries by (channel, status): exact, or estimated on a large
+    PostgreSQL table (see metrics_snapshot)."""
+    t, d = transactions.c, deliveries.c
+    stats = _statistics(conn) if store.pg else {}
+    tx_rows, dl_rows = stats.get("transactions", -1), stats.get("deliveries", -1)
+    if tx_rows < EXACT_BELOW or stats["status"] is None:
+        tx = {s: n for s, n in conn.execute(select(t.status, func.count()).group_by(t.status))}
+    else:  # rows x each status's frequency in pg_stats
+        tx = {value: round(tx_rows * freq) for value, freq in zip(*stats["status"], strict=True)}
+        if tx.get(PENDING, 0) < EXACT_BELOW:  # the live ones, on the partial index of the scheduler's cursor
+            tx[PENDING] = conn.execute(select(func.count()).where(
+                t.next_due_at.is_not(None), t.status == PENDING)).scalar() or 0
+    if dl_rows < EXACT_BELOW or stats["channel_status"] is None:
+        state = HELD_STATE.label("state")  # "held": waiting out quiet hours
+        return tx, {(c, s): n for c, s, n in conn.execute(
+            select(d.channel, state, func.count()).group_by(d.channel, state))}
+    # rows x each (channel, status) pair's frequency in the MCV list of st_deliveries_channel_status
+    dl = {(pair[0], pair[1]): round(dl_rows * freq) for pair, freq in zip(*stats["channel_status"], strict=True)
+          if pair[1] not in IN_FLIGHT}
+    state = HELD_STATE.label("state")
+    dl.update({(c, s): n for c, s, n in conn.execute(
+        select(d.channel, state, func.count()).where(d.lease_until.is_not(None), d.status.in_(IN_FLIGHT))
+        .group_by(d.channel, state))})
+    return tx, dl
+
+
+_STATISTICS = text("""
+    SELECT (SELECT reltuples FROM pg_class WHERE oid = to_regclass('transactions')) AS transactions,
+           (SELECT reltuples FROM pg_class WHERE oid = to_regclass('deliveries')) AS deliveries,
+           s.most_common_vals::text::text[] AS status_values, s.most_common_freqs AS status_freqs,
+           x.most_common_vals AS pair_values, x.most_common_freqs AS pair_freqs
+    FROM (SELECT 1) AS one
+    LEFT JOIN pg_stats AS s ON s.schemaname = current_schema() AND s.tablename = 'transactions'
+                           AND s.attname = 'status'
+    LEFT JOIN pg_stats_ext AS x ON x.statistics_schemaname = current_schema() AND x.statistics_name = :name""")
+
+
+def _statistics(conn: Connection) -> dict[str, Any]:
+    """In one round trip, PostgreSQL's estimates (as of the last ANALYZE; -1 rows before the first): each
+    table's rows (``pg_class.reltuples``), the frequencies of ``transactions.status`` (``pg_stats``) and of
+    the (channel, status) pairs (the MCV list of ``st_deliveries_channel_status``, ``pg_stats_ext``)."""
+    row = conn.execute(_STATISTICS, {"name": DELIVERY_STATISTICS}).mappings().one()
+    return {"transactions": float(row["transactions"] if row["transactions"] is not None else -1),
+            "deliveries": float(row["deliveries"] if row["deliveries"] is not None else -1),
+            "status": (row["status_values"], row["status_freqs"]) if row["status_values"] is not None else None,
+            "channel_status": (row["pair_values"], row["pair_freqs"]) if row["pair_values"] is not None else None}
 
 
 def funnel_rows(store: Store, since: datetime | None, schedule: str | None) -> tuple[
@@ -712,3 +800,121 @@ def funnel_rows(store: Store, since: datetime | None, schedule: str | None) -> t
         txs = [dict(r) for r in conn.execute(select(*tx_cols).where(*scope)).mappings()]
         dls = [dict(r) for r in conn.execute(dl).mappings()]
     return txs, dls
+
+
+# -- the funnel, aggregated in the database ---------------------------------------------------------------
+
+#: Reminders that went out: the funnel's rows, in the words of ix_deliveries_funnel's predicate (so both
+#: databases can read that index), and the channels a reminder can go on.
+FUNNEL_ROWS = "d.kind = 'reminder' AND d.status IN ('sent', 'delivered') AND d.sent_at IS NOT NULL"
+REMINDER_CHANNELS = ("sms", "email", "push")
+
+#: Upper bounds (exclusive, seconds) of the time-to-confirm buckets but the last; see worker.stats.BUCKETS.
+HISTOGRAM_BOUNDS = (300, 900, 3600, 14400, 43200, 86400)
+
+
+def _seconds(pg: bool, later: str, earlier: str) -> str:
+    """SQL for ``later - earlier`` in seconds: exact on PostgreSQL; to the millisecond on SQLite (julianday)."""
+    if pg:
+        return f"CAST(EXTRACT(EPOCH FROM ({later} - {earlier})) AS double precision)"
+    return f"ROUND((julianday({later}) - julianday({earlier})) * 86400.0, 3)"
+
+
+def _median_sql(groups: str, value: str, source: str) -> str:
+    """Per ``groups``, the median of ``value`` over ``source`` (the mean of the two middle values for an even
+    count, as statistics.median), with window functions: SQLite has no percentile_cont."""
+    return f"""
+        SELECT {groups}, AVG(v) AS median FROM (
+            SELECT {groups}, {value} AS v,
+                   ROW_NUMBER() OVER (PARTITION BY {groups} ORDER BY {value}) AS rn,
+                   COUNT(*) OVER (PARTITION BY {groups}) AS n
+            FROM {source}) AS ranked
+        WHERE rn IN ((n + 1) / 2, (n + 2) / 2)
+        GROUP BY {groups}"""
+
+
+def funnel_figures(store: Store, since: datetime | None, schedule: str | None) -> dict[str, Any]:
+    """The funnel's figures, aggregated by the database (see worker.stats for the definitions): rows per
+    schedule, and per (schedule, step, variant), never per transaction, so the caller's memory does not
+    grow with the table. The window is ``created_at >= since`` on ix_transactions_created_at (on
+    PostgreSQL an index-only scan), and each transaction's sent reminders come from ix_deliveries_funnel.
+
+    Each (transaction, step, variant) that went out is a *unit*, with its first ``sent_at``; the units of
+    one transaction in order of (first sent, step, variant) give, with LEAD, the next unit's first sent: a
+    confirmation belongs to the unit with ``first_sent <= confirmed_at`` whose next one (if any) was first
+    sent after it, a cancellation or escalation to the last unit."""
+    pg = store.pg
+    scope = ["1 = 1"]
+    params: dict[str, Any] = {}
+    if since is not None:
+        scope.append("t.created_at >= :since")
+        params["since"] = since
+    if schedule is not None:
+        scope.append("t.schedule = :schedule")
+        params["schedule"] = schedule
+    where = " AND ".join(scope)
+    collate = ' COLLATE "C"' if pg else ""  # ties in first_sent are ordered by step and variant as Python does
+    in_scope = f"SELECT t.id, t.schedule, t.status, t.created_at, t.confirmed_at FROM transactions AS t WHERE {where}"
+    to_confirm = "c.seconds"  # computed once per row, in ``confirmed``
+    bucket = "CASE " + " ".join(f"WHEN {to_confirm} < {hi} THEN {i}" for i, hi in enumerate(HISTOGRAM_BOUNDS)) + \
+        f" ELSE {len(HISTOGRAM_BOUNDS)} END"
+    confirmed = (f"(SELECT s.schedule, {_seconds(pg, 's.confirmed_at', 's.created_at')} AS seconds "
+                 f"FROM ({in_scope}) AS s WHERE s.status = 'confirmed' AND s.confirmed_at IS NOT NULL) AS c")
+    per_channel = ", ".join(f"SUM(CASE WHEN d.channel = '{c}' THEN 1 ELSE 0 END) AS {c}" for c in REMINDER_CHANNELS)
+    attributed = ("u.status = 'confirmed' AND u.confirmed_at IS NOT NULL AND u.first_sent <= u.confirmed_at "
+                  "AND (u.next_sent IS NULL OR u.next_sent > u.confirmed_at)")
+    # One row per unit, grouped on the transaction's primary key (so its other columns come along without
+    # being grouped on), with the next unit's first sent from a window over the groups: one level, no CTE.
+    ordered = f"""
+        WITH ordered AS (
+            SELECT t.id AS transaction_id, t.schedule, t.status, t.confirmed_at, d.step, d.variant,
+                   MIN(d.sent_at) AS first_sent, {_seconds(pg, "MIN(d.sent_at)", "t.created_at")} AS first_offset,
+                   {per_channel}, SUM(CASE WHEN d.channel = 'sms' THEN d.segments END) AS segments,
+                   LEAD(MIN(d.sent_at)) OVER (PARTITION BY t.id ORDER BY MIN(d.sent_at), d.step{collate},
+                                              d.variant{collate}) AS next_sent
+            FROM transactions AS t JOIN deliveries AS d ON d.transaction_id = t.id
+            WHERE {where} AND {FUNNEL_ROWS}
+            GROUP BY t.id, d.step, d.variant)"""
+    seconds = f"CASE WHEN {attributed} THEN {_seconds(pg, 'u.confirmed_at', 'u.first_sent')} END"
+    figures = f"""
+        u.schedule, u.step, u.variant, COUNT(*) AS reached,
+        SUM(CASE WHEN {attributed} THEN 1 ELSE 0 END) AS confirmed_after,
+        SUM(CASE WHEN u.next_sent IS NULL AND u.status = 'cancelled' THEN 1 ELSE 0 END) AS cancelled,
+        SUM(CASE WHEN u.next_sent IS NULL AND u.status = 'escalated' THEN 1 ELSE 0 END) AS escalated,
+        {", ".join(f"SUM(u.{c}) AS {c}" for c in REMINDER_CHANNELS)}, SUM(u.segments) AS sms_segments,
+        MIN(u.first_offset) AS first_offset"""
+    if pg:  # one pass: the window's rows stream into the aggregate, medians included (NULLs are skipped)
+        steps = f"""{ordered}
+            SELECT {figures}, percentile_cont(0.5) WITHIN GROUP (ORDER BY {seconds}) AS median
+            FROM ordered AS u GROUP BY u.schedule, u.step, u.variant"""
+        schedule_median = (f"SELECT c.schedule, percentile_cont(0.5) WITHIN GROUP (ORDER BY {to_confirm}) AS median "
+                            f"FROM {confirmed} GROUP BY c.schedule")
+    else:
+        steps = f"""{ordered},
+            attributed AS (SELECT u.schedule, u.step, u.variant, {seconds} AS seconds FROM ordered AS u
+                           WHERE {attributed}),
+            medians AS ({_median_sql("schedule, step, variant", "seconds", "attributed")})
+            SELECT {figures}, MIN(m.median) AS median
+            FROM ordered AS u
+            LEFT JOIN medians AS m ON m.schedule = u.schedule AND m.step = u.step AND m.variant = u.variant
+            GROUP BY u.schedule, u.step, u.variant"""
+        schedule_median = _median_sql("schedule", "seconds", confirmed)
+    statements = {
+        "status": f"SELECT s.schedule, s.status, COUNT(*) AS n FROM ({in_scope}) AS s GROUP BY s.schedule, s.status",
+        "histogram": f"SELECT c.schedule, {bucket} AS bucket, COUNT(*) AS n FROM {confirmed} GROUP BY c.schedule, "
+                     f"{bucket}",
+        "median": schedule_median,
+        "steps": steps,
+    }
+    out: dict[str, Any] = {}
+    with store.engine.begin() as conn:
+        if pg:  # the window's sorts in memory, and no JIT (compiling costs more than it saves here), for
+            # this transaction only
+            conn.execute(text("SET LOCAL work_mem = '64MB'"))
+            conn.execute(text("SET LOCAL jit = off"))
+        for name, sql in statements.items():
+            stmt = text(sql)
+            if "since" in params:
+                stmt = stmt.bindparams(bindparam("since", type_=transactions.c.created_at.type))
+            out[name] = [dict(r) for r in conn.execute(stmt, params).mappings()]
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
     Boolean,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    event,
     func,
     text,
 )
@@ -89,6 +91,10 @@ transactions = Table(
         postgresql_where="next_due_at IS NOT NULL",
         sqlite_where="next_due_at IS NOT NULL",
     ),
+    # The funnel's window (the last 7 days by default): on PostgreSQL it carries every column the
+    # funnel reads, so the window is an index-only range scan.
+    Index("ix_transactions_created_at", "created_at",
+          postgresql_include=["id", "schedule", "status", "confirmed_at"]),
 )
 
 #: When a transaction settled (confirmed, cancelled, or escalated for review); NULL while pending.
@@ -130,6 +136,23 @@ deliveries = Table(
         sqlite_where="lease_until IS NOT NULL",
     ),
 )
+
+# The funnel reads, per transaction in its window, the reminders that went out: only those rows are in
+# the index, with every column it needs (PostgreSQL: an index-only scan per transaction).
+_FUNNEL_ROWS = text("kind = 'reminder' AND status IN ('sent', 'delivered') AND sent_at IS NOT NULL")
+Index("ix_deliveries_funnel", deliveries.c.transaction_id,
+      postgresql_include=["step", "variant", "channel", "sent_at", "segments"],
+      postgresql_where=_FUNNEL_ROWS, sqlite_where=_FUNNEL_ROWS)
+# /metrics' retries: only deliveries tried more than once are in it.
+_RETRIED = text("attempts > 1")
+Index("ix_deliveries_retried", deliveries.c.channel, postgresql_include=["attempts"],
+      postgresql_where=_RETRIED, sqlite_where=_RETRIED)
+#: PostgreSQL statistics on (channel, status) together: /metrics estimates the settled deliveries by
+#: channel and status from them on a large table (see repo.metrics_snapshot).
+DELIVERY_STATISTICS = "st_deliveries_channel_status"
+event.listen(deliveries, "after_create", DDL(
+    f"CREATE STATISTICS IF NOT EXISTS {DELIVERY_STATISTICS} (mcv) ON channel, status FROM deliveries"
+).execute_if(dialect="postgresql"))
 
 # Addresses that must not be used: an SMS STOP, an email unsubscribe or spam report, a push token
 # the provider reports unregistered. Keyed by a hash of (channel, address), so it holds across

@@ -15,7 +15,8 @@ from .security import check_scope
 
 
 class StoreCollector:
-    """Collects at scrape time from SQL: correct however many scheduler and worker processes run."""
+    """Collects at scrape time from SQL: correct however many scheduler and worker processes run. Every
+    figure reads an index or the planner's statistics, never a whole table (see store.metrics_snapshot)."""
 
     def __init__(self, remind: Remind) -> None:
         self.remind = remind
@@ -23,15 +24,18 @@ class StoreCollector:
     def collect(self):
         now = self.remind.store.clock()
         snap = metrics_snapshot(self.remind.store, now)
-        tx = GaugeMetricFamily("remind_transactions", "Transactions by status", labels=["status"])
+        tx = GaugeMetricFamily("remind_transactions", "Transactions by status (settled ones estimated on a large "
+                               "PostgreSQL table)", labels=["status"])
         for status in ("pending", "confirmed", "cancelled", "escalated"):
             tx.add_metric([status], snap["transactions"].get(status, 0))
         yield tx
-        dl = GaugeMetricFamily("remind_deliveries", "Deliveries by channel and outcome", labels=["channel", "status"])
+        dl = GaugeMetricFamily("remind_deliveries", "Deliveries by channel and outcome (finished ones estimated on a "
+                               "large PostgreSQL table)", labels=["channel", "status"])
         for (channel, status), n in sorted(snap["deliveries"].items()):
             dl.add_metric([channel, status], n)
         yield dl
-        yield GaugeMetricFamily("remind_due_steps_waiting", "Pending transactions whose next step is due",
+        yield GaugeMetricFamily("remind_due_steps_waiting",
+                                "Pending transactions whose next step is due (counted up to 10000)",
                                 value=snap["due_waiting"])
         lag = (now - snap["oldest_due"]).total_seconds() if snap["oldest_due"] else 0.0
         yield GaugeMetricFamily("remind_scheduler_lag_seconds", "Now minus the oldest due step", value=lag)
@@ -41,7 +45,7 @@ class StoreCollector:
             retries.add_metric([channel], n)
         yield retries
         latency = GaugeMetricFamily("remind_provider_latency_seconds",
-                                    "Provider call duration over the last 1000 sends", labels=["channel", "quantile"])
+                                    "Provider call duration over the newest 1000 sends", labels=["channel", "quantile"])
         by_channel: dict[str, list[float]] = {}
         for channel, seconds in snap["latencies"]:
             by_channel.setdefault(channel, []).append(seconds)

@@ -1,5 +1,9 @@
 """Ops views of the confirmation funnel: ``GET /v1/stats`` (JSON) and ``GET /ops`` (an HTML page).
 
+Both show the transactions created in the last 7 days unless ``since`` widens (or narrows) the window; the
+figures are aggregated by the database (worker.store.funnel_figures), so a request's memory in this process
+does not grow with the tables.
+
 The page is drawn on the server as inline SVG with inline styles and no script, so it passes the
 pages' strict CSP and needs nothing but a browser. Both need an ops token (REMIND_OPS_TOKEN), never
 the platform's: ``/v1/stats`` as a bearer header, ``/ops`` as the header or a session cookie set by
@@ -38,7 +42,7 @@ from .security import (
 NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
 Since = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL, description=(
     "Only transactions created at or after this: an ISO date/time (UTC unless it names a zone), "
-    "or a duration back from now such as 7d, 12h, 1d12h"))]
+    "or a duration back from now such as 7d, 12h, 30d. Default: the last 7 days; widen it for more"))]
 ScheduleName = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL,
                                            description="Only this schedule")]
 
@@ -88,7 +92,7 @@ class StatsView(BaseModel):
     """The confirmation funnel; definitions in docs/stats.md."""
 
     generated_at: str
-    since: str | None
+    since: str | None = Field(description="the window's start: the given since, else 7 days before generated_at")
     schedule: str | None
     schedules: list[ScheduleStats]
 
@@ -289,7 +293,7 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
   if data.since else 'All transactions' }}{{ ', schedule ' ~ data.schedule if data.schedule }}; generated
   {{ data.generated_at }}. Rates carry 95% Wilson intervals.</p>
 <form method="get" action="">
- <label>since <input name="since" value="{{ since }}" placeholder="7d or 2026-11-01"></label>
+ <label>since <input name="since" value="{{ since }}" placeholder="7d (default), 30d or 2026-11-01"></label>
  <label>schedule <input name="schedule" value="{{ data.schedule or '' }}" placeholder="all"></label>
  <button type="submit">Show</button>
 </form>
