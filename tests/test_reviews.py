@@ -108,9 +108,12 @@ def test_approve_and_decline_tell_the_customer_and_the_platform_who_decided(serv
     assert client.post("/v1/reviews/nope/approve", json=named, headers=OPS).status_code == 404
     missing = client.post("/v1/reviews/tx_d/approve", json={}, headers=OPS)
     assert missing.status_code == 422
-    # the funnel counts ops decisions apart from customer confirmations
     view = client.get("/v1/transactions/tx_d", headers=PLATFORM).json()
     assert view["settled_by"] == {"source": "ops", "actor": "Wang Fang"}
+    # the funnel counts an ops approval apart: reminders are judged by the customers' own confirmations
+    [funnel] = client.get("/v1/stats", params={"schedule": "risk_review"}, headers=OPS).json()["schedules"]
+    assert (funnel["confirmed"], funnel["approved"]) == ((0, 1) if action == "approve" else (0, 0))
+    assert funnel["confirmation_rate"]["value"] == 0 and all(s["confirmed_after"] == 0 for s in funnel["steps"])
 
 
 def test_the_cli_works_the_queue(tmp_path, monkeypatch):

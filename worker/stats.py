@@ -42,6 +42,9 @@ from .store import Store, funnel_figures
 DEFAULT_WINDOW = timedelta(days=7)
 Z95 = statistics.NormalDist().inv_cdf(0.975)  # 1.95996...
 CHANNEL_ORDER = ("sms", "email", "push")
+#: Final statuses as the funnel counts them: ``approved`` is a confirmation by ops after a risk review,
+#: kept apart from ``confirmed`` (the customers' own), which is what reminders are judged by.
+STATUSES = ("pending", "confirmed", "approved", "cancelled", "escalated")
 
 #: Time-to-confirm buckets (from created_at): label, lower bound inclusive, upper bound exclusive (seconds).
 BUCKETS: tuple[tuple[str, int, int | None], ...] = (
@@ -102,8 +105,7 @@ def assemble(figures: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The schedules' entries, by name, from the database's aggregates (see worker.store.funnel_figures)."""
     schedules: dict[str, dict[str, Any]] = {}
     for row in figures["status"]:
-        entry = schedules.setdefault(row["schedule"], {s: 0 for s in ("pending", "confirmed", "cancelled",
-                                                                      "escalated")})
+        entry = schedules.setdefault(row["schedule"], {s: 0 for s in STATUSES})
         entry[row["status"]] = entry.get(row["status"], 0) + int(row["n"])
     histogram: dict[str, list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
     for row in figures["histogram"]:
@@ -174,7 +176,7 @@ def summarize(txs: list[dict[str, Any]], dls: list[dict[str, Any]]) -> list[dict
 def _schedule(name: str, txs: list[dict[str, Any]], units: dict[str, dict[tuple[str, str], _Unit]]) -> dict:
     steps: dict[tuple[str, str], dict[str, Any]] = {}
     offsets: dict[str, float] = {}  # step -> earliest offset from created_at, to order the ladder
-    status = {s: 0 for s in ("pending", "confirmed", "cancelled", "escalated")}
+    status = {s: 0 for s in STATUSES}
     before_first, to_confirm = 0, []
     for tx in txs:
         status[tx["status"]] = status.get(tx["status"], 0) + 1
@@ -257,8 +259,10 @@ def to_text(stats: dict[str, Any]) -> str:
     if not stats["schedules"]:
         lines.append("no transactions")
     for s in stats["schedules"]:
+        approved = f", {s['approved']} approved by ops" if s.get("approved") else ""
         lines += ["", f"{s['schedule']}: {s['transactions']} transactions, {s['confirmed']} confirmed "
-                      f"{pct(s['confirmation_rate'])}, {s['cancelled']} cancelled, {s['escalated']} escalated, "
+                      f"{pct(s['confirmation_rate'])}{approved}, {s['cancelled']} cancelled, "
+                      f"{s['escalated']} escalated, "
                       f"{s['pending']} pending; median time to confirm {human(s['median_time_to_confirm_seconds'])}",
                   f"  {'step':<16}{'variant':<10}{'reached':>8}{'confirmed':>10}  {'rate [95% CI]':<22}"
                   f"{'median':>8}{'cancelled':>10}{'escalated':>10}  messages (sms segments)"]

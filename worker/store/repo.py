@@ -787,8 +787,10 @@ def funnel_rows(store: Store, since: datetime | None, schedule: str | None) -> t
         scope.append(transactions.c.created_at >= since)
     if schedule is not None:
         scope.append(transactions.c.schedule == schedule)
-    tx_cols = [transactions.c[n] for n in ("id", "schedule", "status", "created_at", "confirmed_at",
-                                           "cancelled_at", "escalated_at")]
+    tx_cols = [transactions.c[n] for n in ("id", "schedule", "created_at", "confirmed_at", "cancelled_at",
+                                           "escalated_at")]
+    tx_cols.append(case((and_(transactions.c.status == CONFIRMED, transactions.c.settled_source == "ops"),
+                         "approved"), else_=transactions.c.status).label("status"))
     d = deliveries.c
     keys = [d.transaction_id, d.step, d.variant, d.channel]
     figures = [func.count().label("messages"), func.min(d.sent_at).label("first_sent")]
@@ -808,6 +810,9 @@ def funnel_rows(store: Store, since: datetime | None, schedule: str | None) -> t
 #: databases can read that index), and the channels a reminder can go on.
 FUNNEL_ROWS = "d.kind = 'reminder' AND d.status IN ('sent', 'delivered') AND d.sent_at IS NOT NULL"
 REMINDER_CHANNELS = ("sms", "email", "push")
+#: A transaction's status as the funnel counts it: a confirmation by ops (a risk review's approval) is
+#: ``approved``, apart from the customers' confirmations, which the reminders are judged by.
+FUNNEL_STATUS = "CASE WHEN t.status = 'confirmed' AND t.settled_source = 'ops' THEN 'approved' ELSE t.status END"
 
 #: Upper bounds (exclusive, seconds) of the time-to-confirm buckets but the last; see worker.stats.BUCKETS.
 HISTOGRAM_BOUNDS = (300, 900, 3600, 14400, 43200, 86400)
@@ -854,7 +859,8 @@ def funnel_figures(store: Store, since: datetime | None, schedule: str | None) -
         params["schedule"] = schedule
     where = " AND ".join(scope)
     collate = ' COLLATE "C"' if pg else ""  # ties in first_sent are ordered by step and variant as Python does
-    in_scope = f"SELECT t.id, t.schedule, t.status, t.created_at, t.confirmed_at FROM transactions AS t WHERE {where}"
+    in_scope = (f"SELECT t.id, t.schedule, {FUNNEL_STATUS} AS status, t.created_at, t.confirmed_at "
+                f"FROM transactions AS t WHERE {where}")
     to_confirm = "c.seconds"  # computed once per row, in ``confirmed``
     bucket = "CASE " + " ".join(f"WHEN {to_confirm} < {hi} THEN {i}" for i, hi in enumerate(HISTOGRAM_BOUNDS)) + \
         f" ELSE {len(HISTOGRAM_BOUNDS)} END"
@@ -867,7 +873,7 @@ def funnel_figures(store: Store, since: datetime | None, schedule: str | None) -
     # being grouped on), with the next unit's first sent from a window over the groups: one level, no CTE.
     ordered = f"""
         WITH ordered AS (
-            SELECT t.id AS transaction_id, t.schedule, t.status, t.confirmed_at, d.step, d.variant,
+            SELECT t.id AS transaction_id, t.schedule, {FUNNEL_STATUS} AS status, t.confirmed_at, d.step, d.variant,
                    MIN(d.sent_at) AS first_sent, {_seconds(pg, "MIN(d.sent_at)", "t.created_at")} AS first_offset,
                    {per_channel}, SUM(CASE WHEN d.channel = 'sms' THEN d.segments END) AS segments,
                    LEAD(MIN(d.sent_at)) OVER (PARTITION BY t.id ORDER BY MIN(d.sent_at), d.step{collate},

@@ -94,7 +94,7 @@ transactions = Table(
     # The funnel's window (the last 7 days by default): on PostgreSQL it carries every column the
     # funnel reads, so the window is an index-only range scan.
     Index("ix_transactions_created_at", "created_at",
-          postgresql_include=["id", "schedule", "status", "confirmed_at"]),
+          postgresql_include=["id", "schedule", "status", "confirmed_at", "settled_source"]),
 )
 
 #: When a transaction settled (confirmed, cancelled, or escalated for review); NULL while pending.

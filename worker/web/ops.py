@@ -78,7 +78,8 @@ class ScheduleStats(BaseModel):
     schedule: str
     transactions: int
     pending: int
-    confirmed: int
+    confirmed: int = Field(description="confirmed by the customer (link, or the platform's API)")
+    approved: int = Field(0, description="confirmed by ops after a risk review: apart from the customers'")
     cancelled: int
     escalated: int
     confirmed_before_first_step: int
@@ -305,7 +306,10 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
  {% if s %}
  <div class="kpis">
   <div class="kpi"><b>{{ s.transactions }}</b><span>transactions</span></div>
-  <div class="kpi"><b>{{ s.confirmed }}</b><span>confirmed · {{ pct(s.confirmation_rate) }}</span></div>
+  <div class="kpi"><b>{{ s.confirmed }}</b><span>confirmed by customers · {{ pct(s.confirmation_rate) }}</span></div>
+  {% if s.approved %}
+  <div class="kpi"><b>{{ s.approved }}</b><span>approved by ops (not counted as confirmed)</span></div>
+  {% endif %}
   <div class="kpi"><b>{{ s.cancelled }}</b><span>cancelled</span></div>
   <div class="kpi"><b>{{ s.escalated }}</b><span>escalated</span></div>
   <div class="kpi"><b>{{ s.pending }}</b><span>pending</span></div>

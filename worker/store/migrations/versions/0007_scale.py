@@ -22,7 +22,7 @@ _STATISTICS = "st_deliveries_channel_status"
 #: name, table, columns, options
 _INDEXES = (
     ("ix_transactions_created_at", "transactions", ["created_at"],
-     {"postgresql_include": ["id", "schedule", "status", "confirmed_at"]}),
+     {"postgresql_include": ["id", "schedule", "status", "confirmed_at", "settled_source"]}),
     ("ix_deliveries_funnel", "deliveries", ["transaction_id"],
      {"postgresql_include": ["step", "variant", "channel", "sent_at", "segments"],
       "postgresql_where": _FUNNEL_ROWS, "sqlite_where": _FUNNEL_ROWS}),
