@@ -83,6 +83,10 @@ def test_twilio_undelivered_falls_back_to_email(setup):
     reminder = entries(h, "reminder")
     assert reminder["sms"]["status"] == "failed" and "30003" in reminder["sms"]["reason"]
     assert reminder["email"]["status"] == "sent" and reminder["email"]["reason"].startswith("fallback: sms failed")
+    # the audit trail keeps what the provider said, when, and about which message
+    [line] = [x for x in h.remind.show("tx_1")["history"] if x["source"] == "provider"]
+    assert (line["action"], line["actor"], line["note"]) == ("undelivered", "twilio", "reminder sms (error 30003)")
+    assert line["at"] == h.clock().isoformat().replace("+00:00", "Z")
 
 
 def test_an_inbound_stop_turns_sms_off_for_later_steps(setup):
@@ -131,6 +135,9 @@ def test_a_sendgrid_bounce_fails_the_email_and_an_unsubscribe_stops_email(setup,
     email = entries(h, "final_warning")["email"]
     assert email["status"] == "failed" and "l***@e***.com" in email["reason"]
     assert "li.wei@example.com" not in email["reason"]
+    history = [(x["action"], x["actor"], x["note"]) for x in h.remind.show("tx_1")["history"]]
+    assert ("bounce", "sendgrid", "final_warning email") in history
+    assert "li.wei@example.com" not in str(history)
     h.remind.register(transaction("tx_2", created_at=(h.clock() - timedelta(minutes=35)).isoformat(),
                                   customer={"segment": "new"}))
     h.tick()  # new_customer's guide goes by email + push: email is now off for this customer
@@ -201,6 +208,10 @@ def test_an_early_undelivered_callback_falls_back_once_the_sid_is_written(make_h
     reminder = entries(h, "reminder")
     assert reminder["sms"]["status"] == "failed" and "30003" in reminder["sms"]["reason"]
     assert reminder["email"]["status"] == "sent" and reminder["email"]["reason"].startswith("fallback: sms failed")
+    # the audit trail keeps what the provider said, when, and about which message
+    [line] = [x for x in h.remind.show("tx_1")["history"] if x["source"] == "provider"]
+    assert (line["action"], line["actor"], line["note"]) == ("undelivered", "twilio", "reminder sms (error 30003)")
+    assert line["at"] == h.clock().isoformat().replace("+00:00", "Z")
 
 
 def test_a_kept_callback_is_applied_by_the_sweep_when_the_worker_stopped_before_looking(setup):
