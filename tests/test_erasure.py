@@ -85,6 +85,11 @@ def test_the_api_erases_a_customer_and_keeps_amounts_statuses_and_the_timeline(h
     # the pending one is cancelled: nobody can be reminded, and later ticks send it nothing
     tx_1 = h.remind.show("tx_1")
     assert tx_1["status"] == "cancelled" and tx_1["status_reason"] == "customer_request"
+    h.clock.advance(seconds=3)  # the feed stays 2 s behind on PostgreSQL
+    [event] = [e for e in h.remind.events() if e["data"]["id"] == "tx_1"]  # the platform hears of it too
+    assert (event["type"], event["data"]["source"], event["data"]["reason"]) == (
+        "transaction.cancelled", "platform", "customer_request")
+    assert "Li Wei" not in str(event) and "+8613800138000" not in str(event)
     sent = len(h.lines("tx_1"))
     h.at(hours=20, minutes=1).tick()
     h.at(hours=25).tick()
