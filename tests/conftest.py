@@ -12,10 +12,12 @@ import pytest
 from fakes import FcmFake, SendGridFake, TwilioFake
 from sqlalchemy import text
 from support import (
+    HOOK_SECRET,
     PG_ADMIN_URL,
     REDIS_URL,
     Clock,
     Harness,
+    Platform,
     folder_digest,
     make_settings,
     reset_database,
@@ -155,3 +157,27 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- the platform's side, for events and reviews --------------------------------------------------------
+
+@pytest.fixture
+def hooks() -> Iterator[Platform]:
+    """The platform's webhook endpoint (verifies every signature; ``down`` makes it answer 503)."""
+    p = Platform()
+    yield p
+    p.server.shutdown()
+
+
+@pytest.fixture
+def service(make_harness, hooks):
+    """A service with a platform URL and platform/ops tokens, and an HTTP client on its app (https: the
+    /ops cookie is Secure)."""
+    from starlette.testclient import TestClient
+
+    from worker.web.app import create_app
+
+    h = make_harness(platform_webhook_url=hooks.url, webhook_secret=HOOK_SECRET, api_tokens="plat-token",
+                     ops_tokens="ops-token")
+    with TestClient(create_app(h.remind), base_url="https://testserver") as client:
+        yield h, client

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from standardwebhooks.webhooks import Webhook
 
 from worker.broker import InProcessWorker
 from worker.service import Remind
@@ -182,3 +183,26 @@ def serve_platform(answer):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_port}/hooks"
+
+
+#: The Standard Webhooks secret the events tests sign with.
+HOOK_SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
+
+
+class Platform:
+    """The platform's webhook endpoint: verifies each signature; ``down`` answers 503."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self.down = False
+        self.server, self.url = serve_platform(self.answer)
+
+    def answer(self, body: bytes, headers: dict) -> int:
+        if self.down:
+            return 503
+        payload = Webhook(HOOK_SECRET).verify(body, headers)
+        self.received.append({"webhook_id": headers["webhook-id"], **payload})
+        return 204
+
+    def types(self) -> list[tuple[str, str | None, str | None]]:
+        return [(e["type"], e["data"]["source"], e["data"]["actor"]) for e in self.received]

@@ -7,50 +7,11 @@ import json
 import re
 from datetime import timedelta
 
-import pytest
-from standardwebhooks.webhooks import Webhook
 from starlette.testclient import TestClient
-from support import T0, serve_platform, transaction
+from support import T0, transaction
 
-from worker.web.app import create_app
-
-SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 PLATFORM = {"Authorization": "Bearer plat-token"}
 OPS = {"Authorization": "Bearer ops-token"}
-
-
-class Platform:
-    """The platform's webhook endpoint: verifies each signature; ``down`` answers 503."""
-
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        self.down = False
-        self.server, self.url = serve_platform(self.answer)
-
-    def answer(self, body: bytes, headers: dict) -> int:
-        if self.down:
-            return 503
-        payload = Webhook(SECRET).verify(body, headers)
-        self.received.append({"webhook_id": headers["webhook-id"], **payload})
-        return 204
-
-    def types(self) -> list[tuple[str, str | None, str | None]]:
-        return [(e["type"], e["data"]["source"], e["data"]["actor"]) for e in self.received]
-
-
-@pytest.fixture
-def platform():
-    p = Platform()
-    yield p
-    p.server.shutdown()
-
-
-@pytest.fixture
-def service(make_harness, platform):
-    h = make_harness(platform_webhook_url=platform.url, webhook_secret=SECRET, api_tokens="plat-token",
-                     ops_tokens="ops-token")
-    with TestClient(create_app(h.remind)) as client:
-        yield h, client
 
 
 def register(client: TestClient, tx_id: str, **overrides) -> None:
@@ -64,7 +25,7 @@ def link_of(h, tx_id: str) -> str:
     return re.search(r"https?://\S+/c/\S+", line["body"]).group(0).split("/c/", 1)[1]
 
 
-def test_every_outcome_is_an_event_naming_its_source(service, platform):
+def test_every_outcome_is_an_event_naming_its_source(service, hooks):
     h, client = service
     for tx_id in ("tx_link", "tx_api", "tx_cancel", "tx_late"):
         register(client, tx_id)
@@ -79,11 +40,11 @@ def test_every_outcome_is_an_event_naming_its_source(service, platform):
     h.drain()
     h.at(hours=30).tick()  # tx_late's deadline: cancelled; tx_risk's: escalated
     h.drain()
-    assert sorted(platform.types()) == sorted([
+    assert sorted(hooks.types()) == sorted([
         ("transaction.confirmed", "customer", None), ("transaction.confirmed", "platform", None),
         ("transaction.cancelled", "platform", None), ("transaction.cancelled", "deadline", None),
         ("transaction.escalated", "deadline", None)])
-    by_tx = {e["data"]["id"]: e for e in platform.received}
+    by_tx = {e["data"]["id"]: e for e in hooks.received}
     assert by_tx["tx_cancel"]["data"]["reason"] == "compliance"
     assert by_tx["tx_late"]["data"]["reason"] == "not_confirmed"
     data = by_tx["tx_api"]["data"]
@@ -96,9 +57,9 @@ def test_every_outcome_is_an_event_naming_its_source(service, platform):
     assert history[0]["at"] == (T0 + timedelta(hours=2, minutes=1)).isoformat().replace("+00:00", "Z")
 
 
-def test_a_platform_down_for_hours_catches_up_through_the_feed_and_loses_nothing(service, platform):
+def test_a_platform_down_for_hours_catches_up_through_the_feed_and_loses_nothing(service, hooks):
     h, client = service
-    platform.down = True
+    hooks.down = True
     for n in range(5):
         register(client, f"tx_{n}", expires_at=(T0 + timedelta(hours=1)).isoformat())
     assert client.post("/v1/transactions/tx_0/confirm", headers=PLATFORM).status_code == 200
@@ -107,9 +68,9 @@ def test_a_platform_down_for_hours_catches_up_through_the_feed_and_loses_nothing
     for minutes in range(5, 6 * 60, 15):  # six hours down: retries keep failing, nothing is dropped
         h.at(hours=2, minutes=minutes).tick()
     h.drain()
-    assert platform.received == []
+    assert hooks.received == []
     # back up: the platform reads what it missed, oldest first, page by page, with each delivery status
-    platform.down = False
+    hooks.down = False
     seen, after = [], None
     while True:
         page = client.get("/v1/events", params={"limit": 2, **({"after": after} if after else {})}, headers=PLATFORM)
@@ -126,11 +87,11 @@ def test_a_platform_down_for_hours_catches_up_through_the_feed_and_loses_nothing
     # and the retries deliver each one by themselves (the same webhook-id as in the feed)
     h.at(hours=9).tick()
     h.drain()
-    assert sorted(e["webhook_id"] for e in platform.received) == sorted(e["id"] for e in seen)
+    assert sorted(e["webhook_id"] for e in hooks.received) == sorted(e["id"] for e in seen)
     assert client.get("/v1/events", params={"status": "failed"}, headers=OPS).json()["events"] == []
 
 
-def test_resend_an_event_by_id_and_bad_input_is_named(service, platform):
+def test_resend_an_event_by_id_and_bad_input_is_named(service, hooks):
     h, client = service
     register(client, "tx_r")
     client.post("/v1/transactions/tx_r/confirm", headers=PLATFORM)
@@ -141,14 +102,14 @@ def test_resend_an_event_by_id_and_bad_input_is_named(service, platform):
     resent = client.post(f"/v1/events/{event['id']}/resend", headers=PLATFORM)
     assert resent.status_code == 200 and resent.json() == {"resent": [event["id"]]}
     h.drain()
-    assert [e["webhook_id"] for e in platform.received] == [event["id"], event["id"]]
+    assert [e["webhook_id"] for e in hooks.received] == [event["id"], event["id"]]
     assert client.post("/v1/events/evt_999999/resend", headers=OPS).status_code == 404
     bad = client.get("/v1/events", params={"after": "tx_1"}, headers=OPS)
     assert bad.status_code == 422 and "after" in bad.json()["problems"]
     assert client.get("/v1/events", headers={"Authorization": "Bearer nope"}).status_code == 401
 
 
-def test_a_cancel_through_the_api_tells_the_customer_why_and_the_old_link_says_so(service, platform):
+def test_a_cancel_through_the_api_tells_the_customer_why_and_the_old_link_says_so(service, hooks):
     h, client = service
     register(client, "tx_c")
     h.at(hours=2, minutes=1).tick()

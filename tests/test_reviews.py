@@ -10,29 +10,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
-from starlette.testclient import TestClient
-from support import ROOT, T0, serve_platform, transaction
-from test_events import OPS, PLATFORM, SECRET, Platform, register
+from support import HOOK_SECRET, ROOT, T0, serve_platform, transaction
+from test_events import OPS, PLATFORM, register
 
 from worker.cli import main
 from worker.service import Remind
 from worker.settings import Settings
-from worker.web.app import create_app
-
-
-@pytest.fixture
-def platform():
-    p = Platform()
-    yield p
-    p.server.shutdown()
-
-
-@pytest.fixture
-def service(make_harness, platform):
-    h = make_harness(platform_webhook_url=platform.url, webhook_secret=SECRET, api_tokens="plat-token",
-                     ops_tokens="ops-token")
-    with TestClient(create_app(h.remind), base_url="https://testserver") as client:  # the cookie is Secure
-        yield h, client
 
 
 def escalate(h, client, *tx_ids: str) -> None:
@@ -59,7 +42,7 @@ def test_the_queue_lists_escalated_transactions_oldest_first_with_what_was_sent(
                                  "action": "escalated", "source": "deadline", "actor": None, "note": None}]
 
 
-def test_contact_asks_the_customer_who_can_then_confirm_by_the_link(service, platform):
+def test_contact_asks_the_customer_who_can_then_confirm_by_the_link(service, hooks):
     h, client = service
     escalate(h, client, "tx_v")
     token_before = next(m.group(1) for line in h.lines("tx_v") if (m := re.search(r"/c/(\S+)", line["body"])))
@@ -79,12 +62,12 @@ def test_contact_asks_the_customer_who_can_then_confirm_by_the_link(service, pla
     assert view["status"] == "confirmed" and view["settled_by"] == {"source": "customer", "actor": None}
     actions = [(x["action"], x["source"], x["actor"], x["note"]) for x in view["history"]]
     assert ("contacted", "ops", "Wang Fang", "called twice") in actions and actions[-1][:2] == ("confirmed", "customer")
-    assert [t for t in platform.types() if t[0] != "transaction.escalated"] == [
+    assert [t for t in hooks.types() if t[0] != "transaction.escalated"] == [
         ("review.contacted", "ops", "Wang Fang"), ("transaction.confirmed", "customer", None)]
 
 
 @pytest.mark.parametrize("action", ["approve", "decline"])
-def test_approve_and_decline_tell_the_customer_and_the_platform_who_decided(service, platform, action):
+def test_approve_and_decline_tell_the_customer_and_the_platform_who_decided(service, hooks, action):
     h, client = service
     escalate(h, client, "tx_d")
     body = {"actor": "Wang Fang", **({"reason": "compliance"} if action == "decline" else {})}
@@ -96,7 +79,7 @@ def test_approve_and_decline_tell_the_customer_and_the_platform_who_decided(serv
     step = "approve" if action == "approve" else "cancel"
     told = {line["channel"] for line in h.lines("tx_d") if line["step"] == step}
     assert told >= {"sms", "email"}  # the escalation's channels
-    event = platform.received[-1]
+    event = hooks.received[-1]
     assert (event["type"], event["data"]["source"], event["data"]["actor"]) == (f"transaction.{status}", "ops",
                                                                                  "Wang Fang")
     assert event["data"]["reason"] == ("compliance" if action == "decline" else None)
@@ -122,7 +105,7 @@ def test_the_cli_works_the_queue(tmp_path, monkeypatch):
     server, url = serve_platform(lambda body, headers: received.append(json.loads(body)["type"]) or 204)
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"),
            "REMIND_TEMPLATES_DIR": str(ROOT / "templates"), "REMIND_OUTBOX": str(tmp_path / "out.jsonl"),
-           "REMIND_PLATFORM_WEBHOOK_URL": url, "REMIND_WEBHOOK_SECRET": SECRET}
+           "REMIND_PLATFORM_WEBHOOK_URL": url, "REMIND_WEBHOOK_SECRET": HOOK_SECRET}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("REDIS_URL", raising=False)
@@ -148,7 +131,7 @@ def test_the_cli_works_the_queue(tmp_path, monkeypatch):
     server.shutdown()
 
 
-def test_the_review_page_under_ops_lists_the_queue_and_acts_with_a_name(service, platform):
+def test_the_review_page_under_ops_lists_the_queue_and_acts_with_a_name(service, hooks):
     h, client = service
     escalate(h, client, "tx_page")
     assert client.get("/ops/reviews", follow_redirects=False).status_code == 303  # not signed in
@@ -165,4 +148,4 @@ def test_the_review_page_under_ops_lists_the_queue_and_acts_with_a_name(service,
     assert view["status"] == "cancelled" and view["status_reason"] == "compliance"
     assert view["history"][-1]["note"] == "<b>no</b>"  # kept as written; the page escapes it
     h.drain()
-    assert platform.received[-1]["data"]["actor"] == "Wang Fang"
+    assert hooks.received[-1]["data"]["actor"] == "Wang Fang"
