@@ -58,6 +58,7 @@ def test_verdicts_in_words():
     assert more["control"] == more["variant"] == needed_per_arm(30.5 / 101)["always_valid"]["control"] - 100
     assert undecided["text"] == f"no difference yet (needs ~{-(-more['control'] // 100) * 100:,} more per arm)"
     assert "more on A" in compare((30, 100), (99, 300))["text"]  # uneven arms: each arm's own number
+    assert "more per arm" in compare((30, 100), (40, 110))["text"]  # nearly even: one number
     same = compare((3000, 10000), (3020, 10000))
     assert (same["verdict"], same["text"]) == ("no difference", "no difference of 5 pts or more")
     assert abs(same["difference"]["low"]) < 0.05 and same["difference"]["high"] < 0.05
@@ -289,11 +290,15 @@ def test_a_real_difference_through_the_store_and_the_cli(make_harness, tmp_path,
     assert as_json["schedules"] == report(r.store, schedule="ab", schedules=r.registry)["schedules"]
     text = CliRunner().invoke(main, ["experiments", "--since", "2026-11-24"])
     assert text.exit_code == 0, text.output
-    assert "ab / nudge: control plain" in text.output
-    line = next(x for x in text.output.splitlines() if x.startswith("  short vs plain:"))
+    assert "  nudge: control plain, transactions created 2026-11-25T09:00:00Z to" in text.output
+    line = next(x for x in text.output.splitlines() if x.startswith("    short vs plain:"))
     assert line.endswith("short better")
     assert "locale zh-CN: short vs plain" in text.output
-    assert "no step with two or more variants" in CliRunner().invoke(
-        main, ["experiments", "--since", "2030-01-01"]).output
+    row = next(x for x in text.output.splitlines() if x.startswith("  nudge") and "plain" in x).split()
+    p = expected["plain"]
+    assert row[:4] + row[5:8] == ["nudge", "plain", str(n_plain), str(p["customer"]), str(p["ops"]),
+                                  str(p["platform"]), "0"]
+    assert row[9:] == ["5m", "[5m-5m]"]
+    assert "no transactions" in CliRunner().invoke(main, ["experiments", "--since", "2030-01-01"]).output
     bad = CliRunner().invoke(main, ["experiments", "--since", "a while"])
     assert bad.exit_code == 2 and "--since" in bad.output

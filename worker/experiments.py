@@ -183,9 +183,10 @@ def _round_up(n: int) -> int:
 
 
 def _more_text(more: dict[str, int], name_a: str, name_b: str) -> str:
+    """One number when the arms are within a quarter of each other (the larger), else each arm's."""
     a, b = _round_up(more["control"]), _round_up(more["variant"])
-    if a == b:
-        return f"{a:,} more per arm"
+    if max(a, b) <= 1.25 * min(a, b):
+        return f"{max(a, b):,} more per arm"
     return f"{a:,} more on {name_a}, {b:,} more on {name_b}"
 
 
@@ -286,7 +287,8 @@ def arm_figures(variant: str, rows: Sequence[Outcome]) -> dict[str, Any]:
     for r in rows:
         counts[r.outcome] += 1
     decided = len(rows) - counts["open"]
-    times = sorted(r.seconds_to_confirm for r in rows if r.outcome == "confirmed_by_customer")
+    times = sorted(r.seconds_to_confirm for r in rows
+                   if r.outcome == "confirmed_by_customer" and r.seconds_to_confirm is not None)
     quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) >= 2 else times * 3
     return {"variant": variant, "reached": len(rows), "decided": decided, **counts,
             "customer_rate": counts["confirmed_by_customer"] / decided if decided else None,
@@ -391,32 +393,35 @@ def _comparison_line(c: dict[str, Any]) -> str:
 
 
 def to_text(data: dict[str, Any]) -> str:
+    """Every step's outcomes per variant (customer confirmations apart from the rest), and where a step has
+    variants, each one against the control, overall and by segment, locale and channels."""
     m = data["method"]
     scope = f"since {data['since']}" if data["since"] else "all time"
     lines = [f"variant comparison, {scope}" + (f", schedule {data['schedule']}" if data["schedule"] else ""),
              f"success = confirmed by the customer; always-valid {1 - m['alpha']:.0%} intervals (mSPRT), "
              f"MDE {_pts(m['mde'])}, power {m['power']:.0%}"]
-    shown = 0
+    if not data["schedules"]:
+        lines += ["", "no transactions"]
     for s in data["schedules"]:
+        lines += ["", f"{s['schedule']}",
+                  f"  {'step':<16}{'variant':<12}{'decided':>8}{'customer':>9}{'rate':>8}{'ops':>5}{'platform':>9}"
+                  f"{'other':>6}{'open':>6}  time to confirm: median [p25-p75]"]
         for st in s["steps"]:
-            if not st["comparisons"]:
-                continue
-            shown += 1
-            c = st["concurrent"]
-            lines += ["", f"{s['schedule']} / {st['step']}: control {st['control']}, compared from {c['from']}"
-                      + (f" ({c['left_out']} not concurrent, left out)" if c["left_out"] else ""),
-                      f"  {'variant':<12}{'decided':>8}{'customer':>9}{'rate':>8}{'ops':>5}{'platform':>9}"
-                      f"{'cancelled':>10}{'open':>6}  time to confirm (median [p25-p75])"]
             for a in st["variants"]:
                 t = a["time_to_confirm_seconds"]
                 rate = f"{a['customer_rate']:.1%}" if a["customer_rate"] is not None else "-"
-                lines.append(f"  {a['variant']:<12}{a['decided']:>8}{a['confirmed_by_customer']:>9}{rate:>8}"
-                             f"{a['confirmed_by_ops']:>5}{a['confirmed_by_platform']:>9}{a['cancelled']:>10}"
-                             f"{a['open']:>6}  {human(t['median'])} [{human(t['p25'])}-{human(t['p75'])}]")
-            lines += [f"  {_comparison_line(cmp)}" for cmp in st["comparisons"]]
+                lines.append(f"  {st['step']:<16}{a['variant']:<12}{a['decided']:>8}{a['confirmed_by_customer']:>9}"
+                             f"{rate:>8}{a['confirmed_by_ops']:>5}{a['confirmed_by_platform']:>9}"
+                             f"{a['confirmed_other']:>6}{a['open']:>6}  "
+                             f"{human(t['median'])} [{human(t['p25'])}-{human(t['p75'])}]")
+        for st in s["steps"]:
+            if not st["comparisons"]:
+                continue
+            c = st["concurrent"]
+            lines += ["", f"  {st['step']}: control {st['control']}, transactions created {c['from']} to {c['to']}"
+                      + (f" ({c['left_out']} outside, not compared)" if c["left_out"] else "")]
+            lines += [f"    {_comparison_line(cmp)}" for cmp in st["comparisons"]]
             for dim, cells in st["breakdowns"].items():
                 for cell in cells:
-                    lines += [f"    {dim} {cell['value']}: {_comparison_line(cmp)}" for cmp in cell["comparisons"]]
-    if not shown:
-        lines += ["", "no step with two or more variants"]
+                    lines += [f"      {dim} {cell['value']}: {_comparison_line(cmp)}" for cmp in cell["comparisons"]]
     return "\n".join(lines)
