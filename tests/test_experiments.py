@@ -298,7 +298,7 @@ def test_a_real_difference_through_the_store_and_the_cli(make_harness, tmp_path,
     p = expected["plain"]
     assert row[:4] + row[5:8] == ["nudge", "plain", str(n_plain), str(p["customer"]), str(p["ops"]),
                                   str(p["platform"]), "0"]
-    assert row[9:] == ["5m", "[5m-5m]"]
+    assert row[8:] == ["0", "0", "0", "5m", "[5m-5m]"]  # other, cancelled, escalated, open, time to confirm
     assert "no transactions" in CliRunner().invoke(main, ["experiments", "--since", "2030-01-01"]).output
     bad = CliRunner().invoke(main, ["experiments", "--since", "a while"])
     assert bad.exit_code == 2 and "--since" in bad.output

@@ -405,15 +405,16 @@ def to_text(data: dict[str, Any]) -> str:
     for s in data["schedules"]:
         lines += ["", f"{s['schedule']}",
                   f"  {'step':<16}{'variant':<12}{'decided':>8}{'customer':>9}{'rate':>8}{'ops':>5}{'platform':>9}"
-                  f"{'other':>6}{'open':>6}  time to confirm: median [p25-p75]"]
+                  f"{'other':>6}{'cancelled':>10}{'escalated':>10}{'open':>6}  time to confirm: median [p25-p75]"]
         for st in s["steps"]:
             for a in st["variants"]:
                 t = a["time_to_confirm_seconds"]
                 rate = f"{a['customer_rate']:.1%}" if a["customer_rate"] is not None else "-"
                 lines.append(f"  {st['step']:<16}{a['variant']:<12}{a['decided']:>8}{a['confirmed_by_customer']:>9}"
                              f"{rate:>8}{a['confirmed_by_ops']:>5}{a['confirmed_by_platform']:>9}"
-                             f"{a['confirmed_other']:>6}{a['open']:>6}  "
-                             f"{human(t['median'])} [{human(t['p25'])}-{human(t['p75'])}]")
+                             f"{a['confirmed_other']:>6}{a['cancelled']:>10}{a['escalated']:>10}{a['open']:>6}  "
+                             + (f"{human(t['median'])} [{human(t['p25'])}-{human(t['p75'])}]"
+                                if t["median"] is not None else "-"))
         for st in s["steps"]:
             if not st["comparisons"]:
                 continue
