@@ -64,6 +64,7 @@ def test_verdicts_in_words():
     assert abs(same["difference"]["low"]) < 0.05 and same["difference"]["high"] < 0.05
     empty = compare((0, 0), (0, 0))
     assert empty["verdict"] == "too few" and empty["difference"]["value"] is None
+    assert compare((0, 0), (5, 10), min_per_arm=0)["verdict"] == "too few"  # no control at all
     json.dumps([small, undecided, same, empty])  # JSON-ready
 
 

@@ -158,7 +158,7 @@ def compare(control: tuple[int, int], variant: tuple[int, int], *, alpha: float 
         out["difference"] = {"value": d, "low": max(-1.0, d - half), "high": min(1.0, d + half)}
         out["p_value"] = min(1.0, math.exp(-_log_lambda(d, v, mde)))
     low, high = out["difference"]["low"], out["difference"]["high"]
-    if min(n_a, n_b) < min_per_arm:
+    if low is None or high is None or min(n_a, n_b) < min_per_arm:
         verdict = "too few"
         text = f"too few yet (under {min_per_arm} decided per arm; needs ~{_more_text(more, name_a, name_b)})"
     elif low > 0:
