@@ -45,8 +45,11 @@ rate so far, at the current split between the arms): the smallest sample where `
 (Cohen's arcsine effect size, the formula of statsmodels' ``NormalIndPower``); it is smaller, but is only
 valid if nobody acts on a look before it.
 
-Everything below ``report`` is a pure function of rows or counts; ``compare`` is the one the tests feed
-with simulated daily counts.
+The guarantee is asymptotic: it rests on the normal approximation with the variance estimated from the data
+(hence ``min_per_arm``); tests/test_experiments.py checks it by simulation at the sizes this service sees.
+
+Everything but ``report`` (which reads the store) is a pure function of rows or counts; ``compare`` is the
+one the tests feed with simulated daily counts.
 """
 
 from __future__ import annotations
