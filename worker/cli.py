@@ -238,6 +238,27 @@ def schedules_preview(name: str, tx_file, locale: str | None, as_json: bool) -> 
     click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False) if as_json else to_text(result))
 
 
+@main.command()
+@click.option("--since", default=None,
+              help="Transactions created since: an ISO date/time or a duration (30d). Default: all time.")
+@click.option("--schedule", default=None, help="Only this schedule.")
+@click.option("--mde", type=click.FloatRange(0.001, 0.5), default=0.05, show_default=True,
+              help="Minimum detectable effect, a difference in confirmation rate (0.05 = 5 points).")
+@click.option("--alpha", type=click.FloatRange(0.0001, 0.5), default=0.05, show_default=True,
+              help="Chance of ever declaring a winner that is not, however often you look.")
+@click.option("--json", "as_json", is_flag=True, help="JSON (worker.experiments.report).")
+def experiments(since: str | None, schedule: str | None, mde: float, alpha: float, as_json: bool) -> None:
+    """A/B variants against the control, valid under daily looks (method: docs/stats.md)."""
+    from .experiments import report, to_text
+
+    remind = _remind()
+    try:
+        data = report(remind.store, since=since, schedule=schedule, schedules=remind.registry, mde=mde, alpha=alpha)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False) if as_json else to_text(data))
+
+
 @main.group()
 def tx() -> None:
     """Transactions."""
