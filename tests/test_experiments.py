@@ -12,11 +12,13 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from starlette.testclient import TestClient
 from support import ROOT, T0, transaction
 
 from worker.cli import main
 from worker.experiments import Outcome, attribute, choose_control, compare, needed_per_arm, report, summarize
 from worker.ladder.plan import choose_variant
+from worker.web.app import create_app
 
 # -- the statistics, on counts --------------------------------------------------------------------------------
 
@@ -221,7 +223,7 @@ def test_a_real_difference_through_the_store_and_the_cli(make_harness, tmp_path,
     folder = tmp_path / "schedules"
     folder.mkdir()
     (folder / "ab.yaml").write_text(AB)
-    h = make_harness(schedules_dir=folder)
+    h = make_harness(schedules_dir=folder, ops_tokens="ops-token", api_tokens="plat-token")
     r = h.remind
     step = r.registry.get("ab").steps[0]
     arms: dict[str, list[str]] = {"plain": [], "short": []}
@@ -279,6 +281,15 @@ def test_a_real_difference_through_the_store_and_the_cli(make_harness, tmp_path,
     assert [c["value"] for c in nudge["breakdowns"]["channels"]] == ["push"]
     assert final["comparisons"] == [] and final["variants"][0]["cancelled"] > 0
     json.dumps(data)
+    # the same over HTTP, for ops only
+    with TestClient(create_app(r)) as client:
+        assert client.get("/v1/experiments", headers={"Authorization": "Bearer plat-token"}).status_code == 403
+        over_http = client.get("/v1/experiments", params={"schedule": "ab"},
+                               headers={"Authorization": "Bearer ops-token"})
+        assert over_http.status_code == 200
+        assert over_http.json()["schedules"] == report(r.store, schedule="ab", schedules=r.registry)["schedules"]
+        assert client.get("/v1/experiments", params={"since": "a while"},
+                          headers={"Authorization": "Bearer ops-token"}).status_code == 422
 
     settings = r.settings
     monkeypatch.chdir(tmp_path)

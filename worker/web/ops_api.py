@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import AlreadySettled, ConfigError, InvalidInput, NotFound
+from ..experiments import report
 from ..ladder import parse_duration
 from ..service import Remind
 from .api import FORBIDDEN, TxId, error
@@ -112,7 +113,23 @@ def router(remind: Remind) -> APIRouter:
             return error(422, "invalid", "name the events", problems={"ids": "give ids, or failed: true"})
         return await resend(remind, body.ids, failed=body.failed)
 
+    experiments = APIRouter(prefix="/v1/experiments", dependencies=[Depends(ops_only)], responses=common,
+                            tags=["stats"])
+
+    @experiments.get("", summary="Variants against their control: always-valid intervals and verdicts")
+    async def compare(since: Annotated[str | None, Query(min_length=1, max_length=64, description=(
+                          "A fixed start keeps the verdict valid under daily looks: an ISO date, or 30d"))] = None,
+                      schedule: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+                      mde: Annotated[float, Query(gt=0, lt=1)] = 0.05,
+                      alpha: Annotated[float, Query(gt=0, lt=0.5)] = 0.05):
+        try:
+            return JSONResponse(await run_in_threadpool(lambda: report(
+                remind.store, since=since, schedule=schedule, schedules=remind.registry, mde=mde, alpha=alpha)))
+        except ValueError as exc:
+            return error(422, "invalid", "some fields are invalid", problems={"since": str(exc)})
+
     api = APIRouter()
+    api.include_router(experiments)
     api.include_router(reviews)
     api.include_router(events)
     return api
