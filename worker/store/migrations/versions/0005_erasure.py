@@ -20,8 +20,15 @@ _HOLDS_PERSONAL_DATA = sa.text("erased_at IS NULL AND coalesce(confirmed_at, can
 
 def upgrade() -> None:
     op.add_column("transactions", sa.Column("erased_at", UTCDateTime))
-    op.create_index("ix_transactions_retention", "transactions", [_SETTLED_AT],
-                    postgresql_where=_HOLDS_PERSONAL_DATA, sqlite_where=_HOLDS_PERSONAL_DATA)
+    if op.get_bind().dialect.name != "postgresql":
+        op.create_index("ix_transactions_retention", "transactions", [_SETTLED_AT], sqlite_where=_HOLDS_PERSONAL_DATA)
+        return
+    # Built CONCURRENTLY: a plain CREATE INDEX would block every write to transactions (registrations,
+    # confirmations, the tick) for as long as it takes on a large table.
+    with op.get_context().autocommit_block():
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_transactions_retention")  # a failed build's leftover
+        op.create_index("ix_transactions_retention", "transactions", [_SETTLED_AT], postgresql_concurrently=True,
+                        postgresql_where=_HOLDS_PERSONAL_DATA)
 
 
 def downgrade() -> None:
