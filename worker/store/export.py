@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import case, func, select
 
 from .repo import Store
 from .tables import deliveries, transactions
@@ -75,7 +75,7 @@ def export_rows(store: Store, *, since: datetime | None = None, until: datetime 
         phones: dict[str, str | None] = {}
         for i in range(0, len(unknown), 500):
             chunk = unknown[i:i + 500]
-            for tx_id, content in conn.execute(select(t.id, t.content).where(and_(t.id.in_(chunk)))):
+            for tx_id, content in conn.execute(select(t.id, t.content).where(t.id.in_(chunk))):
                 phones[tx_id] = ((content or {}).get("customer") or {}).get("phone")
     for g in groups:
         g["went_out"] = int(g["went_out"] or 0)
