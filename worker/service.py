@@ -183,8 +183,9 @@ class Remind:
         return pricing
 
     def reload(self) -> None:
-        """Load schedules and templates again; on ConfigError the running ones stay in use. In production a
-        schedule may only use channels whose provider credentials are set, as at start (``check_channels``)."""
+        """Load schedules, templates and the price table again (all or nothing); on ConfigError the running
+        ones stay in use. In production a schedule may only use channels whose provider credentials are set,
+        as at start (``check_channels``)."""
         registry, templates = load_config(self.settings)
         pricing = load_pricing(self.settings.pricing_file)
         try:
