@@ -186,13 +186,21 @@ def schedules() -> None:
 def schedules_check() -> None:
     """Validate every schedule and template; exit non-zero naming file, line and field."""
     from .ladder import format_duration
+    from .pricing import load_pricing
     from .service import load_config
 
     settings = _folders(_settings())
+    problems: list[str] = []
     try:
         registry, templates = load_config(settings)
     except ConfigError as exc:
-        for problem in exc.problems:
+        problems += exc.problems
+    try:
+        pricing = load_pricing(settings.pricing_file)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        for problem in problems:
             click.echo(f"error: {problem}", err=True)
         sys.exit(1)
     for s in registry:
@@ -200,6 +208,9 @@ def schedules_check() -> None:
         click.echo(f"ok  {s.name} (priority {s.priority}): {ladder}; {s.final.action} at "
                    f"{format_duration(s.final.after)}")
     click.echo(f"templates: {', '.join(templates.locales)}")
+    click.echo(f"prices: {pricing.currency}, SMS {len(pricing.sms_by_code)} calling codes + default "
+               f"({settings.pricing_file})" if pricing.available else
+               f"prices: none ({settings.pricing_file} does not exist: costs are shown as null)")
     from .preview import sms_budget_warnings
 
     for warning in sms_budget_warnings(templates, settings.sms_segment_budget, settings):
@@ -482,10 +493,26 @@ def events_resend(event_ids: tuple[str, ...], failed: bool) -> None:
               "30d (default: the last 7 days).")
 @click.option("--schedule", default=None, help="Only this schedule.")
 @click.option("--json", "as_json", is_flag=True, help="The same JSON as GET /v1/stats.")
-def stats(since: str | None, schedule: str | None, as_json: bool) -> None:
+@click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True,
+              help="csv/json: the export, one row per schedule, step, variant and segment, with costs "
+                   "(the CSV of GET /v1/stats.csv).")
+def stats(since: str | None, schedule: str | None, as_json: bool, fmt: str) -> None:
     """The confirmation funnel per schedule, step and variant (definitions: docs/stats.md)."""
     from .stats import funnel, to_text
 
+    if fmt != "text":
+        if as_json:
+            raise click.UsageError("--json is the funnel as GET /v1/stats; --format csv|json is the export: "
+                                   "use one of them")
+        from .export import export, to_csv
+
+        remind = _remind()
+        try:
+            rows = export(remind.store, remind.pricing, since=since, schedule=schedule)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--since") from None
+        click.echo(to_csv(rows) if fmt == "csv" else json.dumps(rows, indent=2, ensure_ascii=False), nl=fmt != "csv")
+        return
     try:
         data = funnel(_remind().store, since=since, schedule=schedule)
     except ValueError as exc:

@@ -22,6 +22,7 @@ from .inflight import Gather, ProviderSlots, SendPool, Unlimited
 from .links import confirm_url
 from .masking import mask_recipient
 from .outcomes import Outcomes
+from .pricing import calling_code
 from .render import Templates, facts_for
 from .senders import OutgoingMessage, Sender
 from .sms import segments
@@ -361,7 +362,8 @@ class Deliverer:
         keep = d["reason"] if d["reason"] and not d["reason"].startswith("retrying") else None
         billed = sum(segments(m.body).segments for m in messages) if d["channel"] == "sms" else None
         sent = {"id": d["id"], "status": "sent", "sent_at": now, "lease_until": None, "reason": keep,
-                "segments": billed, "provider_id": next((p for p in provider_ids if p), None)}
+                "segments": billed, "provider_id": next((p for p in provider_ids if p), None),
+                "country_code": calling_code(messages[0].recipient) if billed is not None and messages else None}
         log.info("sent %s %s to %s · %s", d["step"], d["channel"],
                  ", ".join(mask_recipient(m.channel, m.recipient) for m in messages) or "-", d["transaction_id"])
         return "sent", sent, None

@@ -27,6 +27,7 @@ from .ingest import Line, Transaction, differing_fields, parse_transaction
 from .ladder import CHANNELS, Registry, Schedule, format_duration, load_dir, slots
 from .masking import mask_recipient
 from .outcomes import Outcomes
+from .pricing import Pricing, file_signature, load_pricing
 from .render import Templates
 from .scheduler import Scheduler, TickResult
 from .senders import Sender, check_channels, describe, senders_from_settings
@@ -110,11 +111,13 @@ class Remind:
     """The service. Holds the last good schedules and templates; ``reload`` swaps them only when valid."""
 
     def __init__(self, settings: Settings, store: Store, registry: Registry, templates: Templates,
-                 senders: Mapping[str, Sender]) -> None:
+                 senders: Mapping[str, Sender], pricing: Pricing | None = None) -> None:
         self.settings = settings
         self.store = store
         self._registry = registry
         self._templates = templates
+        self._pricing = pricing if pricing is not None else Pricing.none()
+        self._said_no_pricing = False
         self._config_lock = threading.Lock()
         #: What the last hot reload did, for /readyz and /metrics.
         self.config_state: dict[str, Any] = {"ok": True, "error": None, "failures": 0, "at": None, "signature": None}
@@ -149,13 +152,14 @@ class Remind:
         if not settings.secret_key and not settings.production:
             settings = settings.with_secret()  # development: a key generated once; production processes check theirs
         registry, templates = load_config(settings)
+        pricing = load_pricing(settings.pricing_file)
         engine = make_engine(settings.database_url)
         if migrate:
             upgrade(engine)
         store = Store(engine, clock=clock)
         chosen = {**senders_from_settings(settings, clock=store.clock), **(senders or {})}
         log.debug("senders: %s", describe(chosen))
-        return cls(settings, store, registry, templates, chosen)
+        return cls(settings, store, registry, templates, chosen, pricing)
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -167,16 +171,30 @@ class Remind:
     def templates(self) -> Templates:
         return self._templates
 
+    @property
+    def pricing(self) -> Pricing:
+        """The last good price table (REMIND_PRICING_FILE); ``Pricing.none()`` when there is no file, which
+        the first report asking for it says in the logs (once, and once again after a reload loses it)."""
+        pricing = self._pricing
+        if not pricing.available and not self._said_no_pricing:
+            self._said_no_pricing = True
+            log.info("no price table at %s (REMIND_PRICING_FILE): message costs are shown as null",
+                     self.settings.pricing_file)
+        return pricing
+
     def reload(self) -> None:
-        """Load schedules and templates again; on ConfigError the running ones stay in use. In production a
-        schedule may only use channels whose provider credentials are set, as at start (``check_channels``)."""
+        """Load schedules, templates and the price table again (all or nothing); on ConfigError the running
+        ones stay in use. In production a schedule may only use channels whose provider credentials are set,
+        as at start (``check_channels``)."""
         registry, templates = load_config(self.settings)
+        pricing = load_pricing(self.settings.pricing_file)
         try:
             check_channels(self.settings, registry.channels())
         except SettingsError as exc:
             raise ConfigError([f"{self.settings.schedules_dir}: {exc}"]) from None
         with self._config_lock:
-            self._registry, self._templates = registry, templates
+            self._registry, self._templates, self._pricing = registry, templates, pricing
+            self._said_no_pricing = self._said_no_pricing and not pricing.available
 
     def _config_signature(self) -> tuple:
         files = []
@@ -185,6 +203,7 @@ class Remind:
                 if path.is_file():
                     stat = path.stat()
                     files.append((str(path), stat.st_mtime_ns, stat.st_size))
+        files.append(file_signature(self.settings.pricing_file) or (str(self.settings.pricing_file), "missing"))
         return tuple(files)
 
     def reload_if_changed(self, *, reschedule: bool = False) -> bool | None:

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, alias="REDIS_URL")
     schedules_dir: Path = Field(Path("schedules"), alias="REMIND_SCHEDULES_DIR")
     templates_dir: Path = Field(Path("templates"), alias="REMIND_TEMPLATES_DIR")
+    #: Message prices (worker/pricing.py); a missing file means no costs (reports show null).
+    pricing_file: Path = Field(Path("pricing.yaml"), alias="REMIND_PRICING_FILE")
     outbox: Path = Field(Path("outbox.jsonl"), alias="REMIND_OUTBOX")
     #: Sinks for channels without provider credentials. Unset: outbox,console in development, none in production.
     dev_sender: str | None = Field(None, alias="REMIND_DEV_SENDER")

@@ -128,6 +128,7 @@ deliveries = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Column("provider_id", String(128), index=True),
     Column("segments", Integer),  # SMS segments billed (GSM-7 / UCS-2), for the funnel
+    Column("country_code", Integer),  # an SMS's destination calling code (86, 1), for its price
     UniqueConstraint("transaction_id", "step", "channel", name="uq_deliveries_tx_step_channel"),
     Index(
         "ix_deliveries_lease_until",

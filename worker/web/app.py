@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Unavailable
 from ..service import Remind
-from . import api, health, ops, ops_api, pages, provider_hooks, review_page
+from . import api, export_api, health, ops, ops_api, pages, provider_hooks, review_page
 from .security import BodyLimit, SecurityHeaders
 
 log = logging.getLogger("remind.web")
@@ -69,6 +69,7 @@ def create_app(remind: Remind) -> FastAPI:
     app.include_router(pages.router(remind))
     app.include_router(health.router(remind))
     app.include_router(provider_hooks.router(remind))
+    app.include_router(export_api.router(remind))  # before ops: it serves /v1/stats?format=csv
     app.include_router(ops.router(remind))
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -1,0 +1,83 @@
+"""Rows for the cost figures and the stats export (worker/export.py): plain SQL, no attribution.
+
+Three queries at most: the transactions in scope; their customer messages the provider accepted
+(``sent_at`` set: reminders and notices, not platform webhooks), grouped per (transaction, kind, step,
+variant, channel, destination calling code); and, only for SMS sent before migration 0008 recorded
+the calling code, those transactions' phones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, func, select
+
+from .repo import Store
+from .tables import deliveries, transactions
+
+#: Delivery statuses of a message that went out (the funnel's "reached").
+WENT_OUT = ("sent", "delivered")
+#: Channels that message a customer (and cost money); ``webhook`` rows are the platform's.
+CUSTOMER_CHANNELS = ("sms", "email", "push")
+
+
+def _scope(since: datetime | None, until: datetime | None, schedule: str | None,
+           ids: Iterable[str] | None) -> list:
+    t = transactions.c
+    where = []
+    if since is not None:
+        where.append(t.created_at >= since)
+    if until is not None:
+        where.append(t.created_at < until)
+    if schedule is not None:
+        where.append(t.schedule == schedule)
+    if ids is not None:
+        where.append(t.id.in_(list(ids)))
+    return where
+
+
+def export_rows(store: Store, *, since: datetime | None = None, until: datetime | None = None,
+                schedule: str | None = None, ids: Iterable[str] | None = None) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]], dict[str, str | None]]:
+    """(transactions, message groups, phones).
+
+    - transactions created in [since, until) (and on ``schedule``, or among ``ids``): id, schedule,
+      segment, status, created_at, confirmed_at, settled_source;
+    - their customer messages the provider accepted, per (transaction_id, kind, step, variant, channel,
+      country_code): ``messages``, ``first_sent`` (the earliest ``sent_at`` among those still sent or
+      delivered, None when every one was later reported failed), ``went_out`` (how many are still sent
+      or delivered), ``segments`` (sum of the recorded SMS segments, None when none were recorded) and
+      ``billed_segments`` (a row without a count bills 1 segment);
+    - ``customer.phone`` of the transactions with an SMS whose calling code was not recorded (None
+      when it was erased since)."""
+    scope = _scope(since, until, schedule, ids)
+    t, d = transactions.c, deliveries.c
+    tx_cols = [t.id, t.schedule, t.segment, t.status, t.created_at, t.confirmed_at, t.settled_source]
+    keys = [d.transaction_id, d.kind, d.step, d.variant, d.channel, d.country_code]
+    went_out = d.status.in_(WENT_OUT)
+    figures = [
+        func.count().label("messages"),
+        func.min(case((went_out, d.sent_at))).label("first_sent"),
+        func.sum(case((went_out, 1), else_=0)).label("went_out"),
+        func.sum(d.segments).label("segments"),
+        func.sum(func.coalesce(d.segments, 1)).label("billed_segments"),
+    ]
+    grouped = (select(*keys, *figures).select_from(deliveries.join(transactions))
+               .where(d.kind.in_(("reminder", "notice")), d.channel.in_(CUSTOMER_CHANNELS),
+                      d.sent_at.is_not(None), *scope)
+               .group_by(*keys))
+    with store.engine.connect() as conn:
+        txs = [dict(r) for r in conn.execute(select(*tx_cols).where(*scope)).mappings()]
+        groups = [dict(r) for r in conn.execute(grouped).mappings()]
+        unknown = sorted({g["transaction_id"] for g in groups if g["channel"] == "sms" and g["country_code"] is None})
+        phones: dict[str, str | None] = {}
+        for i in range(0, len(unknown), 500):
+            chunk = unknown[i:i + 500]
+            for tx_id, content in conn.execute(select(t.id, t.content).where(t.id.in_(chunk))):
+                phones[tx_id] = ((content or {}).get("customer") or {}).get("phone")
+    for g in groups:
+        g["went_out"] = int(g["went_out"] or 0)
+        g["billed_segments"] = int(g["billed_segments"] or 0)
+    return txs, groups, phones
