@@ -9,10 +9,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import whatif as whatif_model
 from .ladder import Schedule, load_file
 from .stats import parse_since
 from .store import history_rows
-from .whatif import DRAWS, PricingLike, backtest, records, whatif
+from .whatif import PricingLike, backtest, records, whatif
 
 if TYPE_CHECKING:
     from .service import Remind
@@ -37,12 +38,13 @@ def pricing_for(remind: Remind) -> PricingLike | None:
 
 
 def run(remind: Remind, proposed: Schedule, *, since: str | datetime | None = "30d", schedule: str | None = None,
-        with_backtest: bool = False, pricing: PricingLike | None = None, draws: int = DRAWS,
+        with_backtest: bool = False, pricing: PricingLike | None = None, draws: int | None = None,
         now: datetime | None = None) -> dict[str, Any]:
     """The what-if of ``proposed`` on the settled transactions of ``schedule`` (default: the proposed
     schedule's name) created since ``since``. Raises ValueError for a ``since`` it cannot read, or a period
     with nothing to fit or replay."""
     now = now or remind.store.clock()
+    draws = draws or whatif_model.DRAWS
     start = parse_since(since, now) if isinstance(since, str) else since
     name = schedule or proposed.name
     txs, dls = history_rows(remind.store, start, now)
