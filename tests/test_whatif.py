@@ -108,6 +108,8 @@ def test_the_backtest_error_is_small(full):
     assert bt["fitted_on"]["transactions"] + bt["predicted"]["transactions"] == 2000
     low, high = bt["prediction_interval"]["low"], bt["prediction_interval"]["high"]
     assert low <= bt["actual_rate"]["value"] <= high
+    text = model.to_text(full)
+    assert "backtest: fitted on 1" in text and "within the interval" in text and "error " in text
 
 
 def test_the_cli_prints_both_columns(env, monkeypatch):
