@@ -212,9 +212,9 @@ def test_only_customer_confirmations_are_events_and_other_settlements_censor():
     txs = [tx(0, "confirmed", "customer", hours(3)), tx(1, "confirmed", "platform", hours(3)),
            tx(2, "cancelled", "ops", hours(5)), tx(3, "cancelled", "deadline", hours(24)),
            tx(4, "pending", None, None), tx(5, "escalated", "deadline", hours(24)),
-           tx(6, "confirmed", "ops", hours(30))]
+           tx(6, "confirmed", "ops", hours(30)), tx(7, "confirmed", "customer", hours(1), deadline=hours(72))]
     recs = {r.id: r for r in records(txs, [], T0 + timedelta(days=2))}
-    assert "t4" not in recs  # still pending: left out
+    assert "t4" not in recs and "t7" not in recs  # still pending, or its deadline still to come: left out
     assert recs["t0"].confirmed_at == hours(3) and recs["t0"].end == hours(3)
     assert recs["t1"].confirmed_at is None and recs["t1"].external_at == hours(3)  # platform: censored
     assert recs["t2"].external_at == hours(5) and recs["t2"].end == hours(5)

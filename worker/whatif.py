@@ -16,7 +16,7 @@ for the others) keeps a cell without any confirmation finite; its pull is neglig
 
 Only customer confirmations (``settled_source = 'customer'``) before the deadline are events. A
 settlement by the platform, the CLI or ops ends (censors) the follow-up at its time; a deadline cancel
-or escalation at the deadline. Transactions still pending are left out.
+or escalation at the deadline. Transactions still pending, or whose deadline is still to come, are left out.
 
 **The replay.** Each transaction of the period gets the proposed ladder's send times from the planner
 (``ladder.slots``: quiet hours in the customer's zone, steps after the deadline dropped), its channels
@@ -73,8 +73,8 @@ ASSUMPTIONS = (
     "contacts allow (the step's fallback applied; opt-outs are not known to the replay)",
     "messages, SMS segments and cost count reminders only (as `remind stats`); SMS segments per message are the "
     "recorded average of the same template (and locale) over the period",
-    "transactions still pending are left out; the model is fitted on every settled transaction of the period "
-    "(all schedules), the replay is of the chosen schedule's transactions",
+    "transactions still pending or whose deadline is still to come are left out; the model is fitted on every "
+    "settled transaction of the period (all schedules), the replay is of the chosen schedule's transactions",
 )
 
 
@@ -131,13 +131,14 @@ def _channel_key(c: str) -> tuple[int, str]:
 
 
 def records(txs: Sequence[Mapping[str, Any]], dls: Sequence[Mapping[str, Any]], now: datetime) -> list[Record]:
-    """Settled transactions (see worker.store.history_rows) as Records; pending ones are left out."""
+    """Transactions whose deadline has passed by ``now`` (see worker.store.history_rows) as Records; pending ones
+    and ones whose deadline is still to come are left out (among those, only the quick confirmations are in)."""
     by_tx: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for d in dls:
         by_tx[d["transaction_id"]].append(d)
     out = []
     for tx in txs:
-        if tx["status"] == "pending":
+        if tx["status"] == "pending" or tx["deadline"] > now:  # not over yet: only quick confirmations would count
             continue
         settled = tx["confirmed_at"] or tx["cancelled_at"] or tx["escalated_at"]
         if settled is None:
@@ -338,7 +339,10 @@ def fit(recs: Sequence[Record], *, base_bins: Sequence[float] = BASE_BINS,
     X = np.zeros((len(rows), len(columns)))
     for i, cols in enumerate(rows):
         X[i, cols] = 1.0
-    result = GLM(np.asarray(y), X, family=Poisson(), offset=np.log(np.asarray(exposure))).fit()
+    try:
+        result = GLM(np.asarray(y), X, family=Poisson(), offset=np.log(np.asarray(exposure))).fit()
+    except (np.linalg.LinAlgError, FloatingPointError) as exc:
+        raise ValueError(f"the model could not be fitted on this period: {exc}") from None
     return Model(columns=columns, beta=np.asarray(result.params), cov=np.asarray(result.cov_params()),
                  reference_segment=reference, base_bins=tuple(base_bins), since_bins=tuple(since_bins),
                  transactions=len(recs), events=events, hours=total_hours, kinds=dict(kinds))
