@@ -4,7 +4,6 @@ pricing comes from."""
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,14 +25,13 @@ def load_proposed(path: Path, remind: Remind) -> Schedule:
 
 
 def pricing_for(remind: Remind) -> PricingLike | None:
-    """The price list, when worker.pricing exists and its file (REMIND_PRICING_FILE, default pricing.yaml)
-    does; None otherwise (costs are then reported as null)."""
+    """The price list, when worker.pricing exists and its file does (``Settings.pricing_file`` once it has one,
+    i.e. REMIND_PRICING_FILE; default pricing.yaml); None otherwise (costs are then reported as null)."""
     try:
         from .pricing import load_pricing  # type: ignore[import-not-found]
     except ImportError:
         return None
-    path = Path(getattr(remind.settings, "pricing_file", None) or os.environ.get("REMIND_PRICING_FILE")
-                or "pricing.yaml")
+    path = Path(getattr(remind.settings, "pricing_file", None) or "pricing.yaml")  # REMIND_PRICING_FILE
     return load_pricing(path) if path.exists() else None
 
 
