@@ -21,7 +21,7 @@ from worker.cli import main
 from worker.service import Remind
 from worker.store import Store, make_engine, upgrade
 from worker.web.app import create_app
-from worker.whatif import Record, Reminder, actual, pieces, predict, records
+from worker.whatif import Record, actual, pieces, predict, records
 
 TOKEN = "whatif-ops-token"
 
@@ -116,10 +116,10 @@ def test_the_backtest_error_is_small(full):
 
 def test_the_cli_prints_both_columns(env, monkeypatch):
     monkeypatch.setattr(model, "DRAWS", 60)  # the layout, not the precision
-    result = run(str(env["tmp"] / "proposals" / "standard.yaml"), "--since", "40d")
+    result = run(str(env["tmp"] / "proposals" / "standard.yaml"), "--since", "12d")  # the last 10 days of it
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "what-if: standard" in out and "2000 settled transactions of schedule standard" in out
+    assert "what-if: standard" in out and "settled transactions of schedule standard since 2026-11-13" in out
     header = next(line for line in out.splitlines() if "current (actual)" in line)
     assert "proposed (expected) [95% interval]" in header
     for figure in ("customer confirmation rate", "median time to confirm", "sms messages", "email messages",
@@ -164,7 +164,7 @@ def test_ops_whatif_page(env, tmp_path, monkeypatch):
         page = client.get("/ops/whatif", headers=auth)
         assert page.status_code == 200 and "<textarea" in page.text and "<script" not in page.text
         assert "script-src" not in page.headers["content-security-policy"]
-        ok = client.post("/ops/whatif", headers=auth, data={"schedule_yaml": LADDER_B, "since": "40d"})
+        ok = client.post("/ops/whatif", headers=auth, data={"schedule_yaml": LADDER_B, "since": "12d"})
         assert ok.status_code == 200, ok.text
         assert "current (actual)" in ok.text and "customer confirmation rate" in ok.text
         assert "settled transactions of schedule <strong>standard</strong>" in ok.text
@@ -247,7 +247,7 @@ class FlatPricing:
 
 def test_cost_goes_through_the_pricing_protocol(history):
     recs = records(*_rows(history), T0)
-    fitted = model.fit(recs)
+    fitted = model.fit(recs[:600])
     figures = predict(fitted, history["b"], recs[:300], pricing=FlatPricing(), draws=20,
                       segments_per_sms=model.segment_table(recs))
     segments = figures["sms_segments"]
@@ -257,7 +257,6 @@ def test_cost_goes_through_the_pricing_protocol(history):
     spent = actual(recs[:300], FlatPricing())
     assert Decimal(spent["cost"]) == (Decimal("0.04") * spent["sms_segments"] + Decimal("0.001") * spent["messages"][
         "email"]).quantize(Decimal("0.01"))
-    assert Reminder  # the history's reminders are what the model reads
 
 
 def _rows(history):
