@@ -270,6 +270,38 @@ def experiments(since: str | None, schedule: str | None, mde: float, alpha: floa
     click.echo(json.dumps(data, indent=2, ensure_ascii=False) if as_json else to_text(data))
 
 
+@schedules.command("whatif")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--since", default="30d", show_default=True,
+              help="Replay transactions created since: a duration back from now (30d) or an ISO date/time.")
+@click.option("--schedule", "schedule_name", default=None,
+              help="Whose recorded transactions to replay (default: the name in FILE).")
+@click.option("--backtest", "with_backtest", is_flag=True,
+              help="Also fit on the first half of the period and predict the second half under the schedule "
+                   "that ran, with the error.")
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON.")
+def schedules_whatif(file: Path, since: str, schedule_name: str | None, with_backtest: bool, as_json: bool) -> None:
+    """Replay the period's settled transactions under the ladder in FILE: expected messages, SMS segments,
+    cost, customer confirmation rate and median time to confirm, beside the current schedule's actual
+    figures (model and assumptions: docs/whatif.md)."""
+    from .whatif import to_text
+    from .whatif_run import load_proposed, pricing_for, run
+
+    remind = _remind()
+    try:
+        proposed = load_proposed(file, remind)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(1)
+    try:
+        result = run(remind, proposed, since=since, schedule=schedule_name, with_backtest=with_backtest,
+                     pricing=pricing_for(remind))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else to_text(result))
+
+
 @main.group()
 def tx() -> None:
     """Transactions."""

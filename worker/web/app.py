@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Unavailable
 from ..service import Remind
-from . import api, export_api, health, ops, ops_api, pages, provider_hooks, review_page
+from . import api, export_api, health, ops, ops_api, pages, provider_hooks, review_page, whatif_page
 from .security import BodyLimit, SecurityHeaders
 
 log = logging.getLogger("remind.web")
@@ -66,6 +66,7 @@ def create_app(remind: Remind) -> FastAPI:
     app.include_router(api.router(remind))
     app.include_router(ops_api.router(remind))
     app.include_router(review_page.router(remind))
+    app.include_router(whatif_page.router(remind))
     app.include_router(pages.router(remind))
     app.include_router(health.router(remind))
     app.include_router(provider_hooks.router(remind))

@@ -5,7 +5,7 @@ message went. Rows sent before this have none; the cost falls back to the transa
 pricing.yaml's default.
 
 Revision ID: 0008
-Revises: 0006 (0007 is on another branch; relinked at merge)
+Revises: 0007
 """
 
 import sqlalchemy as sa
