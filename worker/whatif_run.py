@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import whatif as whatif_model
 from .ladder import Schedule, load_file
+from .pricing import load_pricing
 from .stats import parse_since
 from .store import history_rows
 from .whatif import PricingLike, backtest, records, whatif
@@ -25,14 +26,10 @@ def load_proposed(path: Path, remind: Remind) -> Schedule:
 
 
 def pricing_for(remind: Remind) -> PricingLike | None:
-    """The price list, when worker.pricing exists and its file does (``Settings.pricing_file`` once it has one,
-    i.e. REMIND_PRICING_FILE; default pricing.yaml); None otherwise (costs are then reported as null)."""
-    try:
-        from .pricing import load_pricing  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    path = Path(getattr(remind.settings, "pricing_file", None) or "pricing.yaml")  # REMIND_PRICING_FILE
-    return load_pricing(path) if path.exists() else None
+    """The price table at REMIND_PRICING_FILE (validated as the service loads it; an invalid one is a
+    ConfigError naming file, line and field); None without one: costs are then reported as null."""
+    pricing = load_pricing(remind.settings.pricing_file)
+    return pricing if pricing.available else None
 
 
 def run(remind: Remind, proposed: Schedule, *, since: str | datetime | None = "30d", schedule: str | None = None,

@@ -289,6 +289,7 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
 </head>
 <body><main>
 <form method="post" action="/ops/logout" class="note" style="float:right"><button type="submit">Sign out</button></form>
+<nav><a href="/ops">Funnel</a> · <a href="/ops/reviews">Risk review</a> · <a href="/ops/whatif">What-if</a></nav>
 <h1>Confirmation funnel</h1>
 <p class="note">Which reminder each customer confirmed after. {{ 'Transactions created since ' ~ data.since
   if data.since else 'All transactions' }}{{ ', schedule ' ~ data.schedule if data.schedule }}; generated
