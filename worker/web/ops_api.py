@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import AlreadySettled, ConfigError, InvalidInput, NotFound
-from ..experiments import report
 from ..ladder import parse_duration
 from ..service import Remind
 from .api import FORBIDDEN, TxId, error
@@ -122,6 +121,8 @@ def router(remind: Remind) -> APIRouter:
                       schedule: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
                       mde: Annotated[float, Query(gt=0, lt=1)] = 0.05,
                       alpha: Annotated[float, Query(gt=0, lt=0.5)] = 0.05):
+        from ..experiments import report  # scipy loads with the first comparison, not with the web process
+
         try:
             return JSONResponse(await run_in_threadpool(lambda: report(
                 remind.store, since=since, schedule=schedule, schedules=remind.registry, mde=mde, alpha=alpha)))

@@ -16,8 +16,6 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from ..errors import ConfigError
 from ..service import Remind
-from ..whatif import backtest_text, table_rows
-from ..whatif_run import load_proposed, pricing_for, run
 
 _ENV = Environment(loader=FileSystemLoader(str(Path(__file__).parent)), autoescape=select_autoescape(["html"]))
 #: The largest schedule file taken (the body limit, REMIND_MAX_BODY_BYTES, applies first).
@@ -33,6 +31,8 @@ def router(remind: Remind) -> APIRouter:
         values.setdefault("text", "")
         result = values.get("result")
         if result is not None:
+            from ..whatif import backtest_text, table_rows  # numpy/statsmodels: only once ops use the page
+
             values["rows"] = table_rows(result)
             values["backtest_lines"] = backtest_text(result["backtest"]) if result.get("backtest") else None
         return HTMLResponse(_ENV.get_template("whatif.html").render(**values), status_code=status)
@@ -86,6 +86,10 @@ def router(remind: Remind) -> APIRouter:
 def _run(remind: Remind, text: str, name: str, since: str, schedule: str | None, with_backtest: bool) -> dict:
     """Validate with the same loader as `remind schedules check` (on a private copy of the text: problems
     name it as ``proposed.yaml`` or the uploaded file's name), then the what-if."""
+    # The model's libraries (numpy, scipy, statsmodels: ~70 MB) load with the first what-if, not with the
+    # web process that serves the confirmation links.
+    from ..whatif_run import load_proposed, pricing_for, run
+
     with tempfile.TemporaryDirectory(prefix="remind-whatif-") as folder:
         path = Path(folder) / name
         path.write_text(text, encoding="utf-8")
