@@ -10,23 +10,21 @@ from pathlib import Path
 
 import pytest
 from fakes import FcmFake, SendGridFake, TwilioFake
-from sqlalchemy import text
 from support import (
     HOOK_SECRET,
-    PG_ADMIN_URL,
     REDIS_URL,
     Clock,
     Harness,
     Platform,
     folder_digest,
     make_settings,
+    private_database,
     reset_database,
     unavailable,
 )
 
 from worker.broker import InProcessWorker, bind, make_broker
 from worker.service import Remind
-from worker.store import make_engine, upgrade
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,20 +53,8 @@ def config_loaded_once_per_content() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh database for this test session, dropped at the end."""
-    name = f"remind_test_{os.getpid()}"
-    try:
-        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        unavailable("PostgreSQL", exc)
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(make_engine(url))
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with private_database(f"remind_test_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +21,7 @@ from standardwebhooks.webhooks import Webhook
 from worker.broker import InProcessWorker
 from worker.service import Remind
 from worker.settings import Settings
-from worker.store import make_engine
+from worker.store import make_engine, upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
@@ -206,3 +208,24 @@ class Platform:
 
     def types(self) -> list[tuple[str, str | None, str | None]]:
         return [(e["type"], e["data"]["source"], e["data"]["actor"]) for e in self.received]
+
+
+@contextmanager
+def private_database(name: str) -> Iterator[str]:
+    """A fresh PostgreSQL database at the head schema, dropped afterwards. A missing PostgreSQL fails under
+    CI=true (``unavailable``)."""
+    try:
+        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        unavailable("PostgreSQL", exc)
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(make_engine(url))
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

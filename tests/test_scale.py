@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import event, insert, text
-from support import PG_ADMIN_URL, T0, reset_database, unavailable
+from support import T0, private_database, reset_database
 
 from worker.store import Store, make_engine, metrics_snapshot, repo, upgrade
 from worker.store.tables import deliveries, suppressions, transactions
@@ -19,20 +19,8 @@ from worker.store.tables import deliveries, suppressions, transactions
 def scale_url() -> Iterator[str]:
     """A database of this module's own: its ANALYZEd statistics must not change the plans other tests see
     on the session's database. A missing PostgreSQL fails under CI=true (support.unavailable)."""
-    name = f"remind_test_scale_{os.getpid()}"
-    try:
-        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        unavailable("PostgreSQL", exc)
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(make_engine(url))
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with private_database(f"remind_test_scale_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture
