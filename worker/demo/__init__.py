@@ -44,9 +44,9 @@ def demo_transactions(now: datetime) -> list[dict]:
 
 
 class DemoClock:
-    """The service's clock in the demo: the wall clock's pace times ``speed``, from the moment it is made. Every
-    part of the service reads it (the ladder, deadlines, the scheduler's ticks), so the ladder is the same at
-    any speed, only shorter in real seconds."""
+    """The service's clock in the demo: the wall clock's pace times ``speed``, from the moment it is made. The
+    store, the ladder and the deadlines all read it, so the demo's ladder is the same at any speed, only shorter
+    in real seconds (the ticks, on the wall clock, come ``speed`` times as often)."""
 
     def __init__(self, speed: float = 1.0) -> None:
         self.speed = speed
