@@ -88,7 +88,8 @@ def _serving(settings: Settings, *, migrate: bool = True):
 def main(ctx: click.Context, json_logs: bool) -> None:
     """Reminds customers to confirm pending transactions, and cancels the ones they never confirm."""
     ctx.ensure_object(dict)
-    setup("json" if json_logs else os.environ.get("REMIND_LOG_FORMAT", "text"))
+    setup("json" if json_logs else os.environ.get("REMIND_LOG_FORMAT", "text"),
+          os.environ.get("REMIND_LOG_LEVEL", "info"))
 
 
 @main.command()
