@@ -357,7 +357,8 @@ def _signed(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:+.1f}"
 
 
-def _comparison_line(c: dict[str, Any]) -> str:
+def comparison_line(c: dict[str, Any]) -> str:
+    """``short vs plain: +15.8 pts [+6.7, +24.9]  short better``."""
     d = c["difference"]
     interval = f"{_signed(d['value'])} pts [{_signed(d['low'])}, {_signed(d['high'])}]" if d["value"] is not None \
         else "-"
@@ -393,8 +394,8 @@ def to_text(data: dict[str, Any]) -> str:
             c = st["concurrent"]
             lines += ["", f"  {st['step']}: control {st['control']}, transactions created {c['from']} to {c['to']}"
                       + (f" ({c['left_out']} outside, not compared)" if c["left_out"] else "")]
-            lines += [f"    {_comparison_line(cmp)}" for cmp in st["comparisons"]]
+            lines += [f"    {comparison_line(cmp)}" for cmp in st["comparisons"]]
             for dim, cells in st["breakdowns"].items():
                 for cell in cells:
-                    lines += [f"      {dim} {cell['value']}: {_comparison_line(cmp)}" for cmp in cell["comparisons"]]
+                    lines += [f"      {dim} {cell['value']}: {comparison_line(cmp)}" for cmp in cell["comparisons"]]
     return "\n".join(lines)

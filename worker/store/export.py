@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import and_, case, func, select, text
 
 from .repo import Store
 from .tables import deliveries, transactions
@@ -81,3 +81,42 @@ def export_rows(store: Store, *, since: datetime | None = None, until: datetime 
         g["went_out"] = int(g["went_out"] or 0)
         g["billed_segments"] = int(g["billed_segments"] or 0)
     return txs, groups, phones
+
+
+def cost_figures(store: Store, *, since: datetime | None = None, schedule: str | None = None) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]]]:
+    """The cost figures aggregated by the database, never per transaction (for ``/v1/stats`` and ``/ops``):
+
+    - per schedule: ``transactions`` and ``customer_confirmations`` (confirmed, ``settled_source =
+      'customer'``) of those created at or after ``since``;
+    - their customer messages the provider accepted, per (schedule, kind, step, variant, channel,
+      country_code): ``messages`` and ``billed_segments``. An SMS without a recorded calling code (before
+      migration 0008) is grouped by the first four characters of the transaction's phone instead, with
+      ``phone`` one of them: phones are E.164 (ingest), and calling codes are prefix-free, so those four
+      characters fix the code; a masked (erased) phone is a group of its own."""
+    t, d = transactions.c, deliveries.c
+    scope = _scope(since, None, schedule, None)
+    customer = and_(t.status == "confirmed", t.settled_source == "customer", t.confirmed_at.is_not(None))
+    totals = (select(t.schedule, func.count().label("transactions"),
+                     func.sum(case((customer, 1), else_=0)).label("customer_confirmations"))
+              .where(*scope).group_by(t.schedule))
+    legacy = and_(d.channel == "sms", d.country_code.is_(None))
+    phone = t.content["customer"]["phone"].as_string()
+    prefix = case((legacy, func.substr(phone, 1, 4))).label("prefix")
+    masked = case((legacy, case((phone.like("%*%"), 1), else_=0))).label("masked")
+    keys = [t.schedule, d.kind, d.step, d.variant, d.channel, d.country_code]
+    grouped = (select(*keys, prefix, masked, func.min(case((legacy, phone))).label("phone"),
+                      func.count().label("messages"),
+                      func.sum(func.coalesce(d.segments, 1)).label("billed_segments"))
+               .select_from(deliveries.join(transactions))
+               .where(d.kind.in_(("reminder", "notice")), d.channel.in_(CUSTOMER_CHANNELS), d.sent_at.is_not(None),
+                      *scope)
+               .group_by(*keys, text("prefix"), text("masked")))  # by name: one expression
+    with store.engine.connect() as conn:
+        schedules = [dict(r) for r in conn.execute(totals).mappings()]
+        groups = [dict(r) for r in conn.execute(grouped).mappings()]
+    for s in schedules:
+        s["customer_confirmations"] = int(s["customer_confirmations"] or 0)
+    for g in groups:
+        g["billed_segments"] = int(g["billed_segments"] or 0)
+    return schedules, groups

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from ..ladder import Schedule, format_duration
 from ..service import Remind
-from ..stats import funnel, human, pct
+from ..stats import human, pct, report
 from .schemas import ERRORS, ErrorBody
 from .security import (
     OPS_COOKIE,
@@ -89,13 +89,43 @@ class ScheduleStats(BaseModel):
     steps: list[StepStats]
 
 
+class StepCost(BaseModel):
+    step: str
+    variant: str
+    reached: int
+    customer_confirmations: int = Field(description="customer confirmations attributed to this step and variant")
+    cost: str | None = Field(description="its reminders, a decimal string in `currency`; null without prices")
+    cost_per_transaction: str | None = Field(description="cost / reached")
+    cost_per_customer_confirmation: str | None = Field(description="cost / customer_confirmations")
+
+
+class ScheduleCost(BaseModel):
+    schedule: str
+    transactions: int
+    customer_confirmations: int = Field(description="confirmed by the customer's link (settled_source = customer)")
+    cost: str | None = Field(description="every message to these customers: reminders and notices")
+    cost_per_transaction: str | None
+    cost_per_customer_confirmation: str | None
+    steps: list[StepCost]
+
+
+class Costs(BaseModel):
+    currency: str | None = Field(description="the price table's; null without one (every cost null)")
+    schedules: list[ScheduleCost]
+
+
 class StatsView(BaseModel):
-    """The confirmation funnel; definitions in docs/stats.md."""
+    """The confirmation funnel, its costs and the variant comparison; definitions in docs/stats.md."""
 
     generated_at: str
     since: str | None = Field(description="the window's start: the given since, else 7 days before generated_at")
     schedule: str | None
     schedules: list[ScheduleStats]
+    currency: str | None = Field(None, description="of every cost (pricing.yaml); null without a price table")
+    costs: Costs | None = Field(None, description="cost per transaction and per customer confirmation, by "
+                                                  "schedule, step and variant")
+    experiments: dict[str, Any] | None = Field(None, description=(
+        "the variant comparison of the same window: the JSON of GET /v1/experiments?since=<since>"))
 
 
 #: Failed /ops sign-ins allowed per client address in any LOGIN_WINDOW; more get 429 with Retry-After.
@@ -124,6 +154,9 @@ def router(remind: Remind) -> APIRouter:
             return True
         return session_valid(settings.secret_key, request.cookies.get(OPS_COOKIE), tokens, remind.store.clock())
 
+    def figures(since: str | None, schedule: str | None) -> dict[str, Any]:
+        return report(remind.store, remind.pricing, schedules=list(remind.registry), since=since, schedule=schedule)
+
     def login_page(error: str | None, status: int) -> HTMLResponse:
         return HTMLResponse(_LOGIN.render(error=error), status_code=status)
 
@@ -132,7 +165,7 @@ def router(remind: Remind) -> APIRouter:
              responses={400: ERRORS[400], 401: ERRORS[401], 403: FORBIDDEN, 422: ERRORS[422]})
     async def stats(since: Since = None, schedule: ScheduleName = None):
         try:
-            return await run_in_threadpool(funnel, remind.store, since=since, schedule=schedule)
+            return await run_in_threadpool(figures, since, schedule)
         except ValueError as exc:
             return JSONResponse({"error": "invalid", "detail": "some fields are invalid",
                                  "problems": {"since": str(exc)}}, status_code=422)
@@ -142,7 +175,7 @@ def router(remind: Remind) -> APIRouter:
         if not signed_in(request):
             return RedirectResponse("/ops/login", status_code=303)
         try:
-            data = await run_in_threadpool(funnel, remind.store, since=since, schedule=schedule)
+            data = await run_in_threadpool(figures, since, schedule)
             error = None
         except ValueError as exc:
             data, error = {"generated_at": "", "since": None, "schedule": schedule, "schedules": []}, str(exc)
@@ -194,13 +227,52 @@ def render_page(data: dict[str, Any], schedules: list[Schedule], *, since: str |
     stats = {s["schedule"]: s for s in data["schedules"]}
     known = {s.name: s for s in schedules if data["schedule"] in (None, s.name)}
     names = list(known) + sorted(n for n in stats if n not in known)
+    costs = {c["schedule"]: c for c in (data.get("costs") or {}).get("schedules", [])}
+    variants = {e["schedule"]: e["steps"] for e in (data.get("experiments") or {}).get("schedules", [])}
     cards = [{"name": n, "s": stats.get(n), "ladder": _ladder(known[n]) if n in known else None,
               "funnel": _funnel(stats[n]) if n in stats else None,
               "hist": _histogram(stats[n]) if n in stats else None,
+              "cost": costs.get(n), "step_costs": {(r["step"], r["variant"]): r for r in costs[n]["steps"]}
+              if n in costs else {},
+              "variants": [_variants(st) for st in variants.get(n, []) if st["comparisons"]],
               "meta": f"priority {known[n].priority} · version {known[n].version[:12]}" if n in known else
               "no longer loaded"} for n in names]
+    method = (data.get("experiments") or {}).get("method")
     return _TEMPLATE.render(data=data, cards=cards, since=since or "", error=error, pct=pct,
-                            human=human)
+                            human=human, currency=data.get("currency"), priced="costs" in data, method=method)
+
+
+def _signed(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:+.1f}"
+
+
+def _variants(st: dict[str, Any]) -> dict[str, Any]:
+    """A step's comparisons for the page: each variant's difference from the control with its always-valid
+    interval, drawn on an axis that shows 0 and ± the MDE; the verdict; the breakdowns as text."""
+    rows = []
+    for c in st["comparisons"]:
+        rows.append(_comparison_row(c))
+    arms = {a["variant"]: a for a in st["variants"]}
+    cells = [{"dim": dim, "value": cell["value"], "rows": [_comparison_row(c) for c in cell["comparisons"]]}
+             for dim, values in st["breakdowns"].items() for cell in values]
+    return {"step": st["step"], "control": st["control"], "concurrent": st["concurrent"], "rows": rows,
+            "arms": [arms[v] for v in [st["control"], *(c["variant"]["variant"] for c in st["comparisons"])]],
+            "cells": cells}
+
+
+def _comparison_row(c: dict[str, Any]) -> dict[str, Any]:
+    d, mde = c["difference"], c["mde"]
+    span = max(2 * mde, *(abs(x) for x in (d["low"], d["high"]) if x is not None))
+
+    def x(v: float) -> float:  # 0 in the middle of a 240-wide axis
+        return 130 + 110 * v / span
+
+    bar = None if d["value"] is None else {"low": x(d["low"]), "high": x(d["high"]), "value": x(d["value"])}
+    return {"variant": c["variant"]["variant"], "control": c["control"]["variant"],
+            "difference": f"{_signed(d['value'])} pts" if d["value"] is not None else "-",
+            "interval": f"[{_signed(d['low'])}, {_signed(d['high'])}]" if d["value"] is not None else "",
+            "verdict": c["verdict"], "text": c["text"], "bar": bar, "zero": x(0), "mde": (x(-mde), x(mde)),
+            "alpha": c["alpha"]}
 
 
 def _funnel(s: dict[str, Any]) -> dict[str, Any]:
@@ -285,6 +357,8 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
  table{border-collapse:collapse;width:100%;font-size:.85rem;margin-top:6px}
  th,td{padding:5px 8px;border-bottom:1px solid #eceef2;text-align:right} th{color:#5f6675;font-weight:600}
  th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
+ .variants{margin-top:8px} .comparisons td:last-child{text-align:left} .verdict-better b{color:#1e8e3e}
+ .verdict-worse b{color:#b3261e} details{margin:6px 0} summary{cursor:pointer}
 </style>
 </head>
 <body><main>
@@ -294,6 +368,13 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
 <p class="note">Which reminder each customer confirmed after. {{ 'Transactions created since ' ~ data.since
   if data.since else 'All transactions' }}{{ ', schedule ' ~ data.schedule if data.schedule }}; generated
   {{ data.generated_at }}. Rates carry 95% Wilson intervals.</p>
+{% if method %}
+<p class="note">Variants: success is a confirmation by the customer's link; each variant's difference from the
+  control carries an always-valid {{ '%g' % ((1 - method.alpha) * 100) }}% interval (mSPRT, MDE
+  {{ '%g' % (method.mde * 100) }} pts) that stays valid however often it is looked at, from a fixed start. The
+  default 7-day window moves every day: to act on a verdict, set since to the day the variants went live.
+  "needs ~N more" is per arm, for an 80% chance of an answer if the true difference is the MDE.</p>
+{% endif %}
 <form method="get" action="">
  <label>since <input name="since" value="{{ since }}" placeholder="7d (default), 30d or 2026-11-01"></label>
  <label>schedule <input name="schedule" value="{{ data.schedule or '' }}" placeholder="all"></label>
@@ -316,6 +397,13 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
   <div class="kpi"><b>{{ s.pending }}</b><span>pending</span></div>
   <div class="kpi"><b>{{ human(s.median_time_to_confirm_seconds) }}</b><span>median time to confirm</span></div>
   <div class="kpi"><b>{{ s.confirmed_before_first_step }}</b><span>confirmed before any reminder</span></div>
+  {% if c.cost and currency %}
+  <div class="kpi cost"><b>{{ currency }} {{ c.cost.cost }}</b><span>cost · {{ c.cost.cost_per_transaction or '-' }} per
+   transaction · {{ c.cost.cost_per_customer_confirmation or '-' }} per customer confirmation
+   ({{ c.cost.customer_confirmations }})</span></div>
+  {% elif priced %}
+  <div class="kpi cost"><b>-</b><span>cost: no price table (pricing.yaml)</span></div>
+  {% endif %}
  </div>
  <div class="charts">
   <div>
@@ -355,15 +443,72 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
  </div>
  <table>
   <tr><th>step</th><th>variant</th><th>reached</th><th>confirmed after</th><th>rate [95% CI]</th>
-   <th>median</th><th>cancelled</th><th>escalated</th><th>messages</th><th>SMS segments</th></tr>
+   <th>median</th><th>cancelled</th><th>escalated</th><th>messages</th><th>SMS segments</th>
+   {% if c.cost %}<th>cost{{ ' (' ~ currency ~ ')' if currency }}</th><th>per transaction</th>
+   <th>customer confirmations</th><th>per customer confirmation</th>{% endif %}</tr>
   {% for r in s.steps %}
+  {% set k = c.step_costs.get((r.step, r.variant)) %}
   <tr><td>{{ r.step }}</td><td>{{ r.variant }}</td><td>{{ r.reached }}</td><td>{{ r.confirmed_after }}</td>
    <td>{{ pct(r.confirmation_rate) }}</td><td>{{ human(r.median_time_to_confirm_seconds) }}</td>
    <td>{{ r.cancelled }}</td><td>{{ r.escalated }}</td>
    <td>{% for ch, n in r.messages.items() %}{{ ch }} {{ n }}{{ ', ' if not loop.last }}{% endfor %}</td>
-   <td>{{ r.sms_segments if r.sms_segments is not none else '-' }}</td></tr>
+   <td>{{ r.sms_segments if r.sms_segments is not none else '-' }}</td>
+   {% if c.cost %}<td class="cost">{{ k.cost or '-' if k else '-' }}</td>
+   <td>{{ k.cost_per_transaction or '-' if k else '-' }}</td><td>{{ k.customer_confirmations if k else '-' }}</td>
+   <td>{{ k.cost_per_customer_confirmation or '-' if k else '-' }}</td>{% endif %}</tr>
   {% endfor %}
  </table>
+ {% if c.cost %}<p class="note">Cost: the reminders of each step and variant that the provider accepted
+  (pricing.yaml); per customer confirmation counts only confirmations by the customer's link, attributed to
+  the last reminder before them. The schedule's cost also counts its notices.</p>{% endif %}
+ {% for v in c.variants %}
+ <div class="variants" id="variants-{{ c.name }}-{{ v.step }}">
+ <h3>Variants of {{ v.step }}: each against the control, {{ v.control }}</h3>
+ <p class="note">Transactions created {{ v.concurrent.from }} to {{ v.concurrent.to }}, while every variant was
+  sent{{ ' (' ~ v.concurrent.left_out ~ ' outside, not compared)' if v.concurrent.left_out }}.</p>
+ <table>
+  <tr><th>variant</th><th>decided</th><th>customer confirmations</th><th>rate</th><th>ops</th><th>platform</th>
+   <th>open</th><th>time to confirm: median</th></tr>
+  {% for a in v.arms %}
+  <tr><td>{{ a.variant }}{{ ' (control)' if a.variant == v.control }}</td><td>{{ a.decided }}</td>
+   <td>{{ a.confirmed_by_customer }}</td>
+   <td>{{ '%.1f%%' % (a.customer_rate * 100) if a.customer_rate is not none else '-' }}</td>
+   <td>{{ a.confirmed_by_ops }}</td><td>{{ a.confirmed_by_platform }}</td><td>{{ a.open }}</td>
+   <td>{{ human(a.time_to_confirm_seconds.median) }}</td></tr>
+  {% endfor %}
+ </table>
+ <table class="comparisons">
+  <tr><th>variant</th><th>vs</th><th>difference</th><th>always-valid interval</th><th>interval, 0 and ±MDE</th>
+   <th>verdict</th></tr>
+  {% for r in v.rows %}
+  <tr class="verdict-{{ r.verdict | replace(' ', '-') }}"><td>{{ r.variant }}</td><td>{{ r.control }}</td>
+   <td>{{ r.difference }}</td><td>{{ r.interval }}</td>
+   <td><svg class="interval" role="img" viewBox="0 0 260 24" width="260" height="24"
+    xmlns="http://www.w3.org/2000/svg"><title>{{ r.variant }} vs {{ r.control }}: {{ r.difference }}
+    {{ r.interval }}</title>
+    <rect x="{{ '%.1f' % r.mde[0] }}" y="4" width="{{ '%.1f' % (r.mde[1] - r.mde[0]) }}" height="16" fill="#eceef2"/>
+    <line x1="{{ '%.1f' % r.zero }}" y1="2" x2="{{ '%.1f' % r.zero }}" y2="22" stroke="#5f6675"/>
+    {% if r.bar %}<rect x="{{ '%.1f' % r.bar.low }}" y="9" width="{{ '%.1f' % (r.bar.high - r.bar.low) }}" height="6"
+     rx="3" fill="{{ '#1e8e3e' if r.verdict == 'better' else '#d93025' if r.verdict == 'worse' else '#1a73e8' }}"/>
+    <circle cx="{{ '%.1f' % r.bar.value }}" cy="12" r="4" fill="#1d2330"/>{% endif %}
+   </svg></td>
+   <td><b>{{ r.text }}</b></td></tr>
+  {% endfor %}
+ </table>
+ {% if v.cells %}
+ <details><summary class="note">By segment, locale and channels (α shared by the cells of each)</summary>
+ <table>
+  <tr><th>breakdown</th><th>value</th><th>comparison</th><th>difference</th><th>always-valid interval</th>
+   <th>verdict</th></tr>
+  {% for cell in v.cells %}{% for r in cell.rows %}
+  <tr><td>{{ cell.dim }}</td><td>{{ cell.value }}</td><td>{{ r.variant }} vs {{ r.control }}</td>
+   <td>{{ r.difference }}</td><td>{{ r.interval }}</td><td>{{ r.text }}</td></tr>
+  {% endfor %}{% endfor %}
+ </table>
+ </details>
+ {% endif %}
+ </div>
+ {% endfor %}
  {% else %}
  <p class="note">No transactions on this schedule in this period.</p>
  {% endif %}
