@@ -313,6 +313,17 @@ def test_a_real_difference_through_the_store_and_the_cli(make_harness, tmp_path,
         assert over_http.json()["schedules"] == report(r.store, schedule="ab", schedules=r.registry)["schedules"]
         assert client.get("/v1/experiments", params={"since": "a while"},
                           headers={"Authorization": "Bearer ops-token"}).status_code == 422
+        # /v1/stats and /ops carry the comparison of their own window (7 days before the clock by default)
+        stats = client.get("/v1/stats", headers={"Authorization": "Bearer ops-token"}).json()
+        assert stats["experiments"]["since"] == stats["since"] == "2026-11-19T09:00:00Z"
+        assert stats["experiments"]["schedules"] == data["schedules"]
+        page = client.get("/ops", headers={"Authorization": "Bearer ops-token"}).text
+        section = page[page.index('id="variants-ab-nudge"'):]
+        assert "Variants of nudge: each against the control, plain" in section
+        assert f"<td>{cmp['difference']['value'] * 100:+.1f} pts</td>" in section
+        assert '<tr class="verdict-better">' in section and "<b>short better</b>" in section
+        assert "locale</td><td>zh-CN</td>" in section  # the breakdowns, folded
+        assert "The default 7-day window moves every day: to act on a verdict" in " ".join(page.split())
 
     settings = r.settings
     monkeypatch.chdir(tmp_path)
@@ -334,6 +345,9 @@ def test_a_real_difference_through_the_store_and_the_cli(make_harness, tmp_path,
     assert row[:4] + row[5:8] == ["nudge", "plain", str(n_plain), str(p["customer"]), str(p["ops"]),
                                   str(p["platform"]), "0"]
     assert row[8:] == ["0", "0", "0", "5m", "[5m-5m]"]  # other, cancelled, escalated, open, time to confirm
+    summary = CliRunner().invoke(main, ["stats", "--since", "2026-11-24"]).output
+    assert "  variants of nudge (control plain; customer confirmations, always-valid interval):" in summary
+    assert next(x for x in summary.splitlines() if x.startswith("    short vs plain:")) == line
     assert "no transactions" in CliRunner().invoke(main, ["experiments", "--since", "2030-01-01"]).output
     bad = CliRunner().invoke(main, ["experiments", "--since", "a while"])
     assert bad.exit_code == 2 and "--since" in bad.output
