@@ -77,14 +77,19 @@ def variant_figures(store: Store, since: datetime | None, schedule: str | None) 
     counts = ", ".join(f"SUM(CASE WHEN o.outcome = '{k}' THEN 1 ELSE 0 END) AS {k}" for k in OUTCOMES)
     around = ", ".join(f"((o.n - 1) * {q}) / 4 + {k}" for q in QUARTERS for k in (1, 2))
     sql = f"""
-        WITH units AS (
-            SELECT t.schedule, t.status, t.confirmed_at, t.settled_source, t.created_at, t.segment,
-                   {customer_field(pg, 'locale')} AS locale, d.step, d.variant, MIN(d.sent_at) AS first_sent, {flags},
+        WITH tx AS {"MATERIALIZED" if pg else ""} (
+            SELECT t.id, t.schedule, t.status, t.confirmed_at, t.settled_source, t.created_at, t.segment,
+                   {customer_field(pg, 'locale')} AS locale
+            FROM transactions AS t WHERE {where}),
+        units AS (
+            SELECT t.schedule, t.status, t.confirmed_at, t.settled_source, t.created_at, t.segment, t.locale,
+                   d.step, d.variant, MIN(d.sent_at) AS first_sent, {flags},
                    LEAD(MIN(d.sent_at)) OVER (PARTITION BY t.id ORDER BY MIN(d.sent_at), d.step{collate},
                                               d.variant{collate}) AS next_sent
-            FROM transactions AS t JOIN deliveries AS d ON d.transaction_id = t.id
-            WHERE {where} AND {WENT_OUT}
-            GROUP BY t.id, d.step, d.variant),
+            FROM tx AS t JOIN deliveries AS d ON d.transaction_id = t.id
+            WHERE {WENT_OUT}
+            GROUP BY t.id, t.schedule, t.status, t.confirmed_at, t.settled_source, t.created_at, t.segment, t.locale,
+                     d.step, d.variant),
         outcomes AS (
             SELECT u.schedule, u.step, u.variant, u.segment, u.locale, u.sms, u.email, u.push, u.created_at,
                    u.first_sent, {OUTCOME} AS outcome,
