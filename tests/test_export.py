@@ -332,4 +332,6 @@ def test_cost_totals_read_the_phone_of_older_rows_and_the_default_for_erased_one
             country_code=None))
     history.remind.erase_customer("cust_c86")
     _totals_match(history)
-    assert cost_totals(history.remind.store, Pricing.none()).by_step[("costly", "nudge", "default")] is None
+    unpriced = cost_totals(history.remind.store, Pricing.none())  # no price table: no message is read
+    assert unpriced.by_step == {} and unpriced.by_schedule["costly"]["cost"] is None
+    assert unpriced.customer_confirmations[("costly", "nudge", "default")] == 1

@@ -342,9 +342,13 @@ def report(store: Store, *, since: str | datetime | None = None, schedule: str |
                                    min_per_arm=min_per_arm)}
 
 
-def read_table(store: Store, since: datetime | None, schedule: str | None) -> Table:
-    """The comparison's figures for the transactions created at or after ``since``, aggregated by the database."""
-    return table_from_rows(variant_figures(store, since, schedule))
+def read_table(store: Store, since: datetime | None, schedule: str | None, among: Sequence[str] | None = None
+               ) -> Table:
+    """The comparison's figures for the transactions created at or after ``since`` (on ``schedule``, among
+    ``among``), aggregated by the database."""
+    if among is not None and not among:
+        return Table()
+    return table_from_rows(variant_figures(store, since, schedule, among))
 
 
 def _iso(value: datetime | None) -> str | None:

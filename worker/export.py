@@ -84,6 +84,8 @@ class CostReport:
     by_transaction: dict[str, Decimal | None] = field(default_factory=dict)
     #: schedule -> {transactions, customer_confirmations, cost, cost_per_customer_confirmation}.
     by_schedule: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (schedule, step, variant) -> customer confirmations attributed to it (``cost_totals`` only).
+    customer_confirmations: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
 
 def _add(total: Decimal | None, cost: Decimal | None) -> Decimal | None:
@@ -99,12 +101,15 @@ def cost_report(store: Store, pricing: Pricing, *, since: datetime | None = None
 
 def cost_totals(store: Store, pricing: Pricing, *, since: datetime | None = None,
                 schedule: str | None = None) -> CostReport:
-    """``cost_report``'s ``by_step`` and ``by_schedule`` (plus ``cost_per_transaction``), from figures the
-    database aggregates (worker.store.export.cost_figures): its memory does not grow with the window, so
-    ``/v1/stats`` and ``/ops`` can show it. ``by_transaction`` is left empty."""
-    totals, groups = cost_figures(store, since=since, schedule=schedule)
+    """``cost_report``'s ``by_step`` and ``by_schedule`` (plus ``cost_per_transaction``), and the customer
+    confirmations per step, from figures the database aggregates (worker.store.export.cost_figures): its
+    memory does not grow with the window, so ``/v1/stats`` and ``/ops`` can show it. ``by_transaction`` is
+    left empty. Without a price table the messages are not read (every cost is null)."""
+    totals, groups, attributed = cost_figures(store, since=since, schedule=schedule, priced=pricing.available)
     zero = Decimal(0) if pricing.available else None
     report = CostReport(pricing.currency if pricing.available else None)
+    report.customer_confirmations = {(r["schedule"], r["step"], r["variant"]): r["customer_confirmations"]
+                                     for r in attributed}
     cost_of: dict[str, Decimal | None] = defaultdict(lambda: zero)
     for g in groups:
         cost = group_cost(pricing, g, g["phone"])

@@ -108,25 +108,26 @@ def report(store: Store, pricing: Pricing | None = None, *, schedules: Iterable[
     """What ``/v1/stats``, ``/ops`` and ``remind stats`` show: the funnel (``schedules``, unchanged), plus
     ``currency`` and ``costs`` (per schedule and per step and variant: cost, per transaction, per customer
     confirmation; worker.export.cost_totals) and ``experiments`` (the variant comparison of the same window,
-    as ``remind experiments --json``). All aggregated by the database. ``schedules``: the loaded ones
-    (``Remind.registry``), for the order of each step's variants. Raises ValueError for a bad ``since``."""
+    as ``remind experiments --json``, for the schedules in ``schedules`` with a step that has variants: the
+    running experiments). All aggregated by the database. ``schedules``: the loaded ones
+    (``Remind.registry``). Raises ValueError for a bad ``since``."""
     from .experiments import read_table  # both import this module (wilson, parse_since, human)
     from .experiments import report as compare_variants
     from .export import cost_totals
 
     now = now or store.clock()
+    schedules = list(schedules)
     data = funnel(store, since=since, schedule=schedule, now=now)
     start = _window(since, now)
-    table = read_table(store, start, schedule)
     costs = cost_totals(store, pricing or Pricing.none(), since=start, schedule=schedule)
-    confirmed: dict[tuple[str, str, str], int] = defaultdict(int)
-    for cell in table.cells:
-        confirmed[(cell.schedule, cell.step, cell.variant)] += cell.counts["confirmed_by_customer"]
     data["currency"] = costs.currency
     data["costs"] = {"currency": costs.currency, "schedules": [
-        _costs(s, costs, confirmed) for s in data["schedules"]]}
+        _costs(s, costs, costs.customer_confirmations) for s in data["schedules"]]}
+    # the running experiments: schedules with a step that has variants now (remind experiments has them all)
+    running = sorted({s.name for s in schedules if any(len(getattr(step, "variants", ()) or ()) > 1
+                                                       for step in s.steps)})
     data["experiments"] = compare_variants(store, since=start, schedule=schedule, now=now, schedules=schedules,
-                                           table=table)
+                                           table=read_table(store, start, schedule, among=running))
     return data
 
 

@@ -13,6 +13,7 @@ kept by an erasure), for the breakdowns.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -39,7 +40,7 @@ def customer_field(pg: bool, name: str) -> str:
     return f"(t.content -> 'customer' ->> '{name}')" if pg else f"json_extract(t.content, '$.customer.{name}')"
 
 
-def _scope(since: datetime | None, schedule: str | None) -> tuple[str, dict[str, Any]]:
+def _scope(since: datetime | None, schedule: str | None, among: Sequence[str] | None) -> tuple[str, dict[str, Any]]:
     scope, params = ["1 = 1"], {}
     if since is not None:
         scope.append("t.created_at >= :since")
@@ -47,6 +48,10 @@ def _scope(since: datetime | None, schedule: str | None) -> tuple[str, dict[str,
     if schedule is not None:
         scope.append("t.schedule = :schedule")
         params["schedule"] = schedule
+    if among is not None:
+        names = {f"among_{i}": name for i, name in enumerate(among)}
+        scope.append(f"t.schedule IN ({', '.join(':' + k for k in names)})" if names else "1 = 0")
+        params.update(names)
     return " AND ".join(scope), params
 
 
@@ -62,16 +67,18 @@ OUTCOMES = ("confirmed_by_customer", "confirmed_by_ops", "confirmed_by_platform"
             "cancelled", "escalated", "open")
 
 
-def variant_figures(store: Store, since: datetime | None, schedule: str | None) -> list[dict[str, Any]]:
+def variant_figures(store: Store, since: datetime | None, schedule: str | None,
+                    among: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One statement. Rows with ``part = 'cell'``: per (schedule, step, variant, segment, locale, sms, email,
     push, concurrent) the units ``reached`` and the count of each outcome (``OUTCOMES``), the earliest
     ``first_sent``, ``created_from`` / ``created_to`` (its transactions' ``created_at`` range) and
     ``first_offset`` (earliest first send after ``created_at``, seconds); ``sms``/``email``/``push`` are 1
     when the unit went out on that channel; ``concurrent`` is 1 when the transaction was created while every
     arm of its step was being sent. Rows with ``part = 'time'``: per (schedule, step, variant), the customer
-    confirmations' times to confirm (``seconds``) at the ranks (``rn`` of ``n``) around each quartile."""
+    confirmations' times to confirm (``seconds``) at the ranks (``rn`` of ``n``) around each quartile.
+    ``among``: only these schedules."""
     pg = store.pg
-    where, params = _scope(since, schedule)
+    where, params = _scope(since, schedule, among)
     collate = ' COLLATE "C"' if pg else ""  # ties in first_sent go by step and variant, as Python orders them
     flags = ", ".join(f"MAX(CASE WHEN d.channel = '{c}' THEN 1 ELSE 0 END) AS {c}" for c in CHANNELS)
     counts = ", ".join(f"SUM(CASE WHEN o.outcome = '{k}' THEN 1 ELSE 0 END) AS {k}" for k in OUTCOMES)
