@@ -448,6 +448,14 @@ def main() -> None:
                 log(f"/v1/stats since 2000-01-01: {ms:.0f} ms, HTTP {status}, {size:,} bytes")
                 figures["stats_all_ms"] = f"{ms:.0f}" if status == 200 else f"{status}_after_{ms:.0f}"
         figures["web_rss_mb"] = f"{vm_hwm_mb(proc.pid):.0f}"
+        # -- the variant comparison (worker/experiments.py; issue #13), after web_rss_mb so that figure keeps
+        # its meaning: the statement /ops runs for schedules with variants, over every schedule here
+        with httpx.Client(base_url=base, timeout=args.timeout) as client:
+            ms, status, size = timed_get(client, "/v1/experiments?since=7d", OPS_TOKEN)
+        figures["experiments_7d_ms"] = f"{ms:.0f}" if status == 200 else f"{status}_after_{ms:.0f}"
+        figures["web_rss_experiments_mb"] = f"{vm_hwm_mb(proc.pid):.0f}"
+        log(f"/v1/experiments?since=7d: {ms:.0f} ms, HTTP {status}, {size:,} bytes, web RSS peak "
+            f"{figures['web_rss_experiments_mb']} MB")
     finally:
         proc.terminate()
         try:
