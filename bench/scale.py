@@ -20,7 +20,8 @@ database, from this tree or from ``--code DIR`` (``PYTHONPATH``), after ``remind
 the alembic revision ``--schema``. Then: ``/metrics`` ``--scrapes`` times (p50/p95, after one warm-up),
 ``/ops`` and ``/v1/stats`` with ``since=7d``, ``/ops`` with no ``since`` (the default window), and with
 ``--all-time`` also ``/v1/stats`` since the first transaction; the web process's peak RSS (``VmHWM``) at
-the end; then ``/v1/experiments?since=7d`` and the peak RSS after it. In a child process on the same code: the ``EXPLAIN (ANALYZE, BUFFERS)`` of the suppression
+the end; then ``/v1/experiments?since=7d`` and the peak RSS after it. In a child process on the same
+code: the ``EXPLAIN (ANALYZE, BUFFERS)`` of the suppression
 lookup (``Store.suppressed`` of 200 addresses, 20 of them suppressed, statements captured as sent) and
 of the stats queries (``funnel(since=7d)``). The last line is ``key=value`` figures.
 """
