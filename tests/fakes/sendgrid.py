@@ -2,13 +2,14 @@
 document, ``specs/tsg_mail_v3.json`` (from sendgrid-oai, MIT licence beside it): path, method, bearer security,
 the ``Content-Encoding`` header and the JSON body.
 
-openapi-core took 4-5 ms of CPU per request on this document (it walks the document again for every request),
-as much as the worker it answers in the benchmarks, so the one operation the senders use, ``SendMail``, is
-taken out of the document once per process: its JSON body schema (``$ref``s resolved), its header parameters
-and its security scheme. Each body is then validated with ``openapi_schema_validator.OAS31Validator`` and
-``oas30_format_checker``, the validator and format checker openapi-core uses for an OpenAPI 3.1 document, so
-the same bodies are refused with the same fields; path, method, bearer token and media type are checked by
-hand, and answered as openapi-core's errors were.
+openapi-core took 4-5 ms of CPU per request here (it builds its validators from the document again for
+every request), as much as the worker it answers in the benchmarks, so the one operation the senders use,
+``SendMail``, is taken out of the document once per process: its JSON body schema (``$ref``s resolved), its
+header parameters and its security scheme. Each body is then validated with
+``openapi_schema_validator.OAS31Validator`` and ``oas30_format_checker``, the validator and format checker
+openapi-core uses for an OpenAPI 3.1 document, so the same bodies are refused with the same fields; path,
+method, bearer token and media type are checked by hand, and answered as openapi-core's errors were. Only
+``POST /v3/mail/send`` is served: any other path is 404 (the document's batch endpoints too), another method 405.
 
 On top of the schema, the rules SendGrid documents for Mail Send and answers 400 to: a subject (top level,
 or in every personalization) and at least one content block unless a ``template_id`` is given,
