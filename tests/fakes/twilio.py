@@ -111,7 +111,7 @@ class _Operation:
     body: OAS30Validator
     path_params: dict[str, OAS30Validator]
     security: list[dict[str, Any]]
-    conditional: list[list[str]]
+    conditional: list[list[str]]  # the x-twilio.conditional groups, as parameter names
     response_schema: dict[str, Any]
 
 
@@ -138,7 +138,8 @@ def operation() -> _Operation:
         body=OAS30Validator(schema, format_checker=checker),
         path_params={p["name"]: OAS30Validator(_resolve(p["schema"], spec), format_checker=checker) for p in params},
         security=security,
-        conditional=post.get("x-twilio", {}).get("conditional", []),
+        conditional=[[_snake_to_param(name) for name in group]
+                     for group in post.get("x-twilio", {}).get("conditional", [])],
         response_schema=_resolve(post["responses"]["201"]["content"]["application/json"]["schema"], spec),
     )
 
@@ -182,7 +183,7 @@ def twilio_error(status: int, code: int, message: str, headers: dict[str, str] |
 
 
 def _segments(body: str) -> int:
-    gsm = all(ord(c) < 128 for c in body)
+    gsm = body.isascii()
     single, multi = (160, 153) if gsm else (70, 67)
     return 1 if len(body) <= single else -(-len(body) // multi)
 
@@ -239,8 +240,7 @@ class TwilioFake(FakeServer):
             return twilio_error(400, 70002, f"Parameter '{name}' is invalid: {error.message}")
         if not (_E164.fullmatch(params["To"]) or _CHANNEL_ADDRESS.fullmatch(params["To"])):
             return twilio_error(400, 21211, f"The 'To' number {params['To']} is not a valid phone number.")
-        for group in op.conditional:
-            names = [_snake_to_param(n) for n in group]
+        for names in op.conditional:
             if not any(params.get(n) not in (None, "", []) for n in names):
                 if "From" in names:
                     return twilio_error(400, 21603, "A 'From' or 'MessagingServiceSid' parameter is required "
