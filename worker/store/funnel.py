@@ -89,35 +89,37 @@ def funnel_figures(store: Store, since: datetime | None, schedule: str | None, *
     to_confirm = "c.seconds"  # computed once per row, in ``confirmed``
     bucket = "CASE " + " ".join(f"WHEN {to_confirm} < {hi} THEN {i}" for i, hi in enumerate(HISTOGRAM_BOUNDS)) + \
         f" ELSE {len(HISTOGRAM_BOUNDS)} END"
-    confirmed = (f"(SELECT s.schedule, {seconds_sql(pg, 's.confirmed_at', 's.created_at')} AS seconds "
+    to_confirm_sql = seconds_sql(pg, "s.confirmed_at", "s.created_at")
+    timed = (f"(SELECT s.schedule, s.status, CASE WHEN s.status = 'confirmed' THEN {to_confirm_sql} END AS seconds "
+             f"FROM ({in_scope}) AS s) AS c")
+    confirmed = (f"(SELECT s.schedule, {to_confirm_sql} AS seconds "
                  f"FROM ({in_scope}) AS s WHERE s.status = 'confirmed' AND s.confirmed_at IS NOT NULL) AS c")
-    units = f"WITH units AS ({_units(pg, where, rolled)})"
-    figures = f"""
+    counted = f"""
         u.schedule, u.step, u.variant, COUNT(*) AS reached,
         SUM(CASE WHEN u.seconds IS NOT NULL THEN 1 ELSE 0 END) AS confirmed_after,
         SUM(CASE WHEN u.ending = 'cancelled' THEN 1 ELSE 0 END) AS cancelled,
         SUM(CASE WHEN u.ending = 'escalated' THEN 1 ELSE 0 END) AS escalated,
         {", ".join(f"SUM(u.{c}) AS {c}" for c in REMINDER_CHANNELS)}, SUM(u.segments) AS sms_segments,
         MIN(u.first_offset) AS first_offset"""
-    if pg:  # one pass: the units stream into the aggregate, medians included (NULLs are skipped)
-        steps = f"""{units}
-            SELECT {figures}, percentile_cont(0.5) WITHIN GROUP (ORDER BY u.seconds) AS median
-            FROM units AS u GROUP BY u.schedule, u.step, u.variant"""
+    keys = "m.schedule = n.schedule AND m.step = n.step AND m.variant = n.variant"
+    # Counted in one pass (hashed: a handful of groups), the medians over the attributed units only; the
+    # live units are computed once (materialized) for both.
+    if pg:
+        medians = ("SELECT a.schedule, a.step, a.variant, percentile_cont(0.5) WITHIN GROUP (ORDER BY a.seconds) "
+                   "AS median FROM attributed AS a GROUP BY a.schedule, a.step, a.variant")
         schedule_median = (f"SELECT c.schedule, percentile_cont(0.5) WITHIN GROUP (ORDER BY {to_confirm}) AS median "
                            f"FROM {confirmed} GROUP BY c.schedule")
     else:
-        steps = f"""{units},
-            attributed AS (SELECT schedule, step, variant, seconds FROM units WHERE seconds IS NOT NULL),
-            medians AS ({_median_sql("schedule, step, variant", "seconds", "attributed")})
-            SELECT {figures}, MIN(m.median) AS median
-            FROM units AS u
-            LEFT JOIN medians AS m ON m.schedule = u.schedule AND m.step = u.step AND m.variant = u.variant
-            GROUP BY u.schedule, u.step, u.variant"""
+        medians = _median_sql("schedule, step, variant", "seconds", "attributed")
         schedule_median = _median_sql("schedule", "seconds", confirmed)
+    steps = f"""{_units(pg, where, rolled)},
+        counts AS (SELECT {counted} FROM units AS u GROUP BY u.schedule, u.step, u.variant),
+        medians AS ({medians})
+        SELECT n.*, m.median FROM counts AS n LEFT JOIN medians AS m ON {keys}"""
     statements = {
-        "status": f"SELECT s.schedule, s.status, COUNT(*) AS n FROM ({in_scope}) AS s GROUP BY s.schedule, s.status",
-        "histogram": f"SELECT c.schedule, {bucket} AS bucket, COUNT(*) AS n FROM {confirmed} GROUP BY c.schedule, "
-                     f"{bucket}",
+        # by status, and the confirmations by time to confirm, in one pass over the window
+        "status": f"SELECT c.schedule, c.status, CASE WHEN c.seconds IS NOT NULL THEN {bucket} END AS bucket, "
+                  f"COUNT(*) AS n FROM {timed} GROUP BY c.schedule, c.status, 3",
         "median": schedule_median,
         "steps": steps,
     }
@@ -132,19 +134,32 @@ def funnel_figures(store: Store, since: datetime | None, schedule: str | None, *
             if "since" in params:
                 stmt = stmt.bindparams(bindparam("since", type_=transactions.c.created_at.type))
             out[name] = [dict(r) for r in conn.execute(stmt, params).mappings()]
+    by_status: dict[tuple[str, str], int] = {}
+    for row in out["status"]:
+        key = (row["schedule"], row["status"])
+        by_status[key] = by_status.get(key, 0) + int(row["n"])
+    out["histogram"] = [{"schedule": r["schedule"], "bucket": r["bucket"], "n": r["n"]} for r in out["status"]
+                        if r["bucket"] is not None]
+    out["status"] = [{"schedule": k[0], "status": k[1], "n": n} for k, n in by_status.items()]
     return out
 
 
 def _units(pg: bool, where: str, rolled: bool) -> str:
-    """The units of the window's transactions (``where`` on ``t``): rolled up, and live for the rest."""
+    """CTEs of the window's units (``where`` on ``t``), ``units``, and of those a confirmation is attributed
+    to, ``attributed``: rolled up, and computed live for the rest."""
     columns = "schedule, step, variant, first_offset, sms, email, push, segments, seconds, ending"
+    keys = "schedule, step, variant, seconds"
+    materialized = " MATERIALIZED" if pg else ""
     if not rolled:
-        return f"SELECT {columns} FROM ({units_sql(pg, where)}) AS l"
+        return f"""WITH live AS{materialized} (SELECT {columns} FROM ({units_sql(pg, where)}) AS l),
+            units AS (SELECT {columns} FROM live),
+            attributed AS (SELECT {keys} FROM live WHERE seconds IS NOT NULL)"""
     # The rolled-up side keeps the transaction's created_at and schedule, so the same window applies to it;
     # on the live side, the created_at bound lets PostgreSQL read only the window's part of funnel_rolled.
     kept = where.replace("t.", "r.")
     window = " AND f.created_at >= :since" if ":since" in where else ""
     live = f"{where} AND {NOT_ROLLED.format(window=window)}"
-    return f"""SELECT {columns} FROM funnel_units AS r WHERE {kept}
-        UNION ALL
-        SELECT {columns} FROM ({units_sql(pg, live)}) AS l"""
+    return f"""WITH live AS{materialized} (SELECT {columns} FROM ({units_sql(pg, live)}) AS l),
+        units AS (SELECT {columns} FROM funnel_units AS r WHERE {kept} UNION ALL SELECT {columns} FROM live),
+        attributed AS (SELECT {keys} FROM funnel_units AS r WHERE {kept} AND r.seconds IS NOT NULL
+                       UNION ALL SELECT {keys} FROM live WHERE seconds IS NOT NULL)"""

@@ -101,10 +101,24 @@ def forget(conn: Connection, tx_ids: list[str]) -> None:
     until the next ``roll_up``. Costs nothing for a transaction that was never rolled up."""
     if not tx_ids:
         return
-    ids = bindparam("ids", expanding=True)
-    conn.execute(text("UPDATE funnel_rolled SET stale = true WHERE transaction_id IN :ids AND NOT stale")
-                 .bindparams(ids), {"ids": tx_ids})
-    conn.execute(text("DELETE FROM funnel_units WHERE transaction_id IN :ids").bindparams(ids), {"ids": tx_ids})
+    of_ids = _of_ids(conn.dialect.name == "postgresql")
+    conn.execute(of_ids(f"UPDATE funnel_rolled SET stale = true WHERE transaction_id {IDS} AND NOT stale"),
+                 {"ids": tx_ids})
+    conn.execute(of_ids(f"DELETE FROM funnel_units WHERE transaction_id {IDS}"), {"ids": tx_ids})
+
+
+#: Where a statement takes a list of transaction ids: one array parameter on PostgreSQL (a fixed text for
+#: any number of ids), an expanding IN on SQLite.
+IDS = "__IDS__"
+
+
+def _of_ids(pg: bool):
+    """``sql`` (with ``IDS`` where the list goes) as a statement taking ``ids``."""
+    def statement(sql: str):
+        if pg:
+            return text(sql.replace(IDS, "= ANY(CAST(:ids AS text[]))"))
+        return text(sql.replace(IDS, "IN :ids")).bindparams(bindparam("ids", expanding=True))
+    return statement
 
 
 @dataclass(frozen=True)
@@ -160,7 +174,12 @@ def roll_up_all(store: Store, *, limit: int = 5000) -> int:
         step = roll_up(store, limit=limit)
         total += step.rolled
         if step.caught_up:
-            return total
+            break
+    if store.pg and total:  # after a bulk fill: the planner's statistics, and the visibility map that lets
+        # the funnel read funnel_units by index only (autovacuum would get there later)
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM (ANALYZE) funnel_units, funnel_rolled"))
+    return total
 
 
 def _take_state(conn: Connection, pg: bool) -> dict[str, Any] | None:
@@ -184,7 +203,7 @@ def _sweep(conn: Connection, state: dict[str, Any], limit: int) -> list[dict[str
     elif after_id is None:  # a new round: from this time on, inclusive
         where = "t.created_at >= :after"
     else:
-        where = "(t.created_at > :after OR (t.created_at = :after AND t.id > :after_id))"
+        where = "t.created_at >= :after AND (t.created_at > :after OR t.id > :after_id)"  # a range of the index
     stmt = text(f"""
         SELECT t.id, t.created_at, t.status,
                EXISTS (SELECT 1 FROM funnel_rolled AS f WHERE f.transaction_id = t.id AND NOT f.stale) AS rolled
@@ -205,23 +224,23 @@ def _roll(conn: Connection, pg: bool, candidates: list[str]) -> set[str]:
     is left for the next call), so no change can come between the read and the write."""
     if not candidates:
         return set()
-    ids = bindparam("ids", expanding=True)
+    of_ids = _of_ids(pg)
     lock = " FOR SHARE OF t SKIP LOCKED" if pg else ""
-    ready = [r[0] for r in conn.execute(text(f"""
+    ready = [r[0] for r in conn.execute(of_ids(f"""
         SELECT t.id FROM transactions AS t
-        WHERE t.id IN :ids AND t.status <> 'pending'
+        WHERE t.id {IDS} AND t.status <> 'pending'
           AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.transaction_id = t.id AND d.kind = 'reminder'
                                                          AND d.status IN ('queued', 'sending'))
-          AND {NOT_ROLLED.format(window="")}{lock}""").bindparams(ids), {"ids": sorted(set(candidates))})]
+          AND {NOT_ROLLED.format(window="")}{lock}"""), {"ids": sorted(set(candidates))})]
     if not ready:
         return set()
     params = {"ids": ready}
-    conn.execute(text("DELETE FROM funnel_units WHERE transaction_id IN :ids").bindparams(ids), params)
+    conn.execute(of_ids(f"DELETE FROM funnel_units WHERE transaction_id {IDS}"), params)
     columns = ", ".join(UNIT_COLUMNS)
-    conn.execute(text(f"INSERT INTO funnel_units ({columns}) SELECT {columns} FROM ({units_sql(pg, 't.id IN :ids')})"
-                      " AS x").bindparams(ids), params)
-    conn.execute(text("""
+    conn.execute(of_ids(f"INSERT INTO funnel_units ({columns}) SELECT {columns} FROM ({units_sql(pg, f't.id {IDS}')})"
+                        " AS x"), params)
+    conn.execute(of_ids(f"""
         INSERT INTO funnel_rolled (transaction_id, created_at, stale)
-        SELECT t.id, t.created_at, false FROM transactions AS t WHERE t.id IN :ids
-        ON CONFLICT (transaction_id) DO UPDATE SET stale = false""").bindparams(ids), params)
+        SELECT t.id, t.created_at, false FROM transactions AS t WHERE t.id {IDS}
+        ON CONFLICT (transaction_id) DO UPDATE SET stale = false"""), params)
     return set(ready)

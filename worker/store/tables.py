@@ -236,7 +236,9 @@ funnel_rolled = Table(
     Column("transaction_id", String(64), ForeignKey("transactions.id", ondelete="CASCADE"), primary_key=True),
     Column("created_at", UTCDateTime, nullable=False),  # the transaction's, for the window
     Column("stale", Boolean, nullable=False),
-    Index("ix_funnel_rolled_created_at", "created_at", "transaction_id"),
+    # the funnel's live side: which transactions of the window are rolled up (index only)
+    Index("ix_funnel_rolled_created_at", "created_at", "transaction_id", postgresql_where=text("NOT stale"),
+          sqlite_where=text("NOT stale")),
     Index("ix_funnel_rolled_stale", "transaction_id", postgresql_where=text("stale"), sqlite_where=text("stale")),
 )
 
@@ -259,6 +261,9 @@ funnel_units = Table(
     Column("ending", String(16)),  # cancelled | escalated: the transaction ended so with this unit its last
     Index("ix_funnel_units_created_at", "created_at",
           postgresql_include=["schedule", "step", "variant", *FUNNEL_UNIT_FIGURES]),
+    # the medians: only the units a confirmation is attributed to
+    Index("ix_funnel_units_attributed", "created_at", postgresql_include=["schedule", "step", "variant", "seconds"],
+          postgresql_where=text("seconds IS NOT NULL"), sqlite_where=text("seconds IS NOT NULL")),
 )
 
 # Where the roll-up's sweep over transactions (by created_at, id) has got to, and the oldest transaction it

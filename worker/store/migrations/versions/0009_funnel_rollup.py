@@ -22,11 +22,15 @@ depends_on = None
 _FIGURES = ["first_offset", "sms", "email", "push", "segments", "seconds", "ending"]
 #: name, table, columns, options
 _INDEXES = (
-    ("ix_funnel_rolled_created_at", "funnel_rolled", ["created_at", "transaction_id"], {}),
+    ("ix_funnel_rolled_created_at", "funnel_rolled", ["created_at", "transaction_id"],
+     {"postgresql_where": sa.text("NOT stale"), "sqlite_where": sa.text("NOT stale")}),
     ("ix_funnel_rolled_stale", "funnel_rolled", ["transaction_id"],
      {"postgresql_where": sa.text("stale"), "sqlite_where": sa.text("stale")}),
     ("ix_funnel_units_created_at", "funnel_units", ["created_at"],
      {"postgresql_include": ["schedule", "step", "variant", *_FIGURES]}),
+    ("ix_funnel_units_attributed", "funnel_units", ["created_at"],
+     {"postgresql_include": ["schedule", "step", "variant", "seconds"],
+      "postgresql_where": sa.text("seconds IS NOT NULL"), "sqlite_where": sa.text("seconds IS NOT NULL")}),
 )
 
 
