@@ -135,3 +135,45 @@ class PrivateRedis:
 
     def close(self) -> None:
         self.kill()
+
+
+class SilentServer:
+    """A TCP listener on a free port of 127.0.0.1 that accepts every connection and never sends a byte: a
+    database host behind a firewall that drops packets looks the same to a client (it waits for the answer).
+    ``accepted`` counts the connections it took; ``close()`` drops them all."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # so the accepting thread sees close() soon
+        self.port = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="silent-server", daemon=True).start()
+
+    @property
+    def accepted(self) -> int:
+        return len(self._held)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            self._held.append(conn)  # held open, never read from or written to
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for conn in self._held:
+            conn.close()
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()

@@ -21,10 +21,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from servers import PrivatePostgres, PrivateRedis, free_port
-from support import ROOT, transaction, unavailable
+from servers import PrivatePostgres, PrivateRedis, SilentServer, free_port
+from starlette.testclient import TestClient
+from support import ROOT, T0, Clock, make_settings, transaction, unavailable
 
+from worker.service import Remind
 from worker.store import make_engine, upgrade
+from worker.web.app import create_app
 
 BIN = Path(sys.executable).parent
 SECRET = "outage-" + uuid.uuid4().hex
@@ -382,3 +385,118 @@ def test_redis_killed_and_restarted_under_the_running_scheduler_and_worker(tmp_p
     assert "Redis lost its queued messages (restarted empty?)" in procs.log("scheduler"), procs.logs()
     assert "Traceback" not in procs.log("scheduler"), procs.logs()
     print(procs.logs())
+
+
+# -- hosts that take the connection and never answer: an outage within the timeouts, never a hang ----------
+
+#: REMIND_DB_CONNECT_TIMEOUT below (psycopg alone waits 130 s for such a host); MARGIN covers a loaded machine.
+CONNECT_TIMEOUT = 2
+MARGIN = 10
+
+
+def test_a_database_host_that_never_answers_is_an_outage_within_the_connect_timeout(tmp_path):
+    """A host that drops packets, or a proxy that accepts and never answers, leaves psycopg waiting for the
+    server's first byte: the API answers 503 with Retry-After and /readyz 503 within REMIND_DB_CONNECT_TIMEOUT."""
+    with SilentServer() as silent:
+        url = f"postgresql+psycopg://remind@127.0.0.1:{silent.port}/remind"
+        settings = make_settings(tmp_path, url, db_connect_timeout=CONNECT_TIMEOUT, api_tokens=API_TOKEN)
+        remind = Remind.from_settings(settings, migrate=False, clock=Clock())
+        with TestClient(create_app(remind)) as client:
+            started = time.monotonic()
+            response = client.post("/v1/transactions", json=transaction("tx_silent", created_at=T0.isoformat()),
+                                   headers={"Authorization": f"Bearer {API_TOKEN}"})
+            took = time.monotonic() - started
+            assert response.status_code == 503, response.text
+            assert int(response.headers["retry-after"]) > 0 and response.json()["error"] == "unavailable"
+            assert response.json()["detail"].startswith("the database is unreachable (")
+            assert CONNECT_TIMEOUT - 0.5 <= took < CONNECT_TIMEOUT + MARGIN, took
+
+            started = time.monotonic()
+            ready = client.get("/readyz")
+            took = time.monotonic() - started
+            assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+            assert ready.json()["checks"]["database"] == "unreachable: PostgreSQL (OperationalError)"
+            assert CONNECT_TIMEOUT - 0.5 <= took < CONNECT_TIMEOUT + MARGIN, took
+            assert client.get("/healthz").status_code == 200
+        remind.store.engine.dispose()
+        assert silent.accepted >= 2  # each attempt reached the host and waited for it: nothing was refused
+
+
+def test_a_connect_timeout_in_the_database_url_wins_over_the_setting():
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    with SilentServer() as silent:
+        engine = make_engine(f"postgresql://remind@127.0.0.1:{silent.port}/remind?connect_timeout=4",
+                             connect_timeout=CONNECT_TIMEOUT)
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="connection timeout expired"), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        took = time.monotonic() - started
+        engine.dispose()
+    assert 3.5 <= took < 4 + MARGIN, took
+
+
+def test_the_cli_exits_75_within_the_connect_timeout_when_the_database_never_answers(tmp_path, monkeypatch):
+    """`remind tx confirm` (and `remind db upgrade`, the release step) print one line and exit 75, after about
+    REMIND_DB_CONNECT_TIMEOUT seconds rather than psycopg's 130."""
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith(("REMIND_", "DATABASE_URL", "REDIS_URL"))]:
+        monkeypatch.delenv(key)
+    with SilentServer() as silent:
+        env = {"DATABASE_URL": f"postgresql://remind@127.0.0.1:{silent.port}/remind",
+               "REMIND_DB_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT), "REMIND_SECRET_KEY": SECRET,
+               "REMIND_SCHEDULES_DIR": str(ROOT / "schedules"), "REMIND_TEMPLATES_DIR": str(ROOT / "templates")}
+        for args in (["tx", "confirm", "tx_1"], ["db", "upgrade"]):
+            started = time.monotonic()
+            done = CliRunner().invoke(main, args, env=env)
+            took = time.monotonic() - started
+            assert done.exit_code == 75, (args, done.output)
+            line, = done.stderr.splitlines()
+            assert line.startswith("remind: the database is unreachable (") and "connection timeout expired" in line
+            assert done.stdout == ""
+            assert CONNECT_TIMEOUT - 0.5 <= took < CONNECT_TIMEOUT + MARGIN, (args, took)
+        assert silent.accepted == 2  # one connection each, and each waited
+
+
+def test_readyz_names_redis_while_it_is_down_and_is_ready_again_when_it_is_back(tmp_path, private_redis):
+    """The web process registers and confirms through Redis when REDIS_URL is set: killed, /readyz answers 503
+    naming Redis (and /healthz stays 200); back on the same port, 200 again, without a restart."""
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'ready.db'}", redis_url=private_redis.url)
+    remind = Remind.from_settings(settings, clock=Clock())
+    with TestClient(create_app(remind)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "config": "ok"}
+
+        private_redis.kill()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+        assert ready.json()["checks"] == {"database": "ok", "broker": "unreachable: Redis (ConnectionError)",
+                                          "config": "ok"}
+        assert client.get("/healthz").status_code == 200
+
+        private_redis.start()
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["broker"] == "ok", ready.text
+    remind.store.engine.dispose()
+
+
+def test_readyz_answers_when_redis_accepts_and_never_answers(tmp_path):
+    with SilentServer() as silent:
+        settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'ready.db'}",
+                                 redis_url=f"redis://127.0.0.1:{silent.port}/0")
+        remind = Remind.from_settings(settings, clock=Clock())
+        with TestClient(create_app(remind)) as client:
+            started = time.monotonic()
+            ready = client.get("/readyz")
+            took = time.monotonic() - started
+        remind.store.engine.dispose()
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["broker"] == "unreachable: Redis (TimeoutError)"
+        assert took < MARGIN, took
+        assert silent.accepted == 1

@@ -4,14 +4,20 @@ both backends, and the same figures through `remind stats` and GET /v1/stats."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from starlette.testclient import TestClient
-from support import ROOT, T0, Harness, transaction
+from support import ROOT, T0, Clock, Harness, make_settings, private_database, transaction
 
+from worker.broker import InProcessWorker, bind, make_broker
 from worker.cli import main
+from worker.service import Remind
 from worker.stats import funnel, parse_since, summarize, wilson
 from worker.web.app import create_app
 
@@ -40,17 +46,12 @@ escalate: {after: 2h, template: escalated, reason: risk_review, channels: [sms, 
 }
 
 
-def build_dataset(make_harness, tmp_path) -> Harness:
+def build_dataset(h: Harness) -> Harness:
     """On `funnel`: 10 transactions reached by the nudge; 3 confirm after it (5m, 15m, 60m later), 2 after
     the reminder (10m, 60m later), 1 is cancelled by the platform after the reminder, 4 are cancelled at
     the deadline after the final warning. Plus one confirmed before any reminder, one created three days
     ago (first seen by a tick now: cancelled at once, no reminder sent), and one risk-flagged
-    transaction on `review` that escalates."""
-    folder = tmp_path / "schedules"
-    folder.mkdir()
-    for name, text in SCHEDULES.items():
-        (folder / name).write_text(text)
-    h = make_harness(schedules_dir=folder, ops_tokens=TOKEN, api_tokens="platform-token")
+    transaction on `review` that escalates. ``h`` runs on SCHEDULES."""
     r = h.remind
     for i in range(10):
         r.register(transaction(f"d{i}"))
@@ -80,9 +81,63 @@ def build_dataset(make_harness, tmp_path) -> Harness:
     return h
 
 
+#: Where the service clock stands once the data set is built (the last tick, at the deadlines).
+BUILT_AT = T0 + timedelta(hours=24)
+
+
+@contextmanager
+def stats_harness(tmp: Path, database_url: str, redis_url: str | None) -> Iterator[Harness]:
+    """A harness on SCHEDULES with the ops and platform tokens, as conftest's make_harness builds one, but for
+    a whole module: the data set takes seconds to drive through the pipeline, and every test here only reads it."""
+    folder = tmp / "schedules"
+    folder.mkdir()
+    for name, text in SCHEDULES.items():
+        (folder / name).write_text(text)
+    settings = make_settings(tmp, database_url, redis_url=redis_url, min_backoff_ms=20, schedules_dir=folder,
+                             ops_tokens=TOKEN, api_tokens="platform-token")
+    clock = Clock()
+    remind = Remind.from_settings(settings, clock=clock)
+    broker = make_broker(settings)
+    bind(remind, broker)
+    if redis_url:
+        broker.flush_all()
+    worker = InProcessWorker(broker, threads=settings.worker_threads).start()
+    try:
+        yield Harness(remind, clock, settings.outbox, worker, settings.queue_name, [broker])
+    finally:
+        worker.stop()
+        remind.store.engine.dispose()
+
+
+@pytest.fixture(scope="module", params=["sqlite+stub", "postgres+redis"])
+def built(request, tmp_path_factory) -> Iterator[tuple[Harness, tuple]]:
+    """The data set, built once per backend for this module (PostgreSQL: a database of its own, so no other
+    test's reset empties it), with a fingerprint of everything the tests read."""
+    tmp = tmp_path_factory.mktemp(f"stats-{request.param}")
+    with ExitStack() as stack:
+        if request.param == "sqlite+stub":
+            database_url, redis_url = f"sqlite:///{tmp / 'remind.db'}", None
+        else:
+            redis_url = request.getfixturevalue("redis_url")
+            database_url = stack.enter_context(private_database(f"remind_stats_{os.getpid()}"))
+        h = build_dataset(stack.enter_context(stats_harness(tmp, database_url, redis_url)))
+        yield h, fingerprint(h)
+
+
+def fingerprint(h: Harness) -> tuple:
+    store = h.remind.store
+    return store.counts(), funnel(store, since=T0 - timedelta(days=30), now=BUILT_AT), len(h.lines())
+
+
 @pytest.fixture
-def dataset(make_harness, tmp_path) -> Harness:
-    return build_dataset(make_harness, tmp_path)
+def dataset(built) -> Iterator[Harness]:
+    """The module's data set with its clock where the build left it. A test may move the clock (it is put
+    back), never the data: a test that changed it fails here, rather than the tests after it."""
+    h, before = built
+    h.clock.set(BUILT_AT)
+    yield h
+    h.clock.set(BUILT_AT)
+    assert fingerprint(h) == before, "a test changed the shared data set"
 
 
 def by_step(schedule: dict) -> dict[str, dict]:

@@ -110,11 +110,13 @@ def run(port: int | None) -> None:
 
 
 @main.command()
-def demo() -> None:
+@click.option("--speed", type=click.FloatRange(min=1, max=10), default=1, show_default=True,
+              help="Run the service's clock this many times faster than the wall clock.")
+def demo(speed: float) -> None:
     """Two demo transactions on a second-scale schedule: one confirmed, one cancelled. Exits 0 when done."""
     from .demo import run_demo
 
-    ok = run_demo(_settings(), lambda line: click.secho(f"▶ {line}", fg="cyan", err=False))
+    ok = run_demo(_settings(), lambda line: click.secho(f"▶ {line}", fg="cyan", err=False), speed=speed)
     sys.exit(0 if ok else 1)
 
 
@@ -173,7 +175,7 @@ def db_upgrade() -> None:
     from .store import make_engine, upgrade
 
     settings = _settings()
-    upgrade(make_engine(settings.database_url))
+    upgrade(make_engine(settings.database_url, connect_timeout=settings.db_connect_timeout))
     click.echo("database is up to date")
 
 

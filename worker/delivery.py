@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -180,6 +181,9 @@ class Deliverer:
             result.outcomes[delivery_id] = outcome
             if again is not None:
                 (result.throttled if again.throttled else result.retry)[delivery_id] = again
+        if result.outcomes:
+            log.info("batch of %d: %s", len(result.outcomes), ", ".join(
+                f"{n} {outcome}" for outcome, n in sorted(Counter(result.outcomes.values()).items())))
         return result
 
     def _deliver_one(self, item: _Ready) -> tuple[int, str, TransientSendError | None, Future | None]:
@@ -364,6 +368,7 @@ class Deliverer:
         sent = {"id": d["id"], "status": "sent", "sent_at": now, "lease_until": None, "reason": keep,
                 "segments": billed, "provider_id": next((p for p in provider_ids if p), None),
                 "country_code": calling_code(messages[0].recipient) if billed is not None and messages else None}
-        log.info("sent %s %s to %s · %s", d["step"], d["channel"],
-                 ", ".join(mask_recipient(m.channel, m.recipient) for m in messages) or "-", d["transaction_id"])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("sent %s %s to %s · %s", d["step"], d["channel"],
+                      ", ".join(mask_recipient(m.channel, m.recipient) for m in messages) or "-", d["transaction_id"])
         return "sent", sent, None

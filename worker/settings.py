@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     env: str = Field("development", alias="REMIND_ENV")
     database_url: str = Field("sqlite:///remind.db", alias="DATABASE_URL")
     redis_url: str | None = Field(None, alias="REDIS_URL")
+    #: Seconds a new PostgreSQL connection may take before the database counts as unreachable (503, exit 75):
+    #: a host that drops packets must not hang a request or a tick for psycopg's 130 s.
+    db_connect_timeout: int = Field(5, alias="REMIND_DB_CONNECT_TIMEOUT", ge=2, le=300)
     schedules_dir: Path = Field(Path("schedules"), alias="REMIND_SCHEDULES_DIR")
     templates_dir: Path = Field(Path("templates"), alias="REMIND_TEMPLATES_DIR")
     #: Message prices (worker/pricing.py); a missing file means no costs (reports show null).

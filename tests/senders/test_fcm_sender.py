@@ -1,4 +1,4 @@
-"""FcmSender drives google-auth (service-account JWT grant, AuthorizedSession) against the local FCM fake,
+"""FcmSender drives google-auth (service-account JWT grant, bearer token) and urllib3 against the local FCM fake,
 which mints its own tokens and checks the v1 send format."""
 
 from __future__ import annotations
@@ -269,10 +269,7 @@ def test_only_too_many_requests_is_throttled(fcm_fake, kind, throttled):
 
 def test_resource_exhausted_is_throttled_whatever_the_http_status(fcm_fake):
     s = sender(fcm_fake)
-    response = requests.Response()
-    response.status_code = 403  # what a quota error could come back as: the body still says it
-    response._content = json.dumps({"error": {"code": 403, "status": "RESOURCE_EXHAUSTED", "message": "quota"}}
-                                   ).encode()
-    response.headers["Retry-After"] = "9"
-    error = s._classify(response, TOKEN)
+    # what a quota error could come back as: the body still says it
+    body = json.dumps({"error": {"code": 403, "status": "RESOURCE_EXHAUSTED", "message": "quota"}}).encode()
+    error = s._classify(403, body, {"Retry-After": "9"}, TOKEN)
     assert isinstance(error, TransientSendError) and error.throttled and error.retry_after == 9

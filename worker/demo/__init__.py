@@ -1,7 +1,8 @@
 """`remind demo`: two transactions on a second-scale ladder, on the embedded default.
 
 One customer confirms after the first reminder (the rest stop); the other never does (reminders
-escalate across push, SMS and email, then the transaction is cancelled with a notice).
+escalate across push, SMS and email, then the transaction is cancelled with a notice). ``--speed``
+runs the service's clock faster than the wall clock, so the same ladder plays out in less time.
 """
 
 from __future__ import annotations
@@ -42,9 +43,26 @@ def demo_transactions(now: datetime) -> list[dict]:
     ]
 
 
-def run_demo(base: Settings, say: Callable[[str], None], timeout: float = 55.0) -> bool:
-    """Run the demo; True when both transactions settled in time. It keeps nothing but the outbox: a fresh
-    database, the package's templates (unless REMIND_TEMPLATES_DIR is set) and a key nobody else knows."""
+class DemoClock:
+    """The service's clock in the demo: the wall clock's pace times ``speed``, from the moment it is made. The
+    store, the ladder and the deadlines all read it, so the demo's ladder is the same at any speed, only shorter
+    in real seconds (the ticks, on the wall clock, come ``speed`` times as often)."""
+
+    def __init__(self, speed: float = 1.0) -> None:
+        self.speed = speed
+        self._start = datetime.now(UTC)
+        self._started = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self._start + timedelta(seconds=(time.monotonic() - self._started) * self.speed)
+
+
+def run_demo(base: Settings, say: Callable[[str], None], timeout: float = 55.0, *, speed: float = 1.0) -> bool:
+    """Run the demo; True when both transactions settled within ``timeout`` real seconds. It keeps nothing but
+    the outbox: a fresh database, the package's templates (unless REMIND_TEMPLATES_DIR is set) and a key nobody
+    else knows. ``speed`` > 1 runs the service's clock that many times faster than the wall clock."""
+    if speed <= 0:
+        raise ValueError("speed must be positive")
     work = Path(tempfile.mkdtemp(prefix="remind-demo-"))
     try:
         schedules = work / "schedules"
@@ -54,17 +72,18 @@ def run_demo(base: Settings, say: Callable[[str], None], timeout: float = 55.0) 
         settings = base.model_copy(update={
             "env": "development", "database_url": f"sqlite:///{work / 'demo.db'}", "redis_url": None,
             "schedules_dir": schedules, "templates_dir": templates, "secret_key": secrets.token_urlsafe(32),
-            "tick_seconds": 0.5, "worker_threads": 4, "platform_webhook_url": None,
+            "tick_seconds": 0.5 / speed, "worker_threads": 4, "platform_webhook_url": None,
             # never the real providers: the demo's customers are made up
             "twilio_account_sid": None, "sendgrid_api_key": None, "fcm_project_id": None})
         problems = settings.folder_problems()
         if problems:
             raise problems[0]
         settings.outbox.unlink(missing_ok=True)
-        remind = Remind.from_settings(settings)
+        clock = DemoClock(speed)
+        remind = Remind.from_settings(settings, clock=clock)
         engine = Embedded(remind).start()
         try:
-            now = datetime.now(UTC)
+            now = clock()
             confirms, ignores = (tx["id"] for tx in demo_transactions(now))
             for tx in demo_transactions(now):
                 remind.register(tx)
@@ -78,7 +97,7 @@ def run_demo(base: Settings, say: Callable[[str], None], timeout: float = 55.0) 
                     say(f"the customer confirmed {confirms} after the first reminder: its reminders stop")
                 if confirmed and not remind.store.unsettled([confirms, ignores]):
                     break
-                time.sleep(0.2)
+                time.sleep(0.2 / speed)
             else:
                 say("the demo did not settle in time")
                 return False

@@ -1,9 +1,13 @@
-"""Push through Firebase Cloud Messaging's HTTP v1 API, posted with google-auth's ``AuthorizedSession``.
+"""Push through Firebase Cloud Messaging's HTTP v1 API: google-auth's service-account credentials sign the
+bearer token, and the post goes out on the senders' shared urllib3 transport (``http.py``).
 
 Not firebase-admin: it has no public way to point it at another endpoint (only the private
 ``messaging._MessagingService.FCM_URL``), waits 120 s by default, and retries 500/503 up to four times by
-itself, on top of dramatiq's retries. AuthorizedSession posts to any base URL with our timeout, through
-public API only, and every answer is classified here, once.
+itself, on top of dramatiq's retries. Not google-auth's ``AuthorizedSession`` either: it is ``requests``,
+about a millisecond of CPU per push more than urllib3 (see ``http.py``). google-auth's public credentials
+API (``before_request``, ``refresh``) with its urllib3 token transport does the same: the post goes to any
+base URL with our timeout, a 401 fetches a new token and posts once more, and every answer is classified
+here, once.
 """
 
 from __future__ import annotations
@@ -11,17 +15,20 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import requests
+import urllib3
 from google.auth.exceptions import RefreshError, TransportError
-from google.auth.transport.requests import AuthorizedSession, Request
+from google.auth.transport.urllib3 import Request
 from google.oauth2 import service_account
 
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_token
-from .base import DEFAULT_POOL_SIZE, OutgoingMessage, mount_pool, read_environment_once, retry_after
+from .base import DEFAULT_POOL_SIZE, OutgoingMessage, retry_after
+from .http import connection_pool, unanswered
+from .http import timeout as timeout_of
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
@@ -31,10 +38,10 @@ TOKEN_POOL_SIZE = 4
 THROTTLED_STATUS, THROTTLED_CODE = "RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED"
 
 
-def _error_codes(response: requests.Response) -> tuple[str | None, str | None]:
+def _error_codes(body: bytes) -> tuple[str | None, str | None]:
     """(Google's ``status``, FCM's ``errorCode``) from an error body, when it has them."""
     try:
-        error = response.json().get("error") or {}
+        error = json.loads(body or b"{}").get("error") or {}
     except (ValueError, AttributeError):
         return None, None
     if not isinstance(error, dict):
@@ -70,12 +77,10 @@ class FcmSender:
             (from as many threads) on this one sender. The token endpoint is called about once an hour, by
             the threads that find the token due at the same moment, and keeps a small pool.
 
-    What still retries inside google-auth, none of which can deliver a message twice: a 401 makes the
-    session fetch a new token and post once more (FCM accepted nothing; limited to one here), and fetching
-    a token (about once an hour) is tried up to 3 times on 429/5xx by google-auth's token client, 1 s and
-    2 s apart. The transport never retries: both sessions use requests' adapters with ``max_retries=0``
-    (AuthorizedSession's own token session would retry connection errors 3 times, so ours replaces it).
-    A full pool opens an extra connection rather than making a thread wait (see ``mount_pool``).
+    What retries, none of which can deliver a message twice: a 401 fetches a new token and posts once more
+    (FCM accepted nothing), and fetching a token (about once an hour) is tried up to 3 times on 429/5xx by
+    google-auth's token client, 1 s and 2 s apart. The transport never retries, and a full pool opens an
+    extra connection rather than making a thread wait (see ``http.py``).
 
     Throttling: a 429 (``RESOURCE_EXHAUSTED`` / ``QUOTA_EXCEEDED``) is a ``TransientSendError`` with
     ``throttled=True`` and FCM's Retry-After; 5xx are transient and not throttled.
@@ -90,17 +95,12 @@ class FcmSender:
         credentials = service_account.Credentials.from_service_account_info(info, scopes=[SCOPE])
         self.url = f"{base_url.rstrip('/')}/v1/projects/{project_id}/messages:send"
         self.timeout = timeout
-        token_session = requests.Session()
         self._credentials = credentials
-        self._token_request = Request(token_session)
+        self._pool = connection_pool(base_url, pool_size)  # a keep-alive connection for every send in flight
+        self._token_request = Request(connection_pool(info["token_uri"], TOKEN_POOL_SIZE))
         self._token_lock = threading.Lock()
         self._token_fetches = 0
         self._token_failure: SendError | None = None
-        self.session = AuthorizedSession(credentials, max_refresh_attempts=1, auth_request=self._token_request)
-        mount_pool(self.session, pool_size)  # a keep-alive connection for every send in flight, no retries
-        mount_pool(token_session, TOKEN_POOL_SIZE)
-        read_environment_once(token_session, info["token_uri"])
-        read_environment_once(self.session, base_url)
 
     @staticmethod
     def payload(message: OutgoingMessage) -> dict[str, Any]:
@@ -113,19 +113,23 @@ class FcmSender:
             body["data"] = {str(key): _string(value) for key, value in message.data.items()}
         return {"message": body}
 
-    def _fresh_token(self) -> None:
-        """Fetch an access token when one is due, one thread at a time.
+    def _fresh_token(self, stale: str | None = None) -> None:
+        """Fetch an access token when one is due (or the one FCM refused, ``stale``, is still the current
+        one), one thread at a time.
 
         google-auth has no lock: every thread that finds the token due (at start, and about once an hour)
         would sign a JWT and fetch its own token, up to one per send in flight. Here the first fetches it
         and the others wait for it; when that fetch fails, the threads that waited for it fail with the same
         classified error instead of queueing a fetch each (which would hold the last of them for many
         timeouts). The next thread to arrive after that tries again."""
-        if self._credentials.valid:
+        def due() -> bool:
+            return not self._credentials.valid or (stale is not None and self._credentials.token == stale)
+
+        if not due():
             return
         seen = self._token_fetches
         with self._token_lock:
-            if self._credentials.valid:
+            if not due():
                 return
             failure = self._token_failure
             if failure is None or self._token_fetches == seen:
@@ -138,35 +142,45 @@ class FcmSender:
                     failure = self._token_failure = _token_failure(exc)
         raise type(failure)(failure.reason, code=failure.code)
 
+    def _post(self, body: bytes) -> tuple[str | None, urllib3.BaseHTTPResponse]:
+        """One post with the current token (fetched first when due: else every thread in flight would fetch
+        its own); returns the token it carried and FCM's answer."""
+        self._fresh_token()
+        headers = {"Content-Type": "application/json"}
+        self._credentials.before_request(self._token_request, "POST", self.url, headers)
+        token = self._credentials.token
+        return token, self._pool.request("POST", self.url, body=body, headers=headers, redirect=False,
+                                         timeout=timeout_of(self.timeout))
+
     def send(self, message: OutgoingMessage) -> str | None:
+        body = json.dumps(self.payload(message), separators=(",", ":")).encode("utf-8")
         try:
-            self._fresh_token()  # before the post, else AuthorizedSession fetches it in every thread at once
-            response = self.session.post(self.url, json=self.payload(message), timeout=self.timeout)
-        except requests.Timeout:
-            raise TransientSendError(f"FCM did not answer within {self.timeout:g} s") from None
-        except requests.RequestException as exc:
-            raise TransientSendError(f"FCM not reached: {type(exc).__name__}") from None
-        except (TransportError, RefreshError) as exc:  # refreshing after a 401, inside AuthorizedSession
+            token, response = self._post(body)
+            if response.status == 401:  # the token was revoked: FCM accepted nothing; a new one, once more
+                self._fresh_token(stale=token)
+                token, response = self._post(body)
+        except urllib3.exceptions.HTTPError as exc:
+            raise TransientSendError(unanswered(exc, "FCM", self.timeout)) from None
+        except (TransportError, RefreshError) as exc:
             raise _token_failure(exc) from None
-        if response.status_code == 200:
+        if response.status == 200:
             try:
-                return response.json().get("name")
+                return json.loads(response.data).get("name")
             except (ValueError, AttributeError):
                 return None
-        raise self._classify(response, message.recipient)
+        raise self._classify(response.status, response.data, response.headers, message.recipient)
 
-    def _classify(self, response: requests.Response, token: str) -> SendError:
-        status = response.status_code
-        status_name, error_code = _error_codes(response)
+    def _classify(self, status: int, body: bytes, headers: Mapping[str, str], token: str) -> SendError:
+        status_name, error_code = _error_codes(body)
         code = error_code or status_name or str(status)
         if status == 404 or error_code == "UNREGISTERED":
             return PermanentSendError(f"FCM no longer knows the push token {mask_token(token)} (UNREGISTERED)",
                                       code="UNREGISTERED")
         if status == 429 or status_name == THROTTLED_STATUS or error_code == THROTTLED_CODE:
             return TransientSendError(f"FCM rate limit (HTTP {status}, {code})",
-                                      retry_after=retry_after(response.headers.get("Retry-After")), code=code,
+                                      retry_after=retry_after(headers.get("Retry-After")), code=code,
                                       throttled=True)
         if status >= 500:
             return TransientSendError(f"FCM answered HTTP {status} ({code})",
-                                      retry_after=retry_after(response.headers.get("Retry-After")), code=code)
+                                      retry_after=retry_after(headers.get("Retry-After")), code=code)
         return PermanentSendError(f"FCM refused the push to {mask_token(token)}: HTTP {status} ({code})", code=code)

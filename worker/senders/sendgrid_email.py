@@ -27,14 +27,15 @@ from urllib.error import URLError
 import python_http_client
 import urllib3
 from python_http_client.exceptions import HTTPError, handle_error
-from requests.utils import get_auth_from_url
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import CustomArg, From, Mail, To
 
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_email
-from .base import DEFAULT_POOL_SIZE, OutgoingMessage, environ_ca_bundle, environ_proxy
+from .base import DEFAULT_POOL_SIZE, OutgoingMessage
 from .base import retry_after as parse_retry_after
+from .http import connection_pool, socket_error
+from .http import timeout as timeout_of
 
 _FIELD = re.compile(r"[A-Za-z0-9_.\[\]-]{1,80}")
 
@@ -61,39 +62,6 @@ def _error_fields(body: bytes | None) -> list[str]:
         return []
     fields = [e.get("field") for e in errors if isinstance(e, dict)]
     return [f for f in dict.fromkeys(fields) if isinstance(f, str) and _FIELD.fullmatch(f)][:3]
-
-
-def connection_pool(base_url: str, pool_size: int) -> urllib3.PoolManager:
-    """One pool for every sending thread: ``pool_size`` keep-alive connections per host, non-blocking
-    (a thread beyond them opens a connection of its own rather than wait with no time limit; see
-    ``base.mount_pool``), no retries and no redirects (a POST is never sent twice behind the caller's
-    back). Proxy (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``) and CA bundle (``REQUESTS_CA_BUNDLE``) are
-    read from the environment now, once, as the other senders read them; a change needs a restart."""
-    if pool_size < 1:
-        raise ValueError(f"pool_size must be at least 1, not {pool_size!r}")
-    options: dict[str, Any] = dict(maxsize=pool_size, block=False, retries=False)
-    bundle = environ_ca_bundle()
-    if bundle:
-        options["ca_certs"] = bundle
-    proxy = environ_proxy(base_url)
-    if proxy is None:
-        return urllib3.PoolManager(**options)
-    username, password = get_auth_from_url(proxy)
-    headers = urllib3.make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
-    return urllib3.ProxyManager(proxy, proxy_headers=headers, **options)
-
-
-def _socket_error(exc: BaseException) -> BaseException:
-    """The error under urllib3's wrappers (NewConnectionError -> ConnectionRefusedError, ProtocolError ->
-    RemoteDisconnected, ProxyError -> ...), as urllib would have reported it."""
-    for _ in range(8):
-        if not isinstance(exc, urllib3.exceptions.HTTPError):
-            return exc
-        inner = next((a for a in reversed(exc.args) if isinstance(a, BaseException)), None) or exc.__cause__
-        if inner is None:
-            return exc
-        exc = inner
-    return exc
 
 
 class _Answer:
@@ -155,13 +123,13 @@ class _PooledClient(python_http_client.Client):
               timeout: float | None) -> python_http_client.client.Response:
         try:
             response = self._pool.request(method, url, body=data, headers=headers, redirect=False,
-                                          timeout=urllib3.Timeout(connect=timeout, read=timeout))
+                                          timeout=timeout_of(timeout))
         except urllib3.exceptions.NewConnectionError as exc:  # a ConnectTimeoutError, but refused or unresolved
-            raise URLError(_socket_error(exc)) from None
+            raise URLError(socket_error(exc)) from None
         except urllib3.exceptions.TimeoutError:
             raise TimeoutError(f"no answer within {timeout} s") from None
         except urllib3.exceptions.HTTPError as exc:
-            raise URLError(_socket_error(exc)) from None
+            raise URLError(socket_error(exc)) from None
         if not 200 <= response.status < 300:  # what urllib raises for, and the SDK turns into its own errors
             error = handle_error(UrllibHTTPError(url, response.status, response.reason or "", response.headers,
                                                  io.BytesIO(response.data)))

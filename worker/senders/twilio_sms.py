@@ -8,23 +8,29 @@ A reminder never arrives after its deadline: ``ValidityPeriod`` is the whole sec
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import requests
+import urllib3
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
-from twilio.http.http_client import TwilioHttpClient
+from twilio.http import HttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
 from ..errors import PermanentSendError, SendError, TransientSendError
 from ..masking import mask_phone
-from .base import DEFAULT_POOL_SIZE, OutgoingMessage, mount_pool, read_environment_once, retry_after
+from .base import DEFAULT_POOL_SIZE, OutgoingMessage, retry_after
+from .http import connection_pool, unanswered
+from .http import timeout as timeout_of
 
+#: When neither the caller nor the SDK names a timeout (seconds).
+DEFAULT_TIMEOUT = 10.0
 #: Twilio's accepted ``ValidityPeriod``, in seconds.
 MIN_VALIDITY, MAX_VALIDITY = 1, 36_000
 #: Twilio's "too many requests" code (HTTP 429).
@@ -38,25 +44,31 @@ REFUSALS = {
 }
 
 
-class _HttpClient(TwilioHttpClient):
-    """Sends every request to ``base_url`` (scheme, host and path prefix), and keeps each thread's last
-    response headers, since ``TwilioRestException`` carries none (Retry-After).
+class _HttpClient(HttpClient):
+    """The SDK's transport on a shared ``urllib3`` pool (see ``http.py``): every request goes to ``base_url``
+    (scheme, host and path prefix), form-encoded as ``TwilioHttpClient`` encodes it, with HTTP basic auth;
+    each thread's last response headers are kept, since ``TwilioRestException`` carries none (Retry-After).
 
-    One instance serves every sending thread: its ``requests.Session`` pools ``pool_size`` keep-alive
-    connections for http and https (the SDK mounts only https, with ``min(32, cpus + 4)``, so at more
-    threads than that requests would open and throw away a connection per send). See ``mount_pool`` for
-    why a full pool does not block."""
+    The SDK builds the request as always (``MessageList.create``: parameter names, serialisation, its
+    User-Agent and Accept headers) and turns the answer into a message or a ``TwilioRestException``. Failures
+    to reach Twilio are urllib3's own errors (``TimeoutError``, ``ProtocolError``, ``NewConnectionError``),
+    which ``TwilioSender`` classifies. Twilio's own transport would log each request and response at INFO
+    (URLs and headers); this one does not log."""
 
     def __init__(self, base_url: str, timeout: float, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
-        super().__init__(timeout=timeout)
+        super().__init__(logging.getLogger("twilio.http_client"), False, timeout)
         target = urlsplit(base_url)
         if target.scheme not in ("http", "https") or not target.netloc:
             raise ValueError(f"base_url must be an http(s) URL, not {base_url!r}")
         self._target = (target.scheme, target.netloc, target.path.rstrip("/"))
-        if self.session is not None:
-            mount_pool(self.session, pool_size)
-            read_environment_once(self.session, base_url)
+        self._pool = connection_pool(base_url, pool_size)
+        self._auth: tuple[tuple[str, str], str] | None = None
         self._local = threading.local()
+
+    def _authorization(self, auth: tuple[str, str]) -> str:
+        if self._auth is None or self._auth[0] != auth:
+            self._auth = (auth, urllib3.make_headers(basic_auth=f"{auth[0]}:{auth[1]}")["authorization"])
+        return self._auth[1]
 
     def request(self, method: str, url: str, params: dict[str, object] | None = None,
                 data: dict[str, object] | None = None, headers: dict[str, str] | None = None,
@@ -64,12 +76,23 @@ class _HttpClient(TwilioHttpClient):
                 allow_redirects: bool = False) -> Response:
         scheme, netloc, prefix = self._target
         parts = urlsplit(url)
-        url = urlunsplit((scheme, netloc, prefix + parts.path, parts.query, parts.fragment))
+        query = "&".join(q for q in (parts.query, urlencode(params or {}, doseq=True)) if q)
+        url = urlunsplit((scheme, netloc, prefix + parts.path, query, ""))
+        headers = dict(headers or {})
+        if auth:
+            headers["Authorization"] = self._authorization(auth)
+        body = None
+        if data:
+            if headers.get("Content-Type") in ("application/json", "application/scim+json"):
+                body = json.dumps(data).encode("utf-8")
+            else:
+                headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+                body = urlencode(data, doseq=True).encode("utf-8")
         self._local.headers = {}
-        response = super().request(method, url, params=params, data=data, headers=headers, auth=auth,
-                                   timeout=timeout, allow_redirects=allow_redirects)
-        self._local.headers = response.headers or {}
-        return response
+        answer = self._pool.request(method.upper(), url, body=body, headers=headers, redirect=allow_redirects,
+                                    timeout=timeout_of(timeout or self.timeout or DEFAULT_TIMEOUT))
+        self._local.headers = answer.headers
+        return Response(answer.status, answer.data.decode("utf-8", errors="replace"), answer.headers)
 
     def last_headers(self) -> Mapping[str, str]:
         return getattr(self._local, "headers", None) or {}
@@ -134,10 +157,8 @@ class TwilioSender:
             created = self.client.messages.create(**params)
         except (TwilioRestException, TwilioServiceException) as exc:
             raise self._classify(exc.status, exc.code, message.recipient) from None
-        except requests.Timeout:
-            raise TransientSendError(f"Twilio did not answer within {self.timeout:g} s") from None
-        except requests.RequestException as exc:
-            raise TransientSendError(f"Twilio not reached: {type(exc).__name__}") from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise TransientSendError(unanswered(exc, "Twilio", self.timeout)) from None
         return created.sid
 
     def _classify(self, status: int | None, code: int | None, to: str) -> SendError:

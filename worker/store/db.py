@@ -18,11 +18,20 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, **kwargs) -> Engine:
-    """An engine; on SQLite, WAL and ``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing."""
+#: Seconds a new PostgreSQL connection may take (REMIND_DB_CONNECT_TIMEOUT's default). psycopg waits 130 s
+#: for a host that drops packets or accepts and never answers; a process must report the outage instead.
+CONNECT_TIMEOUT = 5
+
+
+def make_engine(url: str, *, connect_timeout: int = CONNECT_TIMEOUT, **kwargs) -> Engine:
+    """An engine; on PostgreSQL a ``connect_timeout`` (whole seconds, libpq's minimum is 2) unless the URL sets
+    one, so an unreachable host is an outage within seconds; on SQLite, WAL and ``BEGIN IMMEDIATE`` so
+    concurrent writers queue instead of failing."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            kwargs["connect_args"] = {"connect_timeout": connect_timeout, **kwargs.get("connect_args", {})}
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
         kwargs.setdefault("hide_parameters", True)  # errors must not carry phone numbers into logs

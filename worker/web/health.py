@@ -61,22 +61,32 @@ class StoreCollector:
                                 value=1 if state["ok"] else 0)
 
 
+#: Seconds the Redis check waits to connect and for PONG: a probe must answer, not hang, when Redis drops packets.
+REDIS_CHECK_TIMEOUT = 2.0
+
+
 def _ready(remind: Remind) -> dict[str, str]:
+    """What this process needs to serve, each ``ok`` or ``unreachable: <what> (<error type>)``: the database
+    (bounded by REMIND_DB_CONNECT_TIMEOUT), and Redis when REDIS_URL is set (registering and confirming enqueue
+    there). Error types only: /readyz is public, and an address or a driver message is nobody else's business."""
     checks = {}
     try:
         with remind.store.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - report, don't crash
-        checks["database"] = f"unreachable: {type(exc).__name__}"
+        kind = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}.get(remind.store.engine.dialect.name, "database")
+        checks["database"] = f"unreachable: {kind} ({type(exc).__name__})"
     if remind.settings.redis_url:
         try:
             import redis
 
-            redis.Redis.from_url(remind.settings.redis_url, socket_timeout=2).ping()
+            with redis.Redis.from_url(remind.settings.redis_url, socket_timeout=REDIS_CHECK_TIMEOUT,
+                                      socket_connect_timeout=REDIS_CHECK_TIMEOUT) as client:
+                client.ping()
             checks["broker"] = "ok"
         except Exception as exc:  # noqa: BLE001
-            checks["broker"] = f"unreachable: {type(exc).__name__}"
+            checks["broker"] = f"unreachable: Redis ({type(exc).__name__})"
     else:
         checks["broker"] = "ok (in-process)"
     state = remind.config_state
@@ -94,8 +104,8 @@ def router(remind: Remind) -> APIRouter:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @health.get("/readyz", summary="The database and the broker are reachable",
-                responses={503: {"description": "A dependency is down"}})
+    @health.get("/readyz", summary="The database and the broker (Redis, when REDIS_URL is set) are reachable",
+                responses={503: {"description": "A dependency is down: its check says which"}})
     async def readyz():
         checks = await run_in_threadpool(_ready, remind)
         ok = all(v.startswith("ok") for v in checks.values())
