@@ -228,3 +228,24 @@ def test_the_sweep_goes_round_in_small_steps(make_harness, tmp_path):
         roll_up(store, limit=3)
     assert "p0" in rolled_ids(store)
     same_figures(store)
+
+
+def test_remind_db_rollup_rolls_up_everything_at_once(make_harness, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    with store.begin() as conn:
+        conn.execute(text("DELETE FROM funnel_rolled"))
+        conn.execute(text("DELETE FROM funnel_units"))
+        conn.execute(text("DELETE FROM funnel_rollup_state"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", h.remind.settings.database_url)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    result = CliRunner().invoke(main, ["db", "rollup"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("funnel roll-up: 20 transactions rolled up in ")
+    assert rolled_ids(store) == {f"a{i}" for i in range(16)} | {f"r{i}" for i in range(4)}
+    same_figures(store)
