@@ -95,18 +95,6 @@ def units_sql(pg: bool, where: str) -> str:
 NOT_ROLLED = "NOT EXISTS (SELECT 1 FROM funnel_rolled AS f WHERE f.transaction_id = t.id AND NOT f.stale{window})"
 
 
-def forget(conn: Connection, tx_ids: list[str]) -> None:
-    """The units of these transactions no longer hold (their status or a sent reminder changed): delete them
-    and mark the transactions stale, in the caller's database transaction, so the funnel computes them live
-    until the next ``roll_up``. Costs nothing for a transaction that was never rolled up."""
-    if not tx_ids:
-        return
-    of_ids = _of_ids(conn.dialect.name == "postgresql")
-    conn.execute(of_ids(f"UPDATE funnel_rolled SET stale = true WHERE transaction_id {IDS} AND NOT stale"),
-                 {"ids": tx_ids})
-    conn.execute(of_ids(f"DELETE FROM funnel_units WHERE transaction_id {IDS}"), {"ids": tx_ids})
-
-
 #: Where a statement takes a list of transaction ids: one array parameter on PostgreSQL (a fixed text for
 #: any number of ids), an expanding IN on SQLite.
 IDS = "__IDS__"
@@ -119,6 +107,18 @@ def _of_ids(pg: bool):
             return text(sql.replace(IDS, "= ANY(CAST(:ids AS text[]))"))
         return text(sql.replace(IDS, "IN :ids")).bindparams(bindparam("ids", expanding=True))
     return statement
+
+
+def forget(conn: Connection, tx_ids: list[str]) -> None:
+    """The units of these transactions no longer hold (their status or a sent reminder changed): delete them
+    and mark the transactions stale, in the caller's database transaction, so the funnel computes them live
+    until the next ``roll_up``. Costs nothing for a transaction that was never rolled up."""
+    if not tx_ids:
+        return
+    of_ids = _of_ids(conn.dialect.name == "postgresql")
+    conn.execute(of_ids(f"UPDATE funnel_rolled SET stale = true WHERE transaction_id {IDS} AND NOT stale"),
+                 {"ids": tx_ids})
+    conn.execute(of_ids(f"DELETE FROM funnel_units WHERE transaction_id {IDS}"), {"ids": tx_ids})
 
 
 @dataclass(frozen=True)
