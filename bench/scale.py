@@ -22,7 +22,8 @@ roll-up of every settled transaction, which the scheduler's tick would build a s
 ``/metrics`` ``--scrapes`` times (p50/p95, after one warm-up),
 ``/ops`` and ``/v1/stats`` with ``since=7d``, ``/ops`` with no ``since`` (the default window), and with
 ``--all-time`` also ``/v1/stats`` since the first transaction; the web process's peak RSS (``VmHWM``) at
-the end. In a child process on the same code: the ``EXPLAIN (ANALYZE, BUFFERS)`` of the suppression
+the end; then ``/v1/experiments?since=7d`` and the peak RSS after it. In a child process on the same
+code: the ``EXPLAIN (ANALYZE, BUFFERS)`` of the suppression
 lookup (``Store.suppressed`` of 200 addresses, 20 of them suppressed, statements captured as sent) and
 of the stats queries (``funnel(since=7d)``). The last line is ``key=value`` figures.
 """
@@ -467,6 +468,14 @@ def main() -> None:
                 log(f"/v1/stats since 2000-01-01: {ms:.0f} ms, HTTP {status}, {size:,} bytes")
                 figures["stats_all_ms"] = f"{ms:.0f}" if status == 200 else f"{status}_after_{ms:.0f}"
         figures["web_rss_mb"] = f"{vm_hwm_mb(proc.pid):.0f}"
+        # -- the variant comparison (worker/experiments.py; issue #13), after web_rss_mb so that figure keeps
+        # its meaning: the statement /ops runs for schedules with variants, over every schedule here
+        with httpx.Client(base_url=base, timeout=args.timeout) as client:
+            ms, status, size = timed_get(client, "/v1/experiments?since=7d", OPS_TOKEN)
+        figures["experiments_7d_ms"] = f"{ms:.0f}" if status == 200 else f"{status}_after_{ms:.0f}"
+        figures["web_rss_experiments_mb"] = f"{vm_hwm_mb(proc.pid):.0f}"
+        log(f"/v1/experiments?since=7d: {ms:.0f} ms, HTTP {status}, {size:,} bytes, web RSS peak "
+            f"{figures['web_rss_experiments_mb']} MB")
     finally:
         proc.terminate()
         try:

@@ -3,6 +3,7 @@ are signed (Standard Webhooks) and retried until the platform answers 2xx."""
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import timedelta
 
@@ -195,6 +196,36 @@ def test_logs_never_carry_a_full_phone_email_or_token(make_harness, caplog):
     assert "sent cancel sms to +86*******8000" in text
     for secret in ("+8613800138000", "li.wei@example.com", "fcm-token-1"):
         assert secret not in text
+
+
+def test_at_info_a_batch_is_one_log_line_and_debug_names_each_masked_send(make_harness, caplog):
+    caplog.set_level("INFO", logger="remind.delivery")
+    h = make_harness()
+    h.remind.register(transaction(expires_at=(T0 + timedelta(hours=21)).isoformat()))
+    h.at(hours=20.5).tick()  # the final warning: sms, email and push, one batch
+
+    # a small tick spreads its deliveries over several messages: a line per batch, counting its outcomes
+    batches = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch of")]
+    assert batches and all(re.fullmatch(r"batch of (\d+): \1 sent", line) for line in batches), batches
+    assert sum(int(re.match(r"batch of (\d+)", line)[1]) for line in batches) == 3
+    assert not [r for r in caplog.records if r.getMessage().startswith("sent ")]
+
+    caplog.clear()
+    caplog.set_level("DEBUG", logger="remind.delivery")
+    h.remind.register(transaction(id="tx_2", expires_at=(T0 + timedelta(hours=21)).isoformat()))
+    h.at(hours=20.6).tick()
+    sent = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("sent "))
+    assert len(sent) == 3 and any("sms to +86*******8000" in line for line in sent), sent
+
+
+def test_an_unknown_log_level_is_refused_naming_the_setting():
+    from pydantic import ValidationError
+
+    from worker.settings import Settings
+
+    with pytest.raises(ValidationError, match="REMIND_LOG_LEVEL"):
+        Settings(REMIND_LOG_LEVEL="loud", _env_file=None)
+    assert Settings(REMIND_LOG_LEVEL="DEBUG", _env_file=None).log_level == "debug"
 
 
 def test_a_reminder_no_channel_can_deliver_is_reported_to_the_platform(make_harness, platform, tmp_path):

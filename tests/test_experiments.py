@@ -12,12 +12,25 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import update
 from starlette.testclient import TestClient
 from support import ROOT, T0, transaction
 
+from worker.attribution import quartiles, table_of
 from worker.cli import main
-from worker.experiments import Outcome, attribute, choose_control, compare, needed_per_arm, report, summarize
+from worker.experiments import (
+    Outcome,
+    attribute,
+    choose_control,
+    compare,
+    needed_per_arm,
+    read_table,
+    report,
+    summarize,
+)
 from worker.ladder.plan import choose_variant
+from worker.store.experiments import variant_rows
+from worker.store.tables import transactions
 from worker.web.app import create_app
 
 # -- the statistics, on counts --------------------------------------------------------------------------------
@@ -173,6 +186,16 @@ def test_attribution_counts_customer_confirmations_and_the_rest_apart():
     assert one["breakdowns"]["locale"][0]["comparisons"][0]["alpha"] == pytest.approx(0.025)
 
 
+def test_quartiles_of_time_to_confirm_are_the_inclusive_ones():
+    import statistics
+
+    for times in ([5.0, 1.0], [3.0, 1.0, 2.0], [1.0, 2.0, 4.0, 8.0, 16.0], [float(x * x) for x in range(11)]):
+        q = statistics.quantiles(times, n=4, method="inclusive")
+        assert quartiles(times) == {"median": q[1], "p25": q[0], "p75": q[2]}
+    assert quartiles([7.0]) == {"median": 7.0, "p25": 7.0, "p75": 7.0}
+    assert quartiles([]) == {"median": None, "p25": None, "p75": None}
+
+
 def test_the_control_and_the_concurrent_window():
     assert choose_control(["b", "control", "default"]) == "control"
     assert choose_control(["b", "default"]) == "default"
@@ -290,6 +313,17 @@ def test_a_real_difference_through_the_store_and_the_cli(make_harness, tmp_path,
         assert over_http.json()["schedules"] == report(r.store, schedule="ab", schedules=r.registry)["schedules"]
         assert client.get("/v1/experiments", params={"since": "a while"},
                           headers={"Authorization": "Bearer ops-token"}).status_code == 422
+        # /v1/stats and /ops carry the comparison of their own window (7 days before the clock by default)
+        stats = client.get("/v1/stats", headers={"Authorization": "Bearer ops-token"}).json()
+        assert stats["experiments"]["since"] == stats["since"] == "2026-11-19T09:00:00Z"
+        assert stats["experiments"]["schedules"] == data["schedules"]
+        page = client.get("/ops", headers={"Authorization": "Bearer ops-token"}).text
+        section = page[page.index('id="variants-ab-nudge"'):]
+        assert "Variants of nudge: each against the control, plain" in section
+        assert f"<td>{cmp['difference']['value'] * 100:+.1f} pts</td>" in section
+        assert '<tr class="verdict-better">' in section and "<b>short better</b>" in section
+        assert "locale</td><td>zh-CN</td>" in section  # the breakdowns, folded
+        assert "The default 7-day window moves every day: to act on a verdict" in " ".join(page.split())
 
     settings = r.settings
     monkeypatch.chdir(tmp_path)
@@ -311,6 +345,27 @@ def test_a_real_difference_through_the_store_and_the_cli(make_harness, tmp_path,
     assert row[:4] + row[5:8] == ["nudge", "plain", str(n_plain), str(p["customer"]), str(p["ops"]),
                                   str(p["platform"]), "0"]
     assert row[8:] == ["0", "0", "0", "5m", "[5m-5m]"]  # other, cancelled, escalated, open, time to confirm
+    summary = CliRunner().invoke(main, ["stats", "--since", "2026-11-24"]).output
+    assert "  variants of nudge (control plain; customer confirmations, always-valid interval):" in summary
+    assert next(x for x in summary.splitlines() if x.startswith("    short vs plain:")) == line
     assert "no transactions" in CliRunner().invoke(main, ["experiments", "--since", "2030-01-01"]).output
     bad = CliRunner().invoke(main, ["experiments", "--since", "a while"])
     assert bad.exit_code == 2 and "--since" in bad.output
+
+    # The database's table is the one Python computes from the rows, transaction by transaction; also once
+    # `plain` has run alone for a day before `short` came (its first ten moved back): they are left out.
+    def both() -> tuple:
+        return read_table(r.store, None, None), table_of(attribute(*variant_rows(r.store, None, None)))
+
+    in_sql, in_python = both()
+    assert in_sql == in_python and len(in_sql.cells) > 8
+    early_plain = arms["plain"][:10]
+    with r.store.engine.begin() as conn:
+        conn.execute(update(transactions).where(transactions.c.id.in_(early_plain))
+                     .values(created_at=T0 - timedelta(days=1)))
+    in_sql, in_python = both()
+    assert in_sql == in_python
+    [nudge] = [s for s in summarize(in_sql)[0]["steps"] if s["step"] == "nudge"]
+    assert nudge["concurrent"]["left_out"] == 10 and nudge["concurrent"]["from"] == "2026-11-25T09:00:00Z"
+    assert nudge["comparisons"][0]["control"]["decided"] == n_plain - 10
+    assert nudge["variants"][0]["reached"] == n_plain  # the arm's own figures keep every transaction

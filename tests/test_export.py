@@ -9,6 +9,7 @@ import csv
 import io
 import json
 from collections import defaultdict
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -18,8 +19,9 @@ from starlette.testclient import TestClient
 from support import ROOT, T0, Harness, transaction
 
 from worker.cli import main
-from worker.export import COLUMNS, cost_report, export, to_csv
+from worker.export import COLUMNS, cost_report, cost_totals, export, to_csv
 from worker.pricing import Pricing
+from worker.stats import funnel, report, to_text
 from worker.store.tables import deliveries, transactions
 from worker.web.app import create_app
 
@@ -257,3 +259,79 @@ def test_get_v1_stats_csv_needs_the_ops_token(history):
         funnel = client.get("/v1/stats", headers=auth)
         assert funnel.headers["content-type"] == "application/json" and "schedules" in funnel.json()
         assert "schedules" in client.get("/v1/stats?format=json", headers=auth).json()
+
+
+def _totals_match(history) -> None:
+    """The database's aggregate (cost_totals) prices every step and schedule as the row-by-row report does."""
+    store, pricing = history.remind.store, history.remind.pricing
+    rows, totals = cost_report(store, pricing), cost_totals(store, pricing)
+    assert totals.by_step == rows.by_step and totals.currency == rows.currency
+    for name, s in rows.by_schedule.items():
+        assert {k: v for k, v in totals.by_schedule[name].items() if k != "cost_per_transaction"} == s
+        assert totals.by_schedule[name]["cost_per_transaction"] == (s["cost"] / s["transactions"]).quantize(
+            Decimal("0.000001"))
+
+
+def test_costs_in_the_stats_json_and_on_the_ops_page(history):
+    """Cost per transaction and per customer confirmation, by schedule, step and variant, in /v1/stats (an
+    added `costs` field: `schedules` stays the funnel) and on /ops; the same money as the export's."""
+    _totals_match(history)
+    store, pricing = history.remind.store, history.remind.pricing
+    data = report(store, pricing, schedules=history.remind.registry, now=T0 + timedelta(days=1))
+    assert data["schedules"] == funnel(store, now=T0 + timedelta(days=1))["schedules"]
+    exported = export(store, pricing)
+    assert data["currency"] == data["costs"]["currency"] == "EUR"
+    by_name = {s["schedule"]: s for s in data["costs"]["schedules"]}
+    for s in exported["schedules"]:
+        mine = by_name[s["schedule"]]
+        assert {k: mine[k] for k in s} == s
+        assert Decimal(mine["cost_per_transaction"]) == (Decimal(s["cost"]) / s["transactions"]).quantize(
+            Decimal("0.000001"))
+    # per step and variant: the export's rows summed over the segments
+    step_cost: dict[tuple, Decimal] = defaultdict(Decimal)
+    confirmed: dict[tuple, int] = defaultdict(int)
+    for r in exported["rows"]:
+        step_cost[(r["schedule"], r["step"], r["variant"])] += Decimal(r["cost"])
+        confirmed[(r["schedule"], r["step"], r["variant"])] += r["confirmed_after"]
+    steps = {(s["schedule"], r["step"], r["variant"]): r for s in data["costs"]["schedules"] for r in s["steps"]}
+    assert set(steps) == set(step_cost)
+    for key, r in steps.items():
+        assert (Decimal(r["cost"]), r["customer_confirmations"]) == (step_cost[key], confirmed[key])
+        assert r["cost_per_customer_confirmation"] == (str((step_cost[key] / confirmed[key]).quantize(
+            Decimal("0.000001"))) if confirmed[key] else None)
+    nudge = steps[("costly", "nudge", "default")]
+    assert (nudge["reached"], nudge["customer_confirmations"]) == (4, 1)
+    assert nudge["cost_per_transaction"] == str((step_cost[("costly", "nudge", "default")] / 4).quantize(
+        Decimal("0.000001")))
+    review = by_name["review"]  # an ops approval is not a customer confirmation
+    assert review["customer_confirmations"] == 0 and review["cost_per_customer_confirmation"] is None
+
+    history.at(hours=25)
+    with TestClient(create_app(history.remind)) as client:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        body = client.get("/v1/stats", headers=auth).json()
+        assert body["costs"] == data["costs"] and body["currency"] == "EUR"
+        page = client.get("/ops", headers=auth).text
+        costly = by_name["costly"]
+        assert f"EUR {costly['cost']}" in page
+        assert f"{costly['cost_per_customer_confirmation']} per customer confirmation" in page
+        assert f"<td class=\"cost\">{nudge['cost']}</td>" in page
+
+    # no price table: every cost null, the page says why
+    unpriced = report(store, Pricing.none(), now=T0 + timedelta(days=1))
+    assert unpriced["currency"] is None and unpriced["costs"]["schedules"][0]["cost"] is None
+    assert "cost: - (no price table" in to_text(unpriced)
+    assert f"  cost: EUR {costly['cost']}, " in to_text(data)
+
+
+def test_cost_totals_read_the_phone_of_older_rows_and_the_default_for_erased_ones(history):
+    """SMS sent before migration 0008 have no calling code: grouped by the phone's first characters instead,
+    the aggregate still prices them as the row-by-row report; an erased (masked) phone pays the default."""
+    with history.remind.store.engine.begin() as conn:
+        conn.execute(update(deliveries).where(deliveries.c.transaction_id.in_(("c86", "c1", "cfr"))).values(
+            country_code=None))
+    history.remind.erase_customer("cust_c86")
+    _totals_match(history)
+    unpriced = cost_totals(history.remind.store, Pricing.none())  # no price table: no message is read
+    assert unpriced.by_step == {} and unpriced.by_schedule["costly"]["cost"] is None
+    assert unpriced.customer_confirmations[("costly", "nudge", "default")] == 1

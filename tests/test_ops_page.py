@@ -8,6 +8,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -122,3 +123,14 @@ def test_the_page_escapes_what_it_shows():
     html = render_page(data, [], since="<u>7d</u>")
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "<u>" not in html and "&lt;u&gt;7d" in html and "<script>" not in html
+
+
+def test_the_web_process_starts_without_the_statistics_libraries():
+    """numpy, scipy and statsmodels (~40 to 150 MB) load with the first comparison or what-if that needs them,
+    never with the process that serves the confirmation links: importing the app, the stats, the comparison
+    and the costs loads none of them."""
+    code = ("import sys\n"
+            "import worker.web.app, worker.stats, worker.experiments, worker.export, worker.attribution\n"
+            "print(sorted(m for m in ('numpy', 'scipy', 'statsmodels', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -88,7 +88,8 @@ def _serving(settings: Settings, *, migrate: bool = True):
 def main(ctx: click.Context, json_logs: bool) -> None:
     """Reminds customers to confirm pending transactions, and cancels the ones they never confirm."""
     ctx.ensure_object(dict)
-    setup("json" if json_logs else os.environ.get("REMIND_LOG_FORMAT", "text"))
+    setup("json" if json_logs else os.environ.get("REMIND_LOG_FORMAT", "text"),
+          os.environ.get("REMIND_LOG_LEVEL", "info"))
 
 
 @main.command()
@@ -539,13 +540,14 @@ def events_resend(event_ids: tuple[str, ...], failed: bool) -> None:
 @click.option("--since", default=None, help="Transactions created since: an ISO date/time or a duration such as "
               "30d (default: the last 7 days).")
 @click.option("--schedule", default=None, help="Only this schedule.")
-@click.option("--json", "as_json", is_flag=True, help="The same JSON as GET /v1/stats.")
+@click.option("--json", "as_json", is_flag=True, help="The same JSON as GET /v1/stats (funnel, costs, experiments).")
 @click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True,
               help="csv/json: the export, one row per schedule, step, variant and segment, with costs "
                    "(the CSV of GET /v1/stats.csv).")
 def stats(since: str | None, schedule: str | None, as_json: bool, fmt: str) -> None:
-    """The confirmation funnel per schedule, step and variant (definitions: docs/stats.md)."""
-    from .stats import funnel, to_text
+    """The confirmation funnel per schedule, step and variant, with costs and the variant comparison
+    (definitions: docs/stats.md)."""
+    from .stats import report, to_text
 
     if fmt != "text":
         if as_json:
@@ -560,8 +562,11 @@ def stats(since: str | None, schedule: str | None, as_json: bool, fmt: str) -> N
             raise click.BadParameter(str(exc), param_hint="--since") from None
         click.echo(to_csv(rows) if fmt == "csv" else json.dumps(rows, indent=2, ensure_ascii=False), nl=fmt != "csv")
         return
+    remind = _remind()
+    # Without a price table the costs are null, and the text says so: no log line in the middle of --json.
+    pricing = remind.pricing if remind.settings.pricing_file.exists() else None
     try:
-        data = funnel(_remind().store, since=since, schedule=schedule)
+        data = report(remind.store, pricing, schedules=remind.registry, since=since, schedule=schedule)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     click.echo(json.dumps(data, indent=2, ensure_ascii=False) if as_json else to_text(data))

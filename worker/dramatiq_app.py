@@ -25,7 +25,7 @@ def _refuse(message: str, code: int) -> None:
 
 try:
     settings = prepare(Settings())
-    setup(settings.log_format)
+    setup(settings.log_format, settings.log_level)
     remind = Remind.from_settings(settings, migrate=False)
     preflight(remind)
 except SettingsError as exc:

@@ -9,6 +9,8 @@ calling code (recorded at send time; for older rows read from the transaction's 
 - ``cost_report(store, pricing, ...)``: cost per (schedule, step, variant) of the reminders, per
   transaction (reminders and notices), and per schedule with the cost per *customer* confirmation
   (``transactions.settled_source = 'customer'``: an ops approval or a platform call is not one).
+- ``cost_totals(store, pricing, ...)``: the same per step and per schedule (with the cost per transaction),
+  from figures the database aggregates: what ``/v1/stats``, ``/ops`` and ``remind stats`` show.
 - ``export(store, pricing, ...)``: the rows of ``remind stats --format csv|json`` and
   ``GET /v1/stats.csv``; ``to_csv`` writes them. Definitions: docs/stats.md, "Cost" and "Export".
 """
@@ -27,7 +29,7 @@ from .ladder import parse_duration
 from .pricing import Pricing
 from .stats import wilson
 from .store import Store
-from .store.export import export_rows
+from .store.export import cost_figures, export_rows
 
 #: Cost per confirmation is rounded to this (costs themselves are exact sums of the table's prices).
 PER_CONFIRMATION = Decimal("0.000001")
@@ -65,6 +67,7 @@ def group_cost(pricing: Pricing, group: dict[str, Any], phone: str | None = None
 
 
 def per_confirmation(cost: Decimal | None, confirmations: int) -> Decimal | None:
+    """Cost per confirmation (or per transaction: any count), rounded to 6 places; None for 0 or no cost."""
     if cost is None or confirmations <= 0:
         return None
     return (cost / confirmations).quantize(PER_CONFIRMATION, rounding=ROUND_HALF_EVEN)
@@ -81,6 +84,8 @@ class CostReport:
     by_transaction: dict[str, Decimal | None] = field(default_factory=dict)
     #: schedule -> {transactions, customer_confirmations, cost, cost_per_customer_confirmation}.
     by_schedule: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (schedule, step, variant) -> customer confirmations attributed to it (``cost_totals`` only).
+    customer_confirmations: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
 
 def _add(total: Decimal | None, cost: Decimal | None) -> Decimal | None:
@@ -92,6 +97,34 @@ def cost_report(store: Store, pricing: Pricing, *, since: datetime | None = None
     """Costs of the transactions created in [since, until) (on ``schedule``): see CostReport."""
     txs, groups, phones = export_rows(store, since=since, until=until, schedule=schedule)
     return _report(pricing, txs, groups, phones)
+
+
+def cost_totals(store: Store, pricing: Pricing, *, since: datetime | None = None,
+                schedule: str | None = None) -> CostReport:
+    """``cost_report``'s ``by_step`` and ``by_schedule`` (plus ``cost_per_transaction``), and the customer
+    confirmations per step, from figures the database aggregates (worker.store.export.cost_figures): its
+    memory does not grow with the window, so ``/v1/stats`` and ``/ops`` can show it. ``by_transaction`` is
+    left empty. Without a price table the messages are not read (every cost is null)."""
+    totals, groups, attributed = cost_figures(store, since=since, schedule=schedule, priced=pricing.available)
+    zero = Decimal(0) if pricing.available else None
+    report = CostReport(pricing.currency if pricing.available else None)
+    report.customer_confirmations = {(r["schedule"], r["step"], r["variant"]): r["customer_confirmations"]
+                                     for r in attributed}
+    cost_of: dict[str, Decimal | None] = defaultdict(lambda: zero)
+    for g in groups:
+        cost = group_cost(pricing, g, g["phone"])
+        cost_of[g["schedule"]] = _add(cost_of[g["schedule"]], cost)
+        if g["kind"] == "reminder":
+            key = (g["schedule"], g["step"], g["variant"])
+            report.by_step[key] = _add(report.by_step.get(key, zero), cost)
+    for s in totals:
+        cost = cost_of[s["schedule"]]
+        report.by_schedule[s["schedule"]] = {
+            "schedule": s["schedule"], "transactions": int(s["transactions"]),
+            "customer_confirmations": s["customer_confirmations"], "cost": cost,
+            "cost_per_transaction": per_confirmation(cost, int(s["transactions"])),
+            "cost_per_customer_confirmation": per_confirmation(cost, s["customer_confirmations"])}
+    return report
 
 
 def _report(pricing: Pricing, txs: list[dict[str, Any]], groups: list[dict[str, Any]],

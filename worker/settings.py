@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import SettingsError
 from .ladder.durations import parse_duration
+from .logs import LEVELS as LOG_LEVELS
 
 #: Published values (old defaults, examples): a key anyone can read lets anyone forge a confirmation link.
 _KNOWN_SECRETS = frozenset({"dev-secret-change-me", "change-me", "changeme", "secret"})
@@ -117,6 +118,7 @@ class Settings(BaseSettings):
     queue_name: str = Field("remind", alias="REMIND_QUEUE")
     redis_namespace: str = Field("remind", alias="REMIND_REDIS_NAMESPACE")
     log_format: str = Field("text", alias="REMIND_LOG_FORMAT")
+    log_level: str = Field("info", alias="REMIND_LOG_LEVEL")  # debug: a line per delivery sent, too
     #: Provider calls one worker process keeps in flight at once (its send pool; the senders' connection
     #: pools are sized to it).
     send_concurrency: int = Field(128, alias="REMIND_SEND_CONCURRENCY", gt=0, le=2048)
@@ -195,6 +197,13 @@ class Settings(BaseSettings):
         if value not in ("text", "json"):
             raise ValueError("REMIND_LOG_FORMAT is text or json")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"REMIND_LOG_LEVEL is one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
 
     @property
     def inflight_limits(self) -> dict[str, int]:

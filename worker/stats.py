@@ -31,11 +31,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from .ladder import format_duration, parse_duration
+from .pricing import Pricing
 from .store import Store, funnel_figures
 
 #: The funnel's window when no ``since`` is given: the transactions created in the last 7 days.
@@ -93,12 +96,70 @@ def funnel(store: Store, *, since: str | datetime | None = None, schedule: str |
     the last ``DEFAULT_WINDOW`` (7 days) before ``now``. Aggregated by the database
     (worker.store.funnel_figures): the memory it takes does not grow with the tables."""
     now = now or store.clock()
-    start = parse_since(since, now) if isinstance(since, str) else since
-    if start is None:
-        start = now - DEFAULT_WINDOW
+    start = _window(since, now)
     figures = funnel_figures(store, start, schedule)
     return {"generated_at": _iso(now), "since": _iso(start), "schedule": schedule,
             "schedules": assemble(figures)}
+
+
+def report(store: Store, pricing: Pricing | None = None, *, schedules: Iterable[Any] = (),
+           since: str | datetime | None = None, schedule: str | None = None, now: datetime | None = None
+           ) -> dict[str, Any]:
+    """What ``/v1/stats``, ``/ops`` and ``remind stats`` show: the funnel (``schedules``, unchanged), plus
+    ``currency`` and ``costs`` (per schedule and per step and variant: cost, per transaction, per customer
+    confirmation; worker.export.cost_totals) and ``experiments`` (the variant comparison of the same window,
+    as ``remind experiments --json``, for the schedules in ``schedules`` with a step that has variants: the
+    running experiments). All aggregated by the database. ``schedules``: the loaded ones
+    (``Remind.registry``). Raises ValueError for a bad ``since``."""
+    from .experiments import read_table  # both import this module (wilson, parse_since, human)
+    from .experiments import report as compare_variants
+    from .export import cost_totals
+
+    now = now or store.clock()
+    schedules = list(schedules)
+    data = funnel(store, since=since, schedule=schedule, now=now)
+    start = _window(since, now)
+    costs = cost_totals(store, pricing or Pricing.none(), since=start, schedule=schedule)
+    data["currency"] = costs.currency
+    data["costs"] = {"currency": costs.currency, "schedules": [
+        _costs(s, costs, costs.customer_confirmations) for s in data["schedules"]]}
+    # the running experiments: schedules with a step that has variants now (remind experiments has them all)
+    running = sorted({s.name for s in schedules if any(len(getattr(step, "variants", ()) or ()) > 1
+                                                       for step in s.steps)})
+    data["experiments"] = compare_variants(store, since=start, schedule=schedule, now=now, schedules=schedules,
+                                           table=read_table(store, start, schedule, among=running))
+    return data
+
+
+def _costs(s: dict[str, Any], costs: Any, confirmed: dict[tuple[str, str, str], int]) -> dict[str, Any]:
+    """One schedule's costs: in total and per step and variant of the funnel (reminders only)."""
+    from .export import per_confirmation
+
+    zero = None if costs.currency is None else Decimal(0)
+    total = costs.by_schedule.get(s["schedule"], {})
+    steps = []
+    for r in s["steps"]:
+        key = (s["schedule"], r["step"], r["variant"])
+        cost, n = costs.by_step.get(key, zero), confirmed.get(key, 0)
+        steps.append({"step": r["step"], "variant": r["variant"], "reached": r["reached"],
+                      "customer_confirmations": n, "cost": _money(cost),
+                      "cost_per_transaction": _money(per_confirmation(cost, r["reached"])),
+                      "cost_per_customer_confirmation": _money(per_confirmation(cost, n))})
+    return {"schedule": s["schedule"], "transactions": s["transactions"],
+            "customer_confirmations": total.get("customer_confirmations", 0),
+            "cost": _money(total.get("cost", zero)),
+            "cost_per_transaction": _money(total.get("cost_per_transaction")),
+            "cost_per_customer_confirmation": _money(total.get("cost_per_customer_confirmation")),
+            "steps": steps}
+
+
+def _money(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _window(since: str | datetime | None, now: datetime) -> datetime:
+    start = parse_since(since, now) if isinstance(since, str) else since
+    return now - DEFAULT_WINDOW if start is None else start
 
 
 def assemble(figures: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -253,11 +314,13 @@ def pct(rate: dict[str, float | None]) -> str:
 
 
 def to_text(stats: dict[str, Any]) -> str:
-    """A table per schedule, for a terminal."""
+    """A table per schedule, for a terminal; with ``report``'s costs and variant comparisons when present."""
     scope = f"since {stats['since']}" if stats["since"] else "all time"  # since: 7 days back unless given
     lines = [f"confirmation funnel, {scope}" + (f", schedule {stats['schedule']}" if stats["schedule"] else "")]
     if not stats["schedules"]:
         lines.append("no transactions")
+    costs = {c["schedule"]: c for c in (stats.get("costs") or {}).get("schedules", [])}
+    variants = {e["schedule"]: e["steps"] for e in (stats.get("experiments") or {}).get("schedules", [])}
     for s in stats["schedules"]:
         approved = f", {s['approved']} approved by ops" if s.get("approved") else ""
         lines += ["", f"{s['schedule']}: {s['transactions']} transactions, {s['confirmed']} confirmed "
@@ -276,4 +339,41 @@ def to_text(stats: dict[str, Any]) -> str:
                          f"{r['cancelled']:>10}{r['escalated']:>10}  {sent}{seg}")
         lines.append("  time to confirm: " + ", ".join(f"{b['bucket']} {b['count']}"
                                                          for b in s["time_to_confirm_histogram"]))
+        lines += _cost_lines(costs.get(s["schedule"]), stats.get("currency"))
+        lines += _variant_lines(variants.get(s["schedule"], []))
     return "\n".join(lines)
+
+
+def _cost_lines(c: dict[str, Any] | None, currency: str | None) -> list[str]:
+    """What the schedule's messages cost (``report``'s ``costs``): in all, then per step and variant."""
+    if c is None:
+        return []
+    if currency is None:
+        return ["  cost: - (no price table: REMIND_PRICING_FILE)"]
+    lines = [f"  cost: {currency} {c['cost']}, {_or_dash(c['cost_per_transaction'])} per transaction, "
+             f"{_or_dash(c['cost_per_customer_confirmation'])} per customer confirmation "
+             f"({c['customer_confirmations']} of {c['transactions']})",
+             f"  {'step':<16}{'variant':<10}{'reached':>8}{'customer':>10}{'cost':>14}{'per transaction':>18}"
+             f"{'per customer confirmation':>28}"]
+    for r in c["steps"]:
+        lines.append(f"  {r['step']:<16}{r['variant']:<10}{r['reached']:>8}{r['customer_confirmations']:>10}"
+                     f"{_or_dash(r['cost']):>14}{_or_dash(r['cost_per_transaction']):>18}"
+                     f"{_or_dash(r['cost_per_customer_confirmation']):>28}")
+    return lines
+
+
+def _variant_lines(steps: list[dict[str, Any]]) -> list[str]:
+    """Each step with variants against its control (``report``'s ``experiments``; docs/stats.md)."""
+    from .experiments import comparison_line
+
+    lines = []
+    for st in steps:
+        if st["comparisons"]:
+            lines.append(f"  variants of {st['step']} (control {st['control']}; customer confirmations, "
+                         "always-valid interval):")
+            lines += [f"    {comparison_line(c)}" for c in st["comparisons"]]
+    return lines
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from ..ladder import Schedule, format_duration
 from ..service import Remind
-from ..stats import funnel, human, pct
+from ..stats import human, pct, report
 from .schemas import ERRORS, ErrorBody
 from .security import (
     OPS_COOKIE,
@@ -89,13 +89,43 @@ class ScheduleStats(BaseModel):
     steps: list[StepStats]
 
 
+class StepCost(BaseModel):
+    step: str
+    variant: str
+    reached: int
+    customer_confirmations: int = Field(description="customer confirmations attributed to this step and variant")
+    cost: str | None = Field(description="its reminders, a decimal string in `currency`; null without prices")
+    cost_per_transaction: str | None = Field(description="cost / reached")
+    cost_per_customer_confirmation: str | None = Field(description="cost / customer_confirmations")
+
+
+class ScheduleCost(BaseModel):
+    schedule: str
+    transactions: int
+    customer_confirmations: int = Field(description="confirmed by the customer's link (settled_source = customer)")
+    cost: str | None = Field(description="every message to these customers: reminders and notices")
+    cost_per_transaction: str | None
+    cost_per_customer_confirmation: str | None
+    steps: list[StepCost]
+
+
+class Costs(BaseModel):
+    currency: str | None = Field(description="the price table's; null without one (every cost null)")
+    schedules: list[ScheduleCost]
+
+
 class StatsView(BaseModel):
-    """The confirmation funnel; definitions in docs/stats.md."""
+    """The confirmation funnel, its costs and the variant comparison; definitions in docs/stats.md."""
 
     generated_at: str
     since: str | None = Field(description="the window's start: the given since, else 7 days before generated_at")
     schedule: str | None
     schedules: list[ScheduleStats]
+    currency: str | None = Field(None, description="of every cost (pricing.yaml); null without a price table")
+    costs: Costs | None = Field(None, description="cost per transaction and per customer confirmation, by "
+                                                  "schedule, step and variant")
+    experiments: dict[str, Any] | None = Field(None, description=(
+        "the variant comparison of the same window: the JSON of GET /v1/experiments?since=<since>"))
 
 
 #: Failed /ops sign-ins allowed per client address in any LOGIN_WINDOW; more get 429 with Retry-After.
@@ -124,6 +154,9 @@ def router(remind: Remind) -> APIRouter:
             return True
         return session_valid(settings.secret_key, request.cookies.get(OPS_COOKIE), tokens, remind.store.clock())
 
+    def figures(since: str | None, schedule: str | None) -> dict[str, Any]:
+        return report(remind.store, remind.pricing, schedules=list(remind.registry), since=since, schedule=schedule)
+
     def login_page(error: str | None, status: int) -> HTMLResponse:
         return HTMLResponse(_LOGIN.render(error=error), status_code=status)
 
@@ -132,7 +165,7 @@ def router(remind: Remind) -> APIRouter:
              responses={400: ERRORS[400], 401: ERRORS[401], 403: FORBIDDEN, 422: ERRORS[422]})
     async def stats(since: Since = None, schedule: ScheduleName = None):
         try:
-            return await run_in_threadpool(funnel, remind.store, since=since, schedule=schedule)
+            return await run_in_threadpool(figures, since, schedule)
         except ValueError as exc:
             return JSONResponse({"error": "invalid", "detail": "some fields are invalid",
                                  "problems": {"since": str(exc)}}, status_code=422)
@@ -142,7 +175,7 @@ def router(remind: Remind) -> APIRouter:
         if not signed_in(request):
             return RedirectResponse("/ops/login", status_code=303)
         try:
-            data = await run_in_threadpool(funnel, remind.store, since=since, schedule=schedule)
+            data = await run_in_threadpool(figures, since, schedule)
             error = None
         except ValueError as exc:
             data, error = {"generated_at": "", "since": None, "schedule": schedule, "schedules": []}, str(exc)
@@ -194,13 +227,52 @@ def render_page(data: dict[str, Any], schedules: list[Schedule], *, since: str |
     stats = {s["schedule"]: s for s in data["schedules"]}
     known = {s.name: s for s in schedules if data["schedule"] in (None, s.name)}
     names = list(known) + sorted(n for n in stats if n not in known)
+    costs = {c["schedule"]: c for c in (data.get("costs") or {}).get("schedules", [])}
+    variants = {e["schedule"]: e["steps"] for e in (data.get("experiments") or {}).get("schedules", [])}
     cards = [{"name": n, "s": stats.get(n), "ladder": _ladder(known[n]) if n in known else None,
               "funnel": _funnel(stats[n]) if n in stats else None,
               "hist": _histogram(stats[n]) if n in stats else None,
+              "cost": costs.get(n), "step_costs": {(r["step"], r["variant"]): r for r in costs[n]["steps"]}
+              if n in costs else {},
+              "variants": [_variants(st) for st in variants.get(n, []) if st["comparisons"]],
               "meta": f"priority {known[n].priority} · version {known[n].version[:12]}" if n in known else
               "no longer loaded"} for n in names]
+    method = (data.get("experiments") or {}).get("method")
     return _TEMPLATE.render(data=data, cards=cards, since=since or "", error=error, pct=pct,
-                            human=human)
+                            human=human, currency=data.get("currency"), priced="costs" in data, method=method)
+
+
+def _signed(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:+.1f}"
+
+
+def _variants(st: dict[str, Any]) -> dict[str, Any]:
+    """A step's comparisons for the page: each variant's difference from the control with its always-valid
+    interval, drawn on an axis that shows 0 and ± the MDE; the verdict; the breakdowns as text."""
+    rows = []
+    for c in st["comparisons"]:
+        rows.append(_comparison_row(c))
+    arms = {a["variant"]: a for a in st["variants"]}
+    cells = [{"dim": dim, "value": cell["value"], "rows": [_comparison_row(c) for c in cell["comparisons"]]}
+             for dim, values in st["breakdowns"].items() for cell in values]
+    return {"step": st["step"], "control": st["control"], "concurrent": st["concurrent"], "rows": rows,
+            "arms": [arms[v] for v in [st["control"], *(c["variant"]["variant"] for c in st["comparisons"])]],
+            "cells": cells}
+
+
+def _comparison_row(c: dict[str, Any]) -> dict[str, Any]:
+    d, mde = c["difference"], c["mde"]
+    span = max(2 * mde, *(abs(x) for x in (d["low"], d["high"]) if x is not None))
+
+    def x(v: float) -> float:  # 0 in the middle of a 240-wide axis
+        return 130 + 110 * v / span
+
+    bar = None if d["value"] is None else {"low": x(d["low"]), "high": x(d["high"]), "value": x(d["value"])}
+    return {"variant": c["variant"]["variant"], "control": c["control"]["variant"],
+            "difference": f"{_signed(d['value'])} pts" if d["value"] is not None else "-",
+            "interval": f"[{_signed(d['low'])}, {_signed(d['high'])}]" if d["value"] is not None else "",
+            "verdict": c["verdict"], "text": c["text"], "bar": bar, "zero": x(0), "mde": (x(-mde), x(mde)),
+            "alpha": c["alpha"]}
 
 
 def _funnel(s: dict[str, Any]) -> dict[str, Any]:
@@ -258,143 +330,7 @@ def _ladder(schedule: Schedule) -> dict[str, Any]:
 FORBIDDEN = {"model": ErrorBody, "description": "A valid token of another scope (platform, metrics)"}
 _LOGIN = Environment(loader=FileSystemLoader(str(Path(__file__).parent)),
                      autoescape=select_autoescape(["html"])).get_template("ops_login.html")
-_TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""\
-<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="robots" content="noindex">
-<title>Confirmation funnel · reminder-worker</title>
-<style>
- body{font-family:"Segoe UI",Roboto,"Liberation Sans",Arial,sans-serif;background:#f4f5f7;margin:0;padding:24px;
-  color:#1d2330}
- main{max-width:1180px;margin:0 auto} h1{font-size:1.5rem;margin:0 0 4px} h2{font-size:1.2rem;margin:0}
- h3{font-size:.85rem;text-transform:uppercase;letter-spacing:.04em;color:#5f6675;margin:18px 0 6px}
- .note{color:#5f6675;font-size:.9rem} .bad{color:#b3261e;font-weight:600}
- form{margin:12px 0 20px;display:flex;gap:8px;align-items:center;font-size:.9rem}
- input{padding:6px 8px;border:1px solid #c6cad2;border-radius:6px} button{padding:6px 14px;border:0;
-  border-radius:6px;background:#1a73e8;color:#fff}
- section{background:#fff;border-radius:12px;padding:20px 24px;margin:0 0 20px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
- .head{display:flex;justify-content:space-between;align-items:baseline}
- .kpis{display:flex;gap:28px;margin:14px 0 4px;flex-wrap:wrap} .kpi b{display:block;font-size:1.35rem}
- .kpi span{color:#5f6675;font-size:.8rem}
- .charts{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
- svg{max-width:100%;height:auto} svg text{font-family:"Liberation Sans",Arial,sans-serif;font-size:12px;fill:#1d2330}
- svg .muted{fill:#5f6675;font-size:11px} svg .strong{font-weight:700}
- table{border-collapse:collapse;width:100%;font-size:.85rem;margin-top:6px}
- th,td{padding:5px 8px;border-bottom:1px solid #eceef2;text-align:right} th{color:#5f6675;font-weight:600}
- th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
-</style>
-</head>
-<body><main>
-<form method="post" action="/ops/logout" class="note" style="float:right"><button type="submit">Sign out</button></form>
-<nav><a href="/ops">Funnel</a> · <a href="/ops/reviews">Risk review</a> · <a href="/ops/whatif">What-if</a></nav>
-<h1>Confirmation funnel</h1>
-<p class="note">Which reminder each customer confirmed after. {{ 'Transactions created since ' ~ data.since
-  if data.since else 'All transactions' }}{{ ', schedule ' ~ data.schedule if data.schedule }}; generated
-  {{ data.generated_at }}. Rates carry 95% Wilson intervals.</p>
-<form method="get" action="">
- <label>since <input name="since" value="{{ since }}" placeholder="7d (default), 30d or 2026-11-01"></label>
- <label>schedule <input name="schedule" value="{{ data.schedule or '' }}" placeholder="all"></label>
- <button type="submit">Show</button>
-</form>
-{% if error %}<p class="bad">{{ error }}</p>{% endif %}
-{% for c in cards %}
-<section id="schedule-{{ c.name }}">
- <div class="head"><h2>{{ c.name }}</h2><span class="note">{{ c.meta }}</span></div>
- {% set s = c.s %}
- {% if s %}
- <div class="kpis">
-  <div class="kpi"><b>{{ s.transactions }}</b><span>transactions</span></div>
-  <div class="kpi"><b>{{ s.confirmed }}</b><span>confirmed by customers · {{ pct(s.confirmation_rate) }}</span></div>
-  {% if s.approved %}
-  <div class="kpi"><b>{{ s.approved }}</b><span>approved by ops (not counted as confirmed)</span></div>
-  {% endif %}
-  <div class="kpi"><b>{{ s.cancelled }}</b><span>cancelled</span></div>
-  <div class="kpi"><b>{{ s.escalated }}</b><span>escalated</span></div>
-  <div class="kpi"><b>{{ s.pending }}</b><span>pending</span></div>
-  <div class="kpi"><b>{{ human(s.median_time_to_confirm_seconds) }}</b><span>median time to confirm</span></div>
-  <div class="kpi"><b>{{ s.confirmed_before_first_step }}</b><span>confirmed before any reminder</span></div>
- </div>
- <div class="charts">
-  <div>
-  <h3>Funnel: reached → confirmed after each step</h3>
-  <svg class="chart funnel" role="img" viewBox="0 0 680 {{ c.funnel.height }}" width="680"
-   height="{{ c.funnel.height }}" xmlns="http://www.w3.org/2000/svg">
-   <title>Funnel of {{ c.name }}</title>
-   <rect x="150" y="4" width="12" height="12" fill="#1a73e8"/><text x="166" y="14">confirmed after</text>
-   <rect x="270" y="4" width="12" height="12" fill="#d6e2f3"/><text x="286" y="14">later step / pending</text>
-   <rect x="420" y="4" width="12" height="12" fill="#d93025"/><text x="436" y="14">cancelled or escalated here</text>
-   {% for r in c.funnel.rows %}
-   <text x="0" y="{{ r.y + 12 }}" class="strong">{{ r.label }}</text>
-   <text x="0" y="{{ r.y + 26 }}" class="muted">{{ r.variant }}</text>
-   <rect x="150" y="{{ r.y }}" width="{{ '%.1f' % r.reached }}" height="28" rx="3" fill="#d6e2f3"/>
-   <rect x="150" y="{{ r.y }}" width="{{ '%.1f' % r.confirmed }}" height="28" rx="3" fill="#1a73e8"/>
-   {% if r.lost %}<rect x="{{ '%.1f' % r.lost_x }}" y="{{ r.y }}" width="{{ '%.1f' % r.lost }}" height="28"
-    rx="3" fill="#d93025"/>{% endif %}
-   <text x="460" y="{{ r.y + 12 }}">{{ r.text }}</text>
-   <text x="460" y="{{ r.y + 26 }}" class="muted">{{ r.sub }}</text>
-   {% else %}<text x="0" y="50" class="muted">no reminder went out in this period</text>
-   {% endfor %}
-  </svg>
-  </div>
-  <div>
-  <h3>Time to confirm (from creation)</h3>
-  <svg class="chart histogram" role="img" viewBox="0 0 400 200" width="400" height="200"
-   xmlns="http://www.w3.org/2000/svg">
-   <title>Time to confirm in {{ c.name }}</title>
-   <line x1="24" y1="170.5" x2="396" y2="170.5" stroke="#c6cad2"/>
-   {% for b in c.hist.bars %}
-   <rect x="{{ b.x }}" y="{{ '%.1f' % b.y }}" width="40" height="{{ '%.1f' % b.h }}" rx="2" fill="#1a73e8"/>
-   <text x="{{ b.x + 20 }}" y="{{ '%.1f' % (b.y - 5) }}" text-anchor="middle">{{ b.count }}</text>
-   <text x="{{ b.x + 20 }}" y="188" text-anchor="middle" class="muted">{{ b.label }}</text>
-   {% endfor %}
-  </svg>
-  </div>
- </div>
- <table>
-  <tr><th>step</th><th>variant</th><th>reached</th><th>confirmed after</th><th>rate [95% CI]</th>
-   <th>median</th><th>cancelled</th><th>escalated</th><th>messages</th><th>SMS segments</th></tr>
-  {% for r in s.steps %}
-  <tr><td>{{ r.step }}</td><td>{{ r.variant }}</td><td>{{ r.reached }}</td><td>{{ r.confirmed_after }}</td>
-   <td>{{ pct(r.confirmation_rate) }}</td><td>{{ human(r.median_time_to_confirm_seconds) }}</td>
-   <td>{{ r.cancelled }}</td><td>{{ r.escalated }}</td>
-   <td>{% for ch, n in r.messages.items() %}{{ ch }} {{ n }}{{ ', ' if not loop.last }}{% endfor %}</td>
-   <td>{{ r.sms_segments if r.sms_segments is not none else '-' }}</td></tr>
-  {% endfor %}
- </table>
- {% else %}
- <p class="note">No transactions on this schedule in this period.</p>
- {% endif %}
- {% if c.ladder %}
- <h3>Ladder (square-root time axis)</h3>
- <svg class="chart ladder" role="img" viewBox="0 0 1120 150" width="1120" height="150"
-  xmlns="http://www.w3.org/2000/svg">
-  <title>Ladder of {{ c.name }}</title>
-  <line x1="40" y1="80.5" x2="{{ c.ladder.final.x }}" y2="80.5" stroke="#9aa3b2" stroke-width="2"/>
-  {% for t in c.ladder.ticks %}
-  <line x1="{{ '%.1f' % t.x }}" y1="76" x2="{{ '%.1f' % t.x }}" y2="85" stroke="#9aa3b2"/>
-  <text x="{{ '%.1f' % t.x }}" y="146" text-anchor="middle" class="muted">{{ t.label }}</text>
-  {% endfor %}
-  {% for p in c.ladder.points %}
-  {% set y = 18 if p.level == 0 else 112 %}
-  <line x1="{{ '%.1f' % p.x }}" y1="{{ 48 if p.level == 0 else 88 }}" x2="{{ '%.1f' % p.x }}"
-   y2="{{ 72 if p.level == 0 else 106 }}" stroke="#c6cad2"/>
-  <circle cx="{{ '%.1f' % p.x }}" cy="80.5" r="7" fill="#1a73e8"/>
-  <text x="{{ '%.1f' % p.x }}" y="{{ y }}" text-anchor="middle" class="strong">{{ p.title }} · {{ p.when }}</text>
-  <text x="{{ '%.1f' % p.x }}" y="{{ y + 16 }}" text-anchor="middle" class="muted">{{ p.detail }}</text>
-  {% endfor %}
-  {% set f = c.ladder.final %}
-  <rect x="{{ '%.1f' % (f.x - 7) }}" y="73.5" width="14" height="14" fill="#d93025"/>
-  <text x="{{ '%.1f' % (f.x + 7) }}" y="{{ f.y }}" text-anchor="end" class="strong">{{ f.title }} · {{ f.when }}</text>
-  <text x="{{ '%.1f' % (f.x + 7) }}" y="{{ f.y + 16 }}" text-anchor="end" class="muted">{{ f.detail }}</text>
- </svg>
- {% endif %}
-</section>
-{% else %}
-<p class="note">No schedules.</p>
-{% endfor %}
-</main></body>
-</html>
-""")
+#: The page: inline SVG and CSS, no script (the pages' CSP); escaped throughout.
+_TEMPLATE = Environment(loader=FileSystemLoader(str(Path(__file__).parent)), autoescape=True, trim_blocks=True,
+                        lstrip_blocks=True).get_template("ops.html")
+
