@@ -17,7 +17,9 @@ last minutes queued. 300,000 suppressions. Then ``VACUUM ANALYZE``.
 
 Measured against the real web app: ``remind web`` (uvicorn, one process) started as a subprocess on the
 database, from this tree or from ``--code DIR`` (``PYTHONPATH``), after ``remind db upgrade`` (timed) or
-the alembic revision ``--schema``. Then: ``/metrics`` ``--scrapes`` times (p50/p95, after one warm-up),
+the alembic revision ``--schema``, and its ``remind db rollup`` where it has one (timed: the funnel's
+roll-up of every settled transaction, which the scheduler's tick would build a step at a time). Then:
+``/metrics`` ``--scrapes`` times (p50/p95, after one warm-up),
 ``/ops`` and ``/v1/stats`` with ``since=7d``, ``/ops`` with no ``since`` (the default window), and with
 ``--all-time`` also ``/v1/stats`` since the first transaction; the web process's peak RSS (``VmHWM``) at
 the end; then ``/v1/experiments?since=7d`` and the peak RSS after it. In a child process on the same
@@ -246,6 +248,20 @@ def migrate(args, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+def rollup(env: dict[str, str]) -> float | None:
+    """The measured code's ``remind db rollup`` (the funnel's roll-up of every settled transaction, which its
+    scheduler would otherwise build a step per tick); the seconds it took, or None for code without one."""
+    t0 = time.perf_counter()
+    out = subprocess.run([*remind_cmd(), "db", "rollup"], env=env, capture_output=True, text=True,
+                         cwd=tempfile.gettempdir())
+    if out.returncode and "No such command" in out.stderr:
+        return None
+    if out.returncode:
+        raise SystemExit(f"remind db rollup failed: {out.stdout}{out.stderr}")
+    log(out.stdout.strip())
+    return time.perf_counter() - t0
+
+
 # -- the web process --------------------------------------------------------------------------------------
 
 def remind_cmd() -> list[str]:
@@ -412,6 +428,9 @@ def main() -> None:
         port = s.getsockname()[1]
     env = web_env(args, port)
     figures["migrate_s"] = f"{migrate(args, env):.1f}"
+    rolled = rollup(env)
+    if rolled is not None:
+        figures["rollup_s"] = f"{rolled:.1f}"
     tmp = Path(tempfile.mkdtemp(prefix="remind-scale-"))
     proc = start_web(env, tmp / "web.log")
     import httpx

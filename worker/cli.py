@@ -180,6 +180,19 @@ def db_upgrade() -> None:
     click.echo("database is up to date")
 
 
+@db.command("rollup")
+def db_rollup() -> None:
+    """Roll up the funnel of every settled transaction now (the scheduler's tick does it a step at a time)."""
+    import time
+
+    from .store import Store, make_engine
+    from .store.rollup import roll_up_all
+
+    started = time.perf_counter()
+    rolled = roll_up_all(Store(make_engine(_settings().database_url)))
+    click.echo(f"funnel roll-up: {rolled} transactions rolled up in {time.perf_counter() - started:.1f}s")
+
+
 @main.group()
 def schedules() -> None:
     """Schedules (REMIND_SCHEDULES_DIR) and templates (REMIND_TEMPLATES_DIR)."""

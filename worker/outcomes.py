@@ -60,6 +60,8 @@ class Outcomes:
             d = self.store.get_delivery(conn, delivery_id, lock=True)
             if d is None or d["status"] in ("failed", "skipped"):
                 return None  # a duplicate report (a replayed bounce) changes nothing
+            if d["kind"] == "reminder" and d["status"] in ("sent", "delivered"):
+                self.store.funnel_changed(conn, tx["id"])  # it no longer counts as sent in the funnel
             customer = tx["content"]["customer"]
             now = self.store.clock()
             if code in OPT_OUT_CODES and OPT_OUT_CODES[code][0] == d["channel"]:

@@ -16,6 +16,7 @@ from .contacts import all_pairs, choose
 from .ladder import Decision, Registry, Schedule, choose_variant, decide, quiet_until
 from .store import CANCELLED, Cursor, NewDelivery, Store
 from .store.events import event_data
+from .store.rollup import roll_up
 
 log = logging.getLogger("remind.scheduler")
 
@@ -171,6 +172,14 @@ class Scheduler:
         self.store.advance(conn, aside, now)  # values the rows hold already, so these always fit
         return ids, events, written
 
+    def _roll_up(self) -> None:
+        """A small step of the funnel's roll-up after the due work (worker/store/rollup.py); it never stops
+        the tick: until it is done, the funnel computes those transactions live."""
+        try:
+            roll_up(self.store)
+        except Exception:  # noqa: BLE001
+            log.exception("funnel roll-up step failed; the next tick tries again")
+
     def tick(self, now: datetime | None = None) -> TickResult:
         """Claim and enqueue everything due at ``now``, batch by batch, until nothing is left."""
         result = TickResult()
@@ -218,4 +227,5 @@ class Scheduler:
                 result.events += len(events)
             if (len(claimed) < self.batch_size and len(again) + len(lost) + len(released) < self.batch_size
                     and len(due) < self.batch_size):
+                self._roll_up()
                 return result

@@ -1,6 +1,7 @@
 """The SQL store: the source of truth. The only package that knows SQLAlchemy."""
 
 from .db import make_engine, normalize_url
+from .funnel import funnel_figures, funnel_rows
 from .history import history_rows
 from .migrate import upgrade
 from .repo import (
@@ -13,8 +14,6 @@ from .repo import (
     NewDelivery,
     NewTransaction,
     Store,
-    funnel_figures,
-    funnel_rows,
     metrics_snapshot,
 )
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .db import is_postgres
 from .events import EventLog, event_data
+from .rollup import forget as forget_rolled
 from .tables import DELIVERY_STATISTICS, SETTLED_AT, deliveries, early_callbacks, suppressions, transactions
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
@@ -229,8 +230,15 @@ class Store:
             conn.execute(update(transactions).where(transactions.c.id == tx_id).values(
                 status=status, next_due_at=None, status_reason=reason, settled_source=source, settled_actor=actor,
                 **{stamp: now}))
+            if previous != PENDING:  # a settled transaction's funnel units change with it (an ops decision)
+                forget_rolled(conn, [tx_id])
         after = conn.execute(select(transactions).where(transactions.c.id == tx_id)).mappings().first()
         return previous, dict(after)
+
+    def funnel_changed(self, conn: Connection, tx_id: str) -> None:
+        """A sent reminder of this transaction is failed now: its rolled-up funnel units no longer hold
+        (worker/store/rollup.py). Call under the transaction's row lock."""
+        forget_rolled(conn, [tx_id])
 
     def set_review_state(self, conn: Connection, tx_id: str, state: str) -> None:
         conn.execute(update(transactions).where(transactions.c.id == tx_id).values(review_state=state))
@@ -775,152 +783,3 @@ def _statistics(conn: Connection) -> dict[str, Any]:
             "deliveries": float(row["deliveries"] if row["deliveries"] is not None else -1),
             "status": (row["status_values"], row["status_freqs"]) if row["status_values"] is not None else None,
             "channel_status": (row["pair_values"], row["pair_freqs"]) if row["pair_values"] is not None else None}
-
-
-def funnel_rows(store: Store, since: datetime | None, schedule: str | None) -> tuple[
-        list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows for worker.stats: the transactions in scope, and their reminders that went out, grouped
-    per (transaction, step, variant, channel) with the count, earliest ``sent_at`` and, when the
-    table has a ``segments`` column, its sum. Two queries; the attribution is done in Python."""
-    scope = []
-    if since is not None:
-        scope.append(transactions.c.created_at >= since)
-    if schedule is not None:
-        scope.append(transactions.c.schedule == schedule)
-    tx_cols = [transactions.c[n] for n in ("id", "schedule", "created_at", "confirmed_at", "cancelled_at",
-                                           "escalated_at")]
-    tx_cols.append(case((and_(transactions.c.status == CONFIRMED, transactions.c.settled_source == "ops"),
-                         "approved"), else_=transactions.c.status).label("status"))
-    d = deliveries.c
-    keys = [d.transaction_id, d.step, d.variant, d.channel]
-    figures = [func.count().label("messages"), func.min(d.sent_at).label("first_sent")]
-    if "segments" in d:
-        figures.append(func.sum(d["segments"]).label("segments"))
-    dl = (select(*keys, *figures).select_from(deliveries.join(transactions))
-          .where(d.kind == "reminder", d.status.in_(("sent", "delivered")), *scope).group_by(*keys))
-    with store.engine.connect() as conn:
-        txs = [dict(r) for r in conn.execute(select(*tx_cols).where(*scope)).mappings()]
-        dls = [dict(r) for r in conn.execute(dl).mappings()]
-    return txs, dls
-
-
-# -- the funnel, aggregated in the database ---------------------------------------------------------------
-
-#: Reminders that went out: the funnel's rows, in the words of ix_deliveries_funnel's predicate (so both
-#: databases can read that index), and the channels a reminder can go on.
-FUNNEL_ROWS = "d.kind = 'reminder' AND d.status IN ('sent', 'delivered') AND d.sent_at IS NOT NULL"
-REMINDER_CHANNELS = ("sms", "email", "push")
-#: A transaction's status as the funnel counts it: a confirmation by ops (a risk review's approval) is
-#: ``approved``, apart from the customers' confirmations, which the reminders are judged by.
-FUNNEL_STATUS = "CASE WHEN t.status = 'confirmed' AND t.settled_source = 'ops' THEN 'approved' ELSE t.status END"
-
-#: Upper bounds (exclusive, seconds) of the time-to-confirm buckets but the last; see worker.stats.BUCKETS.
-HISTOGRAM_BOUNDS = (300, 900, 3600, 14400, 43200, 86400)
-
-
-def _seconds(pg: bool, later: str, earlier: str) -> str:
-    """SQL for ``later - earlier`` in seconds: exact on PostgreSQL; to the millisecond on SQLite (julianday)."""
-    if pg:
-        return f"CAST(EXTRACT(EPOCH FROM ({later} - {earlier})) AS double precision)"
-    return f"ROUND((julianday({later}) - julianday({earlier})) * 86400.0, 3)"
-
-
-def _median_sql(groups: str, value: str, source: str) -> str:
-    """Per ``groups``, the median of ``value`` over ``source`` (the mean of the two middle values for an even
-    count, as statistics.median), with window functions: SQLite has no percentile_cont."""
-    return f"""
-        SELECT {groups}, AVG(v) AS median FROM (
-            SELECT {groups}, {value} AS v,
-                   ROW_NUMBER() OVER (PARTITION BY {groups} ORDER BY {value}) AS rn,
-                   COUNT(*) OVER (PARTITION BY {groups}) AS n
-            FROM {source}) AS ranked
-        WHERE rn IN ((n + 1) / 2, (n + 2) / 2)
-        GROUP BY {groups}"""
-
-
-def funnel_figures(store: Store, since: datetime | None, schedule: str | None) -> dict[str, Any]:
-    """The funnel's figures, aggregated by the database (see worker.stats for the definitions): rows per
-    schedule, and per (schedule, step, variant), never per transaction, so the caller's memory does not
-    grow with the table. The window is ``created_at >= since`` on ix_transactions_created_at (on
-    PostgreSQL an index-only scan), and each transaction's sent reminders come from ix_deliveries_funnel.
-
-    Each (transaction, step, variant) that went out is a *unit*, with its first ``sent_at``; the units of
-    one transaction in order of (first sent, step, variant) give, with LEAD, the next unit's first sent: a
-    confirmation belongs to the unit with ``first_sent <= confirmed_at`` whose next one (if any) was first
-    sent after it, a cancellation or escalation to the last unit."""
-    pg = store.pg
-    scope = ["1 = 1"]
-    params: dict[str, Any] = {}
-    if since is not None:
-        scope.append("t.created_at >= :since")
-        params["since"] = since
-    if schedule is not None:
-        scope.append("t.schedule = :schedule")
-        params["schedule"] = schedule
-    where = " AND ".join(scope)
-    collate = ' COLLATE "C"' if pg else ""  # ties in first_sent are ordered by step and variant as Python does
-    in_scope = (f"SELECT t.id, t.schedule, {FUNNEL_STATUS} AS status, t.created_at, t.confirmed_at "
-                f"FROM transactions AS t WHERE {where}")
-    to_confirm = "c.seconds"  # computed once per row, in ``confirmed``
-    bucket = "CASE " + " ".join(f"WHEN {to_confirm} < {hi} THEN {i}" for i, hi in enumerate(HISTOGRAM_BOUNDS)) + \
-        f" ELSE {len(HISTOGRAM_BOUNDS)} END"
-    confirmed = (f"(SELECT s.schedule, {_seconds(pg, 's.confirmed_at', 's.created_at')} AS seconds "
-                 f"FROM ({in_scope}) AS s WHERE s.status = 'confirmed' AND s.confirmed_at IS NOT NULL) AS c")
-    per_channel = ", ".join(f"SUM(CASE WHEN d.channel = '{c}' THEN 1 ELSE 0 END) AS {c}" for c in REMINDER_CHANNELS)
-    attributed = ("u.status = 'confirmed' AND u.confirmed_at IS NOT NULL AND u.first_sent <= u.confirmed_at "
-                  "AND (u.next_sent IS NULL OR u.next_sent > u.confirmed_at)")
-    # One row per unit, grouped on the transaction's primary key (so its other columns come along without
-    # being grouped on), with the next unit's first sent from a window over the groups: one level, no CTE.
-    ordered = f"""
-        WITH ordered AS (
-            SELECT t.id AS transaction_id, t.schedule, {FUNNEL_STATUS} AS status, t.confirmed_at, d.step, d.variant,
-                   MIN(d.sent_at) AS first_sent, {_seconds(pg, "MIN(d.sent_at)", "t.created_at")} AS first_offset,
-                   {per_channel}, SUM(CASE WHEN d.channel = 'sms' THEN d.segments END) AS segments,
-                   LEAD(MIN(d.sent_at)) OVER (PARTITION BY t.id ORDER BY MIN(d.sent_at), d.step{collate},
-                                              d.variant{collate}) AS next_sent
-            FROM transactions AS t JOIN deliveries AS d ON d.transaction_id = t.id
-            WHERE {where} AND {FUNNEL_ROWS}
-            GROUP BY t.id, d.step, d.variant)"""
-    seconds = f"CASE WHEN {attributed} THEN {_seconds(pg, 'u.confirmed_at', 'u.first_sent')} END"
-    figures = f"""
-        u.schedule, u.step, u.variant, COUNT(*) AS reached,
-        SUM(CASE WHEN {attributed} THEN 1 ELSE 0 END) AS confirmed_after,
-        SUM(CASE WHEN u.next_sent IS NULL AND u.status = 'cancelled' THEN 1 ELSE 0 END) AS cancelled,
-        SUM(CASE WHEN u.next_sent IS NULL AND u.status = 'escalated' THEN 1 ELSE 0 END) AS escalated,
-        {", ".join(f"SUM(u.{c}) AS {c}" for c in REMINDER_CHANNELS)}, SUM(u.segments) AS sms_segments,
-        MIN(u.first_offset) AS first_offset"""
-    if pg:  # one pass: the window's rows stream into the aggregate, medians included (NULLs are skipped)
-        steps = f"""{ordered}
-            SELECT {figures}, percentile_cont(0.5) WITHIN GROUP (ORDER BY {seconds}) AS median
-            FROM ordered AS u GROUP BY u.schedule, u.step, u.variant"""
-        schedule_median = (f"SELECT c.schedule, percentile_cont(0.5) WITHIN GROUP (ORDER BY {to_confirm}) AS median "
-                            f"FROM {confirmed} GROUP BY c.schedule")
-    else:
-        steps = f"""{ordered},
-            attributed AS (SELECT u.schedule, u.step, u.variant, {seconds} AS seconds FROM ordered AS u
-                           WHERE {attributed}),
-            medians AS ({_median_sql("schedule, step, variant", "seconds", "attributed")})
-            SELECT {figures}, MIN(m.median) AS median
-            FROM ordered AS u
-            LEFT JOIN medians AS m ON m.schedule = u.schedule AND m.step = u.step AND m.variant = u.variant
-            GROUP BY u.schedule, u.step, u.variant"""
-        schedule_median = _median_sql("schedule", "seconds", confirmed)
-    statements = {
-        "status": f"SELECT s.schedule, s.status, COUNT(*) AS n FROM ({in_scope}) AS s GROUP BY s.schedule, s.status",
-        "histogram": f"SELECT c.schedule, {bucket} AS bucket, COUNT(*) AS n FROM {confirmed} GROUP BY c.schedule, "
-                     f"{bucket}",
-        "median": schedule_median,
-        "steps": steps,
-    }
-    out: dict[str, Any] = {}
-    with store.engine.begin() as conn:
-        if pg:  # the window's sorts in memory, and no JIT (compiling costs more than it saves here), for
-            # this transaction only
-            conn.execute(text("SET LOCAL work_mem = '64MB'"))
-            conn.execute(text("SET LOCAL jit = off"))
-        for name, sql in statements.items():
-            stmt = text(sql)
-            if "since" in params:
-                stmt = stmt.bindparams(bindparam("since", type_=transactions.c.created_at.type))
-            out[name] = [dict(r) for r in conn.execute(stmt, params).mappings()]
-    return out

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -222,4 +223,57 @@ audit = Table(
     Column("source", String(16), nullable=False),  # customer | platform | cli | ops | deadline | provider
     Column("actor", String(128)),
     Column("note", Text),
+)
+
+# The funnel's roll-up (worker/store/rollup.py): a settled transaction's (step, variant) units, attributed once,
+# so /ops and /v1/stats read them instead of attributing every sent reminder of the window again.
+# ``funnel_rolled`` says which transactions are rolled up (with or without units); ``stale`` is set by a
+# writer that changes a rolled transaction (an ops decision, a late failure report), whose units it deletes
+# in the same database transaction: until it is rolled again, the funnel computes it live.
+funnel_rolled = Table(
+    "funnel_rolled",
+    metadata,
+    Column("transaction_id", String(64), ForeignKey("transactions.id", ondelete="CASCADE"), primary_key=True),
+    Column("created_at", UTCDateTime, nullable=False),  # the transaction's, for the window
+    Column("stale", Boolean, nullable=False),
+    # the funnel's live side: which transactions of the window are rolled up (index only)
+    Index("ix_funnel_rolled_created_at", "created_at", "transaction_id", postgresql_where=text("NOT stale"),
+          sqlite_where=text("NOT stale")),
+    Index("ix_funnel_rolled_stale", "transaction_id", postgresql_where=text("stale"), sqlite_where=text("stale")),
+)
+
+#: What a unit carries: the columns the funnel sums, and its attribution (see rollup.units_sql).
+FUNNEL_UNIT_FIGURES = ("first_offset", "sms", "email", "push", "segments", "seconds", "ending")
+funnel_units = Table(
+    "funnel_units",
+    metadata,
+    Column("transaction_id", String(64), ForeignKey("transactions.id", ondelete="CASCADE"), primary_key=True),
+    Column("step", String(64), primary_key=True),
+    Column("variant", String(32), primary_key=True),
+    Column("schedule", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("first_offset", Double, nullable=False),  # seconds from created_at to the unit's first sent
+    Column("sms", Integer, nullable=False),  # its messages that went out, by channel
+    Column("email", Integer, nullable=False),
+    Column("push", Integer, nullable=False),
+    Column("segments", Integer),  # its SMS segments; NULL when none was recorded
+    Column("seconds", Double),  # first sent -> confirmed_at when the confirmation is attributed to it, else NULL
+    Column("ending", String(16)),  # cancelled | escalated: the transaction ended so with this unit its last
+    Index("ix_funnel_units_created_at", "created_at",
+          postgresql_include=["schedule", "step", "variant", *FUNNEL_UNIT_FIGURES]),
+    # the medians: only the units a confirmation is attributed to
+    Index("ix_funnel_units_attributed", "created_at", postgresql_include=["schedule", "step", "variant", "seconds"],
+          postgresql_where=text("seconds IS NOT NULL"), sqlite_where=text("seconds IS NOT NULL")),
+)
+
+# Where the roll-up's sweep over transactions (by created_at, id) has got to, and the oldest transaction it
+# had to leave (pending, or a reminder in flight), where the next round starts. The cursor's foreign key
+# empties the row with the table (TRUNCATE … CASCADE), so the sweep starts over.
+funnel_rollup_state = Table(
+    "funnel_rollup_state",
+    metadata,
+    Column("name", String(16), primary_key=True),
+    Column("after_created_at", UTCDateTime),
+    Column("after_id", String(64), ForeignKey("transactions.id", ondelete="CASCADE")),
+    Column("low_created_at", UTCDateTime),
 )

@@ -1,0 +1,251 @@
+"""The funnel's roll-up (worker/store/rollup.py): the figures read from rolled-up units are exactly the ones
+computed live, after the roll-up, and after every late change to a rolled-up transaction (an ops approval
+or decline of an escalated one, the customer confirming one after a review contact, a sent reminder
+reported failed later, an erasure), on both backends, before the next roll-up and after it."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import text
+from support import T0, transaction
+
+from worker.stats import assemble, funnel, summarize
+from worker.store import funnel_figures, funnel_rows
+from worker.store.rollup import roll_up, roll_up_all
+
+SCHEDULES = {
+    "ab.yaml": """
+name: ab
+match: {}
+priority: 100
+steps:
+  - after: 15m
+    id: nudge
+    channels: [push]
+    variants:
+      - {name: plain, template: nudge, weight: 1}
+      - {name: short, template: reminder, weight: 1}
+  - {after: 2h, channels: [sms, push], template: reminder}
+  - {after: 20h, channels: [sms, email, push], template: final_warning}
+cancel: {after: 24h, template: cancelled, reason: not_confirmed, channels: [sms, email, push]}
+""",
+    "review.yaml": """
+name: review
+match: {risk_flag: true}
+priority: 10
+steps:
+  - {after: 5m, channels: [sms, push], template: verify}
+  - {after: 1h, channels: [sms, email, push], template: final_warning}
+escalate: {after: 2h, template: escalated, reason: risk_review, channels: [sms, email]}
+""",
+}
+#: Windows the figures are compared over: all of it, one that starts between transactions, one schedule.
+WINDOWS = ((T0 - timedelta(days=30), None), (T0 - timedelta(minutes=7), None), (T0 - timedelta(days=30), "review"))
+
+
+def build_history(make_harness, tmp_path):
+    """16 transactions on ``ab`` (created a minute apart; customers confirm after the nudge, after the
+    reminder, before any step, or never) and 4 risk-flagged ones on ``review`` that escalate; a day later
+    everything is settled but ``p0``, registered late in the day (customer ``c_erase``, like ``a4``)."""
+    folder = tmp_path / "schedules"
+    folder.mkdir()
+    for name, body in SCHEDULES.items():
+        (folder / name).write_text(body)
+    h = make_harness(schedules_dir=folder, ops_tokens="ops-token")
+    r = h.remind
+    for i in range(16):
+        customer = {"id": "c_erase" if i == 4 else f"c_{i % 3}"}
+        r.register(transaction(f"a{i}", created_at=(T0 - timedelta(minutes=i)).isoformat(), customer=customer))
+    for i in range(4):
+        r.register(transaction(f"r{i}", risk_flag=True, customer={"id": "c_review"}))
+    h.at(minutes=2)
+    r.confirm("a15", by_customer=True)  # before any step
+    h.at(minutes=5).tick()
+    h.at(minutes=15).tick()
+    for tx_id in ("a0", "a1", "a2"):
+        h.at(minutes=25)
+        r.confirm(tx_id, by_customer=True)
+    h.at(hours=1).tick()
+    h.at(hours=2).tick()  # reminders; the review transactions escalate
+    h.at(hours=2, minutes=30)
+    r.confirm("a3", by_customer=True)
+    r.confirm("a5")  # the platform's API
+    r.cancel("a6", "customer_request")
+    h.at(hours=20).tick()
+    h.at(hours=23)
+    r.register(transaction("p0", customer={"id": "c_erase"}, created_at=(T0 + timedelta(hours=23)).isoformat()))
+    h.at(hours=24).tick()
+    h.at(hours=24, minutes=30).tick()
+    return h
+
+
+def same_figures(store) -> list[dict]:
+    """The funnel from the roll-up, equal to the one computed live and to the Python reference on every
+    window; returns the first window's."""
+    first = None
+    for since, schedule in WINDOWS:
+        rolled = assemble(funnel_figures(store, since, schedule))
+        assert rolled == assemble(funnel_figures(store, since, schedule, rolled=False)), (since, schedule)
+        assert rolled == summarize(*funnel_rows(store, since, schedule)), (since, schedule)
+        first = first if first is not None else rolled
+    return first
+
+
+def rolled_ids(store) -> set[str]:
+    with store.engine.connect() as conn:
+        return {row[0] for row in conn.execute(text("SELECT transaction_id FROM funnel_rolled WHERE NOT stale"))}
+
+
+def by_name(figures: list[dict]) -> dict[str, dict]:
+    return {s["schedule"]: s for s in figures}
+
+
+def test_rolled_up_figures_equal_the_live_ones_through_every_late_change(make_harness, tmp_path):
+    h = build_history(make_harness, tmp_path)
+    r, store = h.remind, h.remind.store
+    roll_up_all(store)
+    rolled = rolled_ids(store)
+    # every settled transaction is rolled up (the tick did part of it already); the pending one is not
+    assert rolled == {f"a{i}" for i in range(16)} | {f"r{i}" for i in range(4)}
+    before = same_figures(store)
+    ab, review = by_name(before)["ab"], by_name(before)["review"]
+    assert (review["escalated"], review["approved"], ab["pending"], ab["confirmed_before_first_step"]) == (4, 0, 1, 1)
+
+    # ops approve one escalated transaction and decline another: counted at once, before any roll-up
+    r.review("r0", "approve", actor="ana")
+    r.review("r1", "decline", actor="ana", reason="risk_declined")
+    after = by_name(same_figures(store))["review"]
+    assert (after["escalated"], after["approved"], after["cancelled"]) == (2, 1, 1)
+    last_step = {s["step"]: s for s in after["steps"]}["final_warning"]
+    assert (last_step["escalated"], last_step["cancelled"]) == (2, 1)
+    assert {"r0", "r1"}.isdisjoint(rolled_ids(store))  # computed live until rolled up again
+
+    # the customer confirms an escalated transaction after ops asked them to verify it
+    r.review("r2", "contact", actor="ana")
+    h.drain()
+    r.confirm("r2", by_customer=True)
+    after = by_name(same_figures(store))["review"]
+    assert (after["escalated"], after["confirmed"]) == (1, 1)
+
+    # a provider reports a sent reminder undelivered after all: the only step a0 got no longer counts
+    nudge = next(d for d in store.deliveries_of("a0") if d["kind"] == "reminder")
+    assert nudge["status"] in ("sent", "delivered")
+    r.outcomes.failed(nudge["id"], "twilio reported undelivered (error 30005)")
+    ab_after = by_name(same_figures(store))["ab"]
+    assert ab_after["confirmed_before_first_step"] == 2
+    assert sum(s["reached"] for s in ab_after["steps"] if s["step"] == "nudge") == sum(
+        s["reached"] for s in ab["steps"] if s["step"] == "nudge") - 1
+
+    # an erasure: the pending transaction is cancelled, the settled one of the same customer only scrubbed
+    r.erase_customer("c_erase")
+    ab_after = by_name(same_figures(store))["ab"]
+    assert (ab_after["pending"], ab_after["cancelled"]) == (0, ab["cancelled"] + 1)
+
+    changed = same_figures(store)
+    roll_up_all(store)  # rolled up again, with the changes
+    assert rolled_ids(store) == rolled | {"p0"}
+    assert same_figures(store) == changed
+
+
+def test_the_funnel_reads_the_rolled_up_units(make_harness, tmp_path):
+    """Once rolled up, a settled transaction's units are read from the roll-up, not from its deliveries."""
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    roll_up_all(store)
+    live = funnel(store, since=T0 - timedelta(days=1))
+    with store.begin() as conn:
+        conn.execute(text("UPDATE funnel_units SET push = push + 100 "
+                          "WHERE transaction_id = 'a10' AND step = 'reminder'"))
+    read = funnel(store, since=T0 - timedelta(days=1))
+    push = [{(s["step"], s["variant"]): s["messages"].get("push", 0) for s in x["schedules"][0]["steps"]}
+            for x in (live, read)]
+    assert push[1][("reminder", "default")] == push[0][("reminder", "default")] + 100
+
+
+def test_pending_transactions_and_reminders_in_flight_are_left_live(make_harness, tmp_path):
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    h.remind.register(transaction("p1", created_at=(T0 + timedelta(hours=24)).isoformat()))
+    h.at(hours=24, minutes=45).tick(settle=False)  # p1's nudge is due: queued, not sent yet
+    h.remind.cancel("p1", "customer_request")
+    with store.engine.connect() as conn:  # settled, but a reminder is still queued: its units could change
+        queued = conn.execute(text("SELECT count(*) FROM deliveries WHERE transaction_id = 'p1' "
+                                   "AND kind = 'reminder' AND status IN ('queued', 'sending')")).scalar()
+    roll_up_all(store)
+    assert "p0" not in rolled_ids(store)
+    assert ("p1" in rolled_ids(store)) == (queued == 0)
+    same_figures(store)
+    h.drain()
+    roll_up_all(store)
+    assert "p1" in rolled_ids(store) and "p0" not in rolled_ids(store)
+    same_figures(store)
+
+
+def test_the_tick_rolls_up_a_step_at_a_time_and_a_failure_never_stops_it(make_harness, tmp_path, monkeypatch,
+                                                                         caplog):
+    h = build_history(make_harness, tmp_path)  # its ticks rolled up what had settled
+    store = h.remind.store
+    assert {"a0", "a1", "a2", "a15"} <= rolled_ids(store)
+    same_figures(store)
+
+    import worker.scheduler as scheduler
+
+    def broken(_store, **_kw):
+        raise RuntimeError("roll-up broke")
+
+    monkeypatch.setattr(scheduler, "roll_up", broken)
+    h.remind.register(transaction("n1", created_at=(T0 + timedelta(hours=25)).isoformat()))
+    with caplog.at_level(logging.ERROR, logger="remind.scheduler"):
+        h.at(hours=25, minutes=20).tick()
+    nudge = [d["status"] for d in store.deliveries_of("n1") if d["kind"] == "reminder"]
+    assert nudge and set(nudge) <= {"sent", "delivered"}  # n1's nudge went out all the same
+    assert "funnel roll-up step failed" in caplog.text
+    same_figures(store)
+
+
+def test_the_sweep_goes_round_in_small_steps(make_harness, tmp_path):
+    """A step rolls up at most ``limit`` transactions; the sweep comes back for the ones it had to leave."""
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    with store.begin() as conn:
+        conn.execute(text("DELETE FROM funnel_units"))
+        conn.execute(text("DELETE FROM funnel_rolled"))
+        conn.execute(text("DELETE FROM funnel_rollup_state"))
+    steps = []
+    while True:
+        step = roll_up(store, limit=3)
+        assert step.rolled <= 3 + 3 and step.examined <= 3
+        steps.append(step)
+        if step.caught_up:
+            break
+    assert len(steps) >= 7 and rolled_ids(store) == {f"a{i}" for i in range(16)} | {f"r{i}" for i in range(4)}
+    # p0 settles: the next round starts at it (the oldest transaction left behind) and rolls it up
+    h.remind.cancel("p0", "customer_request")
+    h.drain()
+    for _ in range(10):
+        roll_up(store, limit=3)
+    assert "p0" in rolled_ids(store)
+    same_figures(store)
+
+
+def test_remind_db_rollup_rolls_up_everything_at_once(make_harness, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    with store.begin() as conn:
+        conn.execute(text("DELETE FROM funnel_rolled"))
+        conn.execute(text("DELETE FROM funnel_units"))
+        conn.execute(text("DELETE FROM funnel_rollup_state"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", h.remind.settings.database_url)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    result = CliRunner().invoke(main, ["db", "rollup"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("funnel roll-up: 20 transactions rolled up in ")
+    assert rolled_ids(store) == {f"a{i}" for i in range(16)} | {f"r{i}" for i in range(4)}
+    same_figures(store)
