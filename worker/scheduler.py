@@ -115,7 +115,7 @@ class Scheduler:
         self.slots = SlotCache()  # shared by the transactions of a tick, and by the ticks after it
 
     def _schedule_for(self, row: dict, registry: Registry | None = None) -> Schedule:
-        registry = registry or self.registry()
+        registry = registry if registry is not None else self.registry()
         schedule = registry.get(row["schedule"])
         if schedule is None:  # its file was removed: run on whatever matches now
             schedule = registry.choose(segment=row["segment"], risk_flag=row["risk_flag"],
