@@ -88,6 +88,18 @@ PROTOS = [
 _WEIGHTS = [i for i, (w, *_rest) in enumerate(PROTOS) for _ in range(w)]
 
 
+class BenchClock:
+    """The service's clock: ``T`` while the rows are loaded and ticked (the sample registered through
+    ``Remind.register`` is created minutes before ``T``, so a real clock days later would refuse it as
+    past its deadline), the real time once ``at`` is None (the registration phases)."""
+
+    def __init__(self, at: datetime | None = T) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at or datetime.now(UTC)
+
+
 def label(n: int) -> str:
     if n >= 1_000_000 and n % 1_000_000 == 0:
         return f"{n // 1_000_000}m"
@@ -285,7 +297,8 @@ class Bench:
         settings = _bench_settings(self.args, self.dsn.replace("postgresql://", "postgresql+psycopg://", 1),
                                    self.tmp, self.namespace)
         self.settings = settings
-        self.remind = Remind.from_settings(settings)  # runs the Alembic migrations: the real schema
+        self.clock = BenchClock()
+        self.remind = Remind.from_settings(settings, clock=self.clock)  # the Alembic migrations: the real schema
         self.broker = make_broker(settings)
         self.actors = bind(self.remind, self.broker)
         self.redis = redis.Redis.from_url(self.args.redis_url)
@@ -838,6 +851,7 @@ def main() -> None:
                    "ratio": f"{ratio:.2f}", "due": args.due,
                    "due_per_s": f"{args.due / large['median']:.0f}", "batch_size": args.batch_size}
         if not args.skip_register:
+            bench.clock.at = None  # registrations are created now, on the real clock
             figures["register_python_per_s"] = f"{bench.register_python():.0f}"
             figures["register_http_per_s"] = f"{bench.register_http():.0f}"
             figures["http_connections"] = args.http_connections

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .contacts import all_pairs, choose
-from .ladder import Decision, Registry, Schedule, choose_variant, decide, quiet_until
+from .ladder import Decision, Registry, Schedule, SlotCache, choose_variant, decide, quiet_until
 from .store import CANCELLED, Cursor, NewDelivery, Store
 from .store.events import event_data
 from .store.rollup import roll_up
@@ -51,12 +51,15 @@ def _rows(content: dict, tx_id: str, step: str, kind: str, template: str, channe
             for c in choose(channels, fallback, content["customer"], suppressed, taken)]
 
 
-def plan_transaction(row: dict, schedule: Schedule, now: datetime, *,
-                     suppressed: set[tuple[str, str]] = frozenset()) -> tuple[Decision, Cursor, list[NewDelivery]]:
-    """The rows one claimed transaction produces now; pure apart from reading ``row``."""
+def plan_transaction(row: dict, schedule: Schedule, now: datetime, *, suppressed: set[tuple[str, str]] = frozenset(),
+                     cache: SlotCache | None = None) -> tuple[Decision, Cursor, list[NewDelivery]]:
+    """The rows one claimed transaction produces now; pure apart from reading ``row`` (and filling
+    ``cache``, which gives the same decision as planning the transaction alone)."""
     content = row["content"]
-    d = decide(schedule, created_at=row["created_at"], deadline=row["deadline"],
-               handled_until=row["handled_until"], now=now, zone=content["customer"].get("timezone") or "UTC")
+    zone = content["customer"].get("timezone") or "UTC"
+    d = (cache.decide if cache is not None else decide)(
+        schedule, created_at=row["created_at"], deadline=row["deadline"], handled_until=row["handled_until"],
+        now=now, zone=zone)
     tx_id = row["id"]
     rows: list[NewDelivery] = []
     for slot in d.skip:
@@ -72,7 +75,6 @@ def plan_transaction(row: dict, schedule: Schedule, now: datetime, *,
     if d.settle:
         final = schedule.final
         settle_status, settle_reason = final.status, final.reason
-        zone = content["customer"].get("timezone") or "UTC"
         rows += [hold_for_quiet_hours(r, schedule, now, zone) for r in _rows(
             content, tx_id, final.action, "notice", final.template, final.channels,
             schedule.fallback_for(final.action), row["deadline"], suppressed)]
@@ -111,9 +113,10 @@ class Scheduler:
         self.enqueue_events = enqueue_events
         self.batch_size = batch_size
         self.lease = lease
+        self.slots = SlotCache()  # shared by the transactions of a tick, and by the ticks after it
 
-    def _schedule_for(self, row: dict) -> Schedule:
-        registry = self.registry()
+    def _schedule_for(self, row: dict, registry: Registry | None = None) -> Schedule:
+        registry = registry if registry is not None else self.registry()
         schedule = registry.get(row["schedule"])
         if schedule is None:  # its file was removed: run on whatever matches now
             schedule = registry.choose(segment=row["segment"], risk_flag=row["risk_flag"],
@@ -191,10 +194,11 @@ class Scheduler:
                                                           for p in all_pairs(row["content"]["customer"])])
                 planned: list[_Planned] = []
                 broken: list[Cursor] = []
+                registry = self.registry()
                 for row in claimed:
                     try:
-                        planned.append((row, *plan_transaction(row, self._schedule_for(row), now_,
-                                                               suppressed=suppressed)))
+                        planned.append((row, *plan_transaction(row, self._schedule_for(row, registry), now_,
+                                                               suppressed=suppressed, cache=self.slots)))
                     except Exception:  # one bad transaction must not stall everyone's reminders
                         log.exception("%s: cannot plan; looking again in %s", row["id"], RETRY_BROKEN)
                         broken.append(_set_aside(row, now_))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import cached_property
 
 from .quiet import QuietHours
 
@@ -112,5 +113,10 @@ class Schedule:
         step = self.step(step_id)
         if step is not None and step.fallback is not None:
             return step.fallback
+        return self._every_channel
+
+    @cached_property
+    def _every_channel(self) -> tuple[str, ...]:
+        """Every channel the schedule uses, in the order sms, email, push (asked per transaction a tick)."""
         used = {c for s in self.steps for c in s.channels} | set(self.final.channels)
         return tuple(c for c in CHANNELS if c in used)

@@ -7,6 +7,7 @@ Pure functions of the ladder and the clock: no SQL, no broker, no I/O.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -61,9 +62,18 @@ def slots(schedule: Schedule, created_at: datetime, deadline: datetime, zone: st
     before the deadline (the final warning) is never held so late that it leaves less than the
     final-gap rule's room before the deadline: it goes out just before quiet hours begin instead, or
     at its own time when that moment has already passed."""
+    return [slot for slot, _relative in placed_slots(schedule, created_at, deadline, zone)]
+
+
+def placed_slots(schedule: Schedule, created_at: datetime, deadline: datetime,
+                 zone: str | ZoneInfo = "UTC") -> list[tuple[Slot, bool]]:
+    """``slots``, each with whether its time is the step's own (``created_at`` + ``after``: True) or a
+    moment of the quiet hours (their end, or a minute before their start: False).
+
+    ``SlotCache`` shifts the first kind to another ``created_at`` and keeps the second."""
     tz = zone if isinstance(zone, ZoneInfo) else ZoneInfo(zone)
     quiet = schedule.quiet_hours
-    out: list[Slot] = []
+    out: list[tuple[Slot, bool]] = []
     # The final warning is the last reminder that comes before this transaction's deadline.
     last = max((i for i, s in enumerate(schedule.steps) if created_at + s.after < deadline), default=-1)
     for index, step in enumerate(schedule.steps):
@@ -71,24 +81,24 @@ def slots(schedule: Schedule, created_at: datetime, deadline: datetime, zone: st
         period = quiet.period(due, tz) if quiet else None
         held = tuple(c for c in step.channels if quiet and c in quiet.channels)
         if period is None or not held:
-            out.append(Slot(step, index, step.channels, due))
+            out.append((Slot(step, index, step.channels, due), True))
             continue
         start, end = period
         local_end = end.astimezone(tz).strftime("%H:%M")
-        at, note = end, f"held for quiet hours until {local_end} ({tz.key})"
+        at, own, note = end, False, f"held for quiet hours until {local_end} ({tz.key})"
         if index == last and end + min_final_gap(step.after) > deadline:  # too late to read it in time
             earlier = start - BEFORE_QUIET
-            previous = out[-1].at if out else created_at
+            previous = out[-1][0].at if out else created_at
             if earlier > previous and earlier > created_at:
                 at, note = earlier, f"final warning sent before quiet hours begin ({tz.key})"
             else:
-                at, note = due, "final warning not held: quiet hours would pass the deadline"
+                at, own, note = due, True, "final warning not held: quiet hours would pass the deadline"
         free = tuple(c for c in step.channels if c not in held)
         if free:
-            out.append(Slot(step, index, free, due))
-        out.append(Slot(step, index, held, at, note))
-    out = [s for s in out if s.at < deadline]
-    return sorted(out, key=lambda s: (s.at, s.index))
+            out.append((Slot(step, index, free, due), True))
+        out.append((Slot(step, index, held, at, note), own))
+    out = [p for p in out if p[0].at < deadline]
+    return sorted(out, key=lambda p: (p[0].at, p[0].index))
 
 
 def quiet_until(schedule: Schedule, channel: str, at: datetime, zone: str | ZoneInfo = "UTC") -> tuple[
@@ -154,19 +164,30 @@ def decide(
 ) -> Decision:
     """Apply the late-step rule: of the slots due now, only the latest step's go out; a passed
     deadline settles at once and skips whatever was still waiting."""
-    waiting = [s for s in slots(schedule, created_at, deadline, zone) if handled_until is None or s.at > handled_until]
-    due = [s for s in waiting if s.at <= now]
+    found = slots(schedule, created_at, deadline, zone)
+    return decide_slots([s.at for s in found], [s.index for s in found], found.__getitem__,
+                        deadline=deadline, handled_until=handled_until, now=now)
+
+
+def decide_slots(times: Sequence[datetime], indexes: Sequence[int], slot: Callable[[int], Slot], *,
+                 deadline: datetime, handled_until: datetime | None, now: datetime) -> Decision:
+    """``decide`` on a transaction's slots given as their times and step indexes, in sending order;
+    ``slot(i)`` makes the i-th Slot, asked only for the due ones (most are not, and a tick plans
+    thousands of transactions)."""
+    waiting = [i for i, at in enumerate(times) if handled_until is None or at > handled_until]
+    due = [i for i in waiting if times[i] <= now]
     if deadline <= now:
-        return Decision((), tuple(due), "late: the deadline passed before this step was sent", True, deadline, None)
+        return Decision((), tuple(slot(i) for i in due), "late: the deadline passed before this step was sent", True,
+                        deadline, None)
     if not due:
-        return Decision((), (), "", False, handled_until, waiting[0].at if waiting else deadline)
-    latest = max(s.index for s in due)
-    send = tuple(s for s in due if s.index == latest)
-    handled = max(s.at for s in due)
-    later = [s.at for s in waiting if s.at > handled]
+        return Decision((), (), "", False, handled_until, times[waiting[0]] if waiting else deadline)
+    latest = max(indexes[i] for i in due)
+    send = tuple(slot(i) for i in due if indexes[i] == latest)
+    handled = max(times[i] for i in due)
+    later = [times[i] for i in waiting if times[i] > handled]
     return Decision(
         send=send,
-        skip=tuple(s for s in due if s.index != latest),
+        skip=tuple(slot(i) for i in due if indexes[i] != latest),
         skip_reason=f"late: superseded by the later step {send[0].step.id!r}, sent instead",
         settle=False,
         handled_until=handled,
@@ -174,5 +195,5 @@ def decide(
     )
 
 
-__all__ = ["BEFORE_QUIET", "UTC", "Decision", "Slot", "choose_variant", "decide", "fallback_time", "notice_times",
-           "quiet_until", "slots", "step_times"]
+__all__ = ["BEFORE_QUIET", "UTC", "Decision", "Slot", "choose_variant", "decide", "decide_slots", "fallback_time",
+           "notice_times", "placed_slots", "quiet_until", "slots", "step_times"]

@@ -16,7 +16,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -94,32 +94,41 @@ class Cursor:
     schedule_version: str | None = None  # the ladder version this tick followed
 
 
-#: PostgreSQL bulk statements. Each has one fixed text whatever the batch size, so the server plans it
-#: once per connection; SQLAlchemy's multi-row VALUES would send (and psycopg re-parse) a new text of
-#: thousands of parameters per batch, which cost the tick more than its claim.
+#: PostgreSQL bulk statements of the tick. Each has one fixed text whatever the batch size, so the server
+#: plans it once per connection (SQLAlchemy's multi-row VALUES would send, and psycopg re-parse, a new text
+#: of thousands of parameters per batch), and takes each column as one array in binary (``%(name)b``):
+#: psycopg's text form of an array runs a regular expression over every element, which cost the tick
+#: more than the statements themselves. They go to the driver as written (``exec_driver_sql``).
 _UNNEST_COLUMNS = ("transaction_id", "step", "kind", "channel", "template", "variant", "due_at", "status", "reason",
                    "held")
-_INSERT_UNNEST = text("""
+_INSERT_UNNEST = """
     INSERT INTO deliveries (transaction_id, step, kind, channel, template, variant, due_at, status, reason,
                             attempts, updated_at, lease_until, enqueued_at)
     SELECT t.transaction_id, t.step, t.kind, t.channel, t.template, t.variant, t.due_at, t.status, t.reason,
-           0, :now,
+           0, %(now)s,
            CASE WHEN t.status = 'queued' AND t.held THEN t.due_at
-                WHEN t.status = 'queued' THEN CAST(:lease_until AS timestamptz) END,
-           CASE WHEN t.status = 'queued' AND NOT t.held THEN CAST(:now AS timestamptz) END
-    FROM unnest(CAST(:transaction_id AS text[]), CAST(:step AS text[]), CAST(:kind AS text[]),
-                CAST(:channel AS text[]), CAST(:template AS text[]), CAST(:variant AS text[]),
-                CAST(:due_at AS timestamptz[]), CAST(:status AS text[]), CAST(:reason AS text[]),
-                CAST(:held AS boolean[]))
+                WHEN t.status = 'queued' THEN CAST(%(lease_until)s AS timestamptz) END,
+           CASE WHEN t.status = 'queued' AND NOT t.held THEN CAST(%(now)s AS timestamptz) END
+    FROM unnest(CAST(%(transaction_id)b AS text[]), CAST(%(step)b AS text[]), CAST(%(kind)b AS text[]),
+                CAST(%(channel)b AS text[]), CAST(%(template)b AS text[]), CAST(%(variant)b AS text[]),
+                CAST(%(due_at)b AS timestamptz[]), CAST(%(status)b AS text[]), CAST(%(reason)b AS text[]),
+                CAST(%(held)b AS boolean[]))
          AS t(transaction_id, step, kind, channel, template, variant, due_at, status, reason, held)
     ON CONFLICT (transaction_id, step, channel) DO NOTHING
-    RETURNING id, status, enqueued_at""")
-_ADVANCE_UNNEST = text("""
+    RETURNING id, enqueued_at IS NOT NULL"""
+_ADVANCE_UNNEST = """
     UPDATE transactions AS tx
     SET handled_until = c.handled, next_due_at = c.next, schedule_version = c.version
-    FROM unnest(CAST(:ids AS text[]), CAST(:handled AS timestamptz[]), CAST(:next AS timestamptz[]),
-                CAST(:versions AS text[])) AS c(id, handled, next, version)
-    WHERE tx.id = c.id""")
+    FROM unnest(CAST(%(ids)b AS text[]), CAST(%(handled)b AS timestamptz[]), CAST(%(next)b AS timestamptz[]),
+                CAST(%(versions)b AS text[])) AS c(id, handled, next, version)
+    WHERE tx.id = c.id"""
+#: The claim, every column as ``select(transactions)`` reads it, fetched in one go (no per-row type hooks).
+_TX_COLUMNS = tuple(c.name for c in transactions.c)
+_TX_TIMES = tuple(i for i, c in enumerate(transactions.c)  # UTCDateTime: aware, in UTC
+                  if getattr(c.type, "impl_instance", c.type).python_type is datetime)
+_CLAIM_DUE = (f"SELECT {', '.join(_TX_COLUMNS)} FROM transactions "
+              "WHERE next_due_at <= %(now)s AND status = 'pending' "
+              "ORDER BY next_due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED")
 
 
 #: ``claim_delivery`` for many ids (PostgreSQL): the same conditions, the same share lock on each
@@ -256,6 +265,15 @@ class Store:
 
     def claim_due(self, conn: Connection, now: datetime, limit: int) -> list[dict[str, Any]]:
         """Lock up to ``limit`` pending transactions whose next step is due; cost follows the due rows."""
+        if self.pg:
+            rows = []
+            for values in conn.exec_driver_sql(_CLAIM_DUE, {"now": now, "limit": limit}).all():
+                values = list(values)
+                for i in _TX_TIMES:  # as UTCDateTime reads them: aware, in UTC
+                    if values[i] is not None:
+                        values[i] = values[i].astimezone(UTC)
+                rows.append(dict(zip(_TX_COLUMNS, values, strict=True)))
+            return rows
         stmt = (select(transactions)
                 .where(transactions.c.next_due_at <= now, transactions.c.status == PENDING)
                 .order_by(transactions.c.next_due_at)
@@ -268,7 +286,7 @@ class Store:
         for c in cursors:
             (settling if c.settle_status else plain).append(c)
         if plain and self.pg:
-            conn.execute(_ADVANCE_UNNEST, {
+            conn.exec_driver_sql(_ADVANCE_UNNEST, {
                 "ids": [c.id for c in plain], "handled": [c.handled_until for c in plain],
                 "next": [c.next_due_at for c in plain], "versions": [c.schedule_version for c in plain]})
         elif plain:
@@ -303,11 +321,13 @@ class Store:
             return []
         # A row that exists already (a fallback took that channel earlier, a re-run) is kept as it is:
         # the unique key decides, and one such row must not abort the whole batch.
-        if self.pg:  # one statement with a fixed text of 9 array parameters, whatever the batch size
-            params: dict[str, Any] = {name: [getattr(d, name) for d in rows] for name in _UNNEST_COLUMNS}
+        if self.pg:  # one statement with a fixed text of 10 array parameters, whatever the batch size
+            columns = zip(*((d.transaction_id, d.step, d.kind, d.channel, d.template, d.variant, d.due_at, d.status,
+                             d.reason, d.held) for d in rows), strict=True)
+            params: dict[str, Any] = {name: list(values) for name, values in zip(_UNNEST_COLUMNS, columns, strict=True)}
             params.update(now=now, lease_until=now + lease)
-            return [r.id for r in conn.execute(_INSERT_UNNEST, params)
-                    if r.status == "queued" and r.enqueued_at is not None]
+            return [delivery_id for delivery_id, enqueued in conn.exec_driver_sql(_INSERT_UNNEST, params).all()
+                    if enqueued]
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
         values = [{
