@@ -1,4 +1,5 @@
-"""The tick: claim what is due from the store, decide with the ladder, enqueue one message per delivery.
+"""The tick: claim what is due from the store, decide with the ladder, insert the deliveries, enqueue them
+in batches (``remind.deliver_batch`` messages of up to REMIND_DELIVERY_BATCH ids).
 
 Runs in every scheduler process; the database claim is what keeps two of them from doing the
 same work. Future steps are never parked in the broker: each lives as ``next_due_at`` in SQL.
