@@ -22,7 +22,10 @@ roll-up of every settled transaction, which the scheduler's tick would build a s
 ``/metrics`` ``--scrapes`` times (p50/p95, after one warm-up),
 ``/ops`` and ``/v1/stats`` with ``since=7d``, ``/ops`` with no ``since`` (the default window), and with
 ``--all-time`` also ``/v1/stats`` since the first transaction; the web process's peak RSS (``VmHWM``) at
-the end; then ``/v1/experiments?since=7d`` and the peak RSS after it. In a child process on the same
+the end; then ``/v1/experiments?since=7d`` and the peak RSS after it; then, in a second web process with
+the tree's ``pricing.yaml`` (what a deployment started from the checkout reads; ``--no-priced`` skips it),
+``/ops`` and ``/v1/stats`` with ``since=7d`` again (``ops_7d_priced_ms``, ``stats_7d_priced_ms``: the cost
+figures read every customer message of the window). In a child process on the same
 code: the ``EXPLAIN (ANALYZE, BUFFERS)`` of the suppression
 lookup (``Store.suppressed`` of 200 addresses, 20 of them suppressed, statements captured as sent) and
 of the stats queries (``funnel(since=7d)``). The last line is ``key=value`` figures.
@@ -268,8 +271,13 @@ def remind_cmd() -> list[str]:
     return [sys.executable, "-c", "from worker.cli import main; main()"]
 
 
+def code_root(args) -> Path:
+    """The tree whose code is measured."""
+    return Path(args.code) if args.code else ROOT
+
+
 def web_env(args, port: int) -> dict[str, str]:
-    code = Path(args.code) if args.code else ROOT
+    code = code_root(args)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REMIND_", "DATABASE_URL", "REDIS_URL"))}
     env.update({
         "PYTHONPATH": str(code), "DATABASE_URL": db_url(args.db_name),
@@ -382,6 +390,8 @@ def main() -> None:
     parser.add_argument("--suppressions", type=int, default=300_000, help="suppressed addresses (300,000)")
     parser.add_argument("--db-name", default="bench_scale", help="the database, kept between runs (bench_scale)")
     parser.add_argument("--reuse", action="store_true", help="measure on the database a previous run built")
+    parser.add_argument("--no-priced", action="store_true", help="skip /ops and /v1/stats with the shipped "
+                        "pricing.yaml (ops_7d_priced_ms, stats_7d_priced_ms)")
     parser.add_argument("--code", help="run the web app from this source tree (PYTHONPATH), e.g. a baseline")
     parser.add_argument("--schema", default="head", help="alembic revision to measure at (head; 0005: before 0007)")
     parser.add_argument("--scrapes", type=int, default=20, help="timed /metrics scrapes (20)")
@@ -483,6 +493,27 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- the same pages with the shipped price table (a deployment started from the checkout reads
+    # pricing.yaml): the cost statement reads every customer message of the window (issue #13)
+    priced = code_root(args) / "pricing.yaml"
+    if priced.exists() and not args.no_priced:
+        tmp = Path(tempfile.mkdtemp(prefix="remind-scale-priced-"))
+        proc = start_web({**env, "REMIND_PRICING_FILE": str(priced)}, tmp / "web.log")
+        try:
+            with httpx.Client(base_url=base, timeout=args.timeout) as client:
+                for key, path in (("ops_7d_priced_ms", "/ops?since=7d"), ("stats_7d_priced_ms", "/v1/stats?since=7d")):
+                    ms, status, size = timed_get(client, path, OPS_TOKEN)
+                    log(f"{path} with {priced.name}: {ms:.0f} ms, HTTP {status}, {size:,} bytes")
+                    figures[key] = f"{ms:.0f}" if status == 200 else f"{status}_after_{ms:.0f}"
+            figures["web_rss_priced_mb"] = f"{vm_hwm_mb(proc.pid):.0f}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            shutil.rmtree(tmp, ignore_errors=True)
 
     explained = plans(args, env)
     uses_index = False
