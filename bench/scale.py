@@ -290,6 +290,16 @@ def web_env(args, port: int) -> dict[str, str]:
     return env
 
 
+def stop_web(proc: subprocess.Popen, tmp: Path) -> None:
+    """Stop a web process ``start_web`` started, and remove its folder."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def start_web(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     import httpx
 
@@ -487,12 +497,7 @@ def main() -> None:
         log(f"/v1/experiments?since=7d: {ms:.0f} ms, HTTP {status}, {size:,} bytes, web RSS peak "
             f"{figures['web_rss_experiments_mb']} MB")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_web(proc, tmp)
 
     # -- the same pages with the shipped price table (a deployment started from the checkout reads
     # pricing.yaml): the cost statement reads every customer message of the window (issue #13)
@@ -508,12 +513,7 @@ def main() -> None:
                     figures[key] = f"{ms:.0f}" if status == 200 else f"{status}_after_{ms:.0f}"
             figures["web_rss_priced_mb"] = f"{vm_hwm_mb(proc.pid):.0f}"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            shutil.rmtree(tmp, ignore_errors=True)
+            stop_web(proc, tmp)
 
     explained = plans(args, env)
     uses_index = False

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, select, text
 
+from .funnel import window_sql
 from .repo import Store
 from .tables import deliveries, transactions
 
@@ -41,13 +42,7 @@ def customer_field(pg: bool, name: str) -> str:
 
 
 def _scope(since: datetime | None, schedule: str | None, among: Sequence[str] | None) -> tuple[str, dict[str, Any]]:
-    scope, params = ["1 = 1"], {}
-    if since is not None:
-        scope.append("t.created_at >= :since")
-        params["since"] = since
-    if schedule is not None:
-        scope.append("t.schedule = :schedule")
-        params["schedule"] = schedule
+    scope, params = window_sql(since, schedule)
     if among is not None:
         names = {f"among_{i}": name for i, name in enumerate(among)}
         scope.append(f"t.schedule IN ({', '.join(':' + k for k in names)})" if names else "1 = 0")

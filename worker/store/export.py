@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, case, func, select, text
 
+from .funnel import window_sql
 from .repo import Store
 from .tables import deliveries, transactions
 
@@ -138,14 +139,8 @@ def _customer_confirmations(conn: Any, pg: bool, since: datetime | None, schedul
     transaction's reminders that went out at or before its confirmation (ix_deliveries_funnel), grouped
     per (step, variant) with their first send, the last in (first send, step, variant) order. Only the
     units before the confirmation are read, and only of the customers' confirmations."""
-    scope = ["t.status = 'confirmed'", "t.settled_source = 'customer'", "t.confirmed_at IS NOT NULL"]
-    params: dict[str, Any] = {}
-    if since is not None:
-        scope.append("t.created_at >= :since")
-        params["since"] = since
-    if schedule is not None:
-        scope.append("t.schedule = :schedule")
-        params["schedule"] = schedule
+    scope, params = window_sql(since, schedule)
+    scope += ["t.status = 'confirmed'", "t.settled_source = 'customer'", "t.confirmed_at IS NOT NULL"]
     collate = ' COLLATE "C"' if pg else ""
     stmt = text(f"""
         SELECT u.schedule, u.step, u.variant, COUNT(*) AS customer_confirmations FROM (

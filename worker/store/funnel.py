@@ -23,6 +23,20 @@ if TYPE_CHECKING:
 HISTOGRAM_BOUNDS = (300, 900, 3600, 14400, 43200, 86400)
 
 
+def window_sql(since: datetime | None, schedule: str | None) -> tuple[list[str], dict[str, Any]]:
+    """The read side's window over transactions ``t`` in SQL: ``created_at >= since`` (on
+    ix_transactions_created_at) and one schedule; the conditions and their parameters."""
+    scope: list[str] = ["1 = 1"]
+    params: dict[str, Any] = {}
+    if since is not None:
+        scope.append("t.created_at >= :since")
+        params["since"] = since
+    if schedule is not None:
+        scope.append("t.schedule = :schedule")
+        params["schedule"] = schedule
+    return scope, params
+
+
 def funnel_rows(store: Store, since: datetime | None, schedule: str | None) -> tuple[
         list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows for worker.stats: the transactions in scope, and their reminders that went out, grouped
@@ -75,14 +89,7 @@ def funnel_figures(store: Store, since: datetime | None, schedule: str | None, *
     (ix_deliveries_funnel), in one statement, so a transaction is counted on exactly one side.
     ``rolled=False`` computes every unit live (the tests compare the two)."""
     pg = store.pg
-    scope = ["1 = 1"]
-    params: dict[str, Any] = {}
-    if since is not None:
-        scope.append("t.created_at >= :since")
-        params["since"] = since
-    if schedule is not None:
-        scope.append("t.schedule = :schedule")
-        params["schedule"] = schedule
+    scope, params = window_sql(since, schedule)
     where = " AND ".join(scope)
     in_scope = (f"SELECT t.id, t.schedule, {FUNNEL_STATUS} AS status, t.created_at, t.confirmed_at "
                 f"FROM transactions AS t WHERE {where}")
