@@ -21,13 +21,12 @@ import csv
 import io
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from .ladder import parse_duration
 from .pricing import Pricing
-from .stats import wilson
+from .stats import parse_since, wilson
 from .store import Store
 from .store.export import cost_figures, export_rows
 
@@ -38,20 +37,6 @@ CHANNELS = ("sms", "email", "push")
 COLUMNS = ("schedule", "step", "variant", "segment", "reached", "confirmed_after", "confirmation_rate",
            "rate_low", "rate_high", "messages_sms", "messages_email", "messages_push", "sms_segments",
            "currency", "cost", "cost_per_confirmation")
-
-
-def parse_since(text: str, now: datetime) -> datetime:
-    """``7d``/``12h`` (now minus that) or an ISO date/time (UTC when it names no zone); ValueError else."""
-    text = text.strip()
-    try:
-        return now - parse_duration(text)
-    except (ValueError, OverflowError):
-        pass
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except (ValueError, OverflowError):
-        raise ValueError(f"{text!r} is neither a duration such as 7d or 12h nor an ISO date/time") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def group_cost(pricing: Pricing, group: dict[str, Any], phone: str | None = None) -> Decimal | None:
