@@ -21,15 +21,12 @@ from starlette.types import Scope
 from ..export import export, to_csv
 from ..service import Remind
 from .api import FORBIDDEN
-from .schemas import ERRORS
+from .schemas import ERRORS, NO_CONTROL, ScheduleName
 from .security import check_scope
 
-NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
 Since = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL, description=(
     "Only transactions created at or after this: an ISO date/time (UTC unless it names a zone), "
     "or a duration back from now such as 7d, 12h, 1d12h"))]
-ScheduleName = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL,
-                                           description="Only this schedule")]
 
 
 class CsvResponse(Response):

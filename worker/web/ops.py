@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from ..ladder import Schedule, format_duration
 from ..service import Remind
 from ..stats import human, pct, report
-from .schemas import ERRORS, ErrorBody
+from .schemas import ERRORS, NO_CONTROL, ErrorBody, ScheduleName
 from .security import (
     OPS_COOKIE,
     OPS_SESSION,
@@ -39,12 +39,9 @@ from .security import (
     session_valid,
 )
 
-NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
 Since = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL, description=(
     "Only transactions created at or after this: an ISO date/time (UTC unless it names a zone), "
     "or a duration back from now such as 7d, 12h, 30d. Default: the last 7 days; widen it for more"))]
-ScheduleName = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL,
-                                           description="Only this schedule")]
 
 
 class Rate(BaseModel):

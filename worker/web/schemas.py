@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..ingest import Line
+
+#: A query value with no control characters (they would end up in logs and SQL parameters).
+NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
+ScheduleName = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_CONTROL,
+                                           description="Only this schedule")]
 
 Status = Literal["pending", "confirmed", "cancelled", "escalated"]
 
