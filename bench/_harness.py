@@ -24,6 +24,20 @@ PG_HOST = os.environ.get("BENCH_PG", "postgres@127.0.0.1:5432")
 PG_ADMIN = f"postgresql://{PG_HOST}/test"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def service_default(field: str):
+    """A setting's default as the service has it (worker/settings.py): the benchmarks measure what a deployment
+    that sets nothing runs."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from worker.settings import Settings
+
+    return Settings.model_fields[field].default
+
+
+WORKER_THREADS = service_default("worker_threads")
+SEND_CONCURRENCY = service_default("send_concurrency")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -167,8 +181,9 @@ def add_provider_flags(parser, *, latency: bool = True) -> None:
         parser.add_argument("--latency", type=parse_latency, default=parse_latency(PROVIDER_LATENCY),
                             help=f"each provider fake answers a valid send after this many seconds: 0, 0.2, or "
                                  f"lo-hi for uniform (default {PROVIDER_LATENCY})")
-    parser.add_argument("--send-concurrency", type=int, default=128,
-                        help="REMIND_SEND_CONCURRENCY: sends in flight per worker process (default 128)")
+    parser.add_argument("--send-concurrency", type=int, default=SEND_CONCURRENCY,
+                        help=f"REMIND_SEND_CONCURRENCY: sends in flight per worker process "
+                             f"(default {SEND_CONCURRENCY}, the service's)")
     for channel, provider in (("sms", "Twilio"), ("email", "SendGrid"), ("push", "FCM")):
         parser.add_argument(f"--inflight-{channel}", type=int, default=100,
                             help=f"REMIND_INFLIGHT_{channel.upper()}: most requests in flight to {provider}, shared "
@@ -384,6 +399,33 @@ def machine_cpu() -> tuple[float, float]:
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = values[3] + values[4]
     return (sum(values) - idle) / CLK_TCK, sum(values) / CLK_TCK
+
+
+def busy_before(seconds: float = 1.0) -> float:
+    """Percent of all cores busy over ``seconds``: what else was running when a benchmark started."""
+    busy0, total0 = machine_cpu()
+    time.sleep(seconds)
+    busy1, total1 = machine_cpu()
+    return 100 * (busy1 - busy0) / max(1e-9, total1 - total0)
+
+
+def calibration_ms() -> float:
+    """Milliseconds of a fixed piece of pure-Python work on one core, the best of five (``calibration_ms`` on
+    every benchmark's last line). The same machine kind has measured 3x apart from one session to the next;
+    figures from different days compare only in proportion to this."""
+    def work() -> int:
+        table: dict[str, int] = {}
+        for i in range(200_000):
+            key = f"k{i % 5000}"
+            table[key] = table.get(key, 0) + len(json.dumps([i, key]))
+        return sum(table.values())
+
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
 
 
 def vm_hwm_mb(pid: int) -> float:

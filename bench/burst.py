@@ -94,7 +94,8 @@ def main() -> int:
     parser.add_argument("--deliveries", type=int, default=None,
                         help="deliveries in the burst, 3 per transaction (default 20000, --small 600)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8)")
+    parser.add_argument("--threads", type=int, default=h.WORKER_THREADS,
+                        help=f"threads per worker process (default {h.WORKER_THREADS}, the service's)")
     parser.add_argument("--tick", type=float, default=1.0, help="REMIND_TICK_SECONDS of the scheduler (default 1)")
     h.add_provider_flags(parser)
     parser.add_argument("--margin", type=float, default=15.0,
@@ -114,10 +115,8 @@ def main() -> int:
     schedules.mkdir(exist_ok=True)
     (schedules / "burst.yaml").write_text(SCHEDULE)
 
-    busy0, total0 = h.machine_cpu()
-    time.sleep(1.0)
-    busy1, total1 = h.machine_cpu()
-    busy_before = 100 * (busy1 - busy0) / max(1e-9, total1 - total0)
+    busy_before = h.busy_before()
+    calibration = h.calibration_ms()
     wall0 = time.monotonic()
     private = None if args.shared_redis else h.PrivateRedis(workdir)
     if private is not None:
@@ -287,7 +286,8 @@ def main() -> int:
                    fake_problems=len(problems), log_errors=errors,
                    worker_peak_rss_mb=f"{fig['worker_hwm_mb']:.0f}",
                    scheduler_peak_rss_mb=f"{fig['scheduler_hwm_mb']:.0f}", wall_s=f"{wall_s:.0f}",
-                   cpu_busy_before_pct=f"{busy_before:.0f}")
+                   cpu_busy_before_pct=f"{busy_before:.0f}",
+                   calibration_ms=f"{calibration:.0f}")
     print("burst: " + " ".join(f"{k}={v}" for k, v in figures.items()))
     return 0
 

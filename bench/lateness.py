@@ -58,7 +58,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=None, help="transactions registered per second (default 50)")
     parser.add_argument("--duration", type=float, default=None, help="seconds of registering (default 60)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8)")
+    parser.add_argument("--threads", type=int, default=h.WORKER_THREADS,
+                        help=f"threads per worker process (default {h.WORKER_THREADS}, the service's)")
     parser.add_argument("--tick", type=float, default=1.0, help="REMIND_TICK_SECONDS (default 1)")
     parser.add_argument("--delivery-batch", type=int, default=None,
                         help="REMIND_DELIVERY_BATCH for the scheduler (default: the setting's, 20)")

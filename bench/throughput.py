@@ -44,7 +44,8 @@ rate), worker peak RSS, the most requests in flight at each fake; the ratios 200
 (1.0: the providers' latency is hidden entirely), pipeline / no-op per process count, and the "CPU ratio"
 pipeline-0ms-1p / no-op-1p. The last line is ``throughput: key=value ...``.
 
-With ``--profile``, a profile: one more 1-process run (at 0 ms) with py-spy attached to the worker
+With ``--profile``, a profile: one more 1-process run (at 0 ms, or with ``--profile-at latency`` at the
+providers' latency) with py-spy attached to the worker
 process, first sampling only the thread holding the GIL (where the CPU goes), then every thread inside a
 delivery, waiting or not (where a delivery's wall time goes). And a sequential in-process calibration of the
 same Deliverer (not timed against the others): SQL statements, transactions and pool check-outs per
@@ -504,13 +505,17 @@ def main() -> int:
     parser.add_argument("--tx", type=int, default=None, help="transactions per run (3 deliveries each); "
                                                              "default 3000, --small 200")
     parser.add_argument("--processes", default="1,2", help="worker process counts to run (default 1,2)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8, the "
-                                                               "service's default)")
+    parser.add_argument("--threads", type=int, default=h.WORKER_THREADS,
+                        help=f"threads per worker process (default {h.WORKER_THREADS}, the service's)")
     parser.add_argument("--noop-min", type=int, default=None, help="at least this many no-op messages "
                                                                    "(default 20000, --small 3000)")
     h.add_provider_flags(parser)
     parser.add_argument("--profile", action="store_true", help="also a py-spy profile of one more 1-process run "
-                                                               "at 0 ms, and the in-process calibration")
+                                                               "(at 0 ms, see --profile-at), and the in-process "
+                                                               "calibration")
+    parser.add_argument("--profile-at", choices=("0", "latency"), default="0",
+                        help="the profiled run's provider latency: 0 (default) or --latency's (where the CPU that "
+                             "latency adds goes)")
     parser.add_argument("--no-profile", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--profile-seconds", type=float, default=None, help="per py-spy pass (default 10, small 3)")
     parser.add_argument("--stall", type=float, default=60.0, help="give up after this long without progress")
@@ -532,10 +537,8 @@ def main() -> int:
     if private is not None:
         private.start()
     h.log(f"[setup] database {DB_NAME}, redis {h.REDIS_URL}, logs in {workdir}")
-    busy0, total0 = h.machine_cpu()
-    time.sleep(1.0)
-    busy1, total1 = h.machine_cpu()
-    busy_before = 100 * (busy1 - busy0) / max(1e-9, total1 - total0)
+    busy_before = h.busy_before()
+    calibration = h.calibration_ms()
     database_url = h.create_database(DB_NAME)
     wall0 = time.monotonic()
     pipeline = None
@@ -568,7 +571,8 @@ def main() -> int:
             rate1 = rate1 if math.isfinite(rate1) else 100
             prof_tx = max(60, int(rate1 * (2 * prof_s + 4) / 3))
             profile = {"dir": str(workdir), "seconds": prof_s, "rate": 200}
-            profile["run"] = pipeline.run(1, prof_tx, zero, profile=profile)
+            profile["run"] = pipeline.run(1, prof_tx, latencies[-1] if args.profile_at == "latency" else zero,
+                                          profile=profile)
         if args.profile:
             pipeline.start_fakes(zero)
             try:
@@ -627,7 +631,8 @@ def main() -> int:
                                      f"{len(f.get('errors') or [])}" for name, f in r["fakes"].items())
         for (label, p), r in results.items()))
     if profile:
-        cpu_ms = worker_cpu_ms(results[labels[0], counts[0]]) if counts[0] == 1 else 0
+        profiled = labels[-1] if args.profile_at == "latency" else labels[0]
+        cpu_ms = worker_cpu_ms(results[profiled, counts[0]]) if counts[0] == 1 else 0
         if profile.get("error"):
             print(f"profile: {profile['error']}")
         for name, title, only in (("cpu", "CPU (samples of the thread holding the GIL)", False),
@@ -635,7 +640,7 @@ def main() -> int:
             if name not in profile:
                 continue
             total, stages, leaves = summarize(profile[name], only_delivery=only)
-            print(f"profile {title}, {total} samples, 1 worker process, {args.threads} threads:")
+            print(f"profile {title}, {total} samples, 1 worker process, {args.threads} threads, {profiled}:")
             for k, v in stages:
                 if v >= 0.5:
                     print(f"  {v:5.1f}%  {k}" + (f"  ~{v / 100 * cpu_ms:.2f} ms CPU per delivery"
@@ -684,6 +689,7 @@ def main() -> int:
     figures["worker_peak_rss_mb"] = f"{max(r['worker_hwm_mb'] for r in results.values()):.0f}"
     figures["wall_s"] = f"{wall_s:.0f}"
     figures["cpu_busy_before_pct"] = f"{busy_before:.0f}"
+    figures["calibration_ms"] = f"{calibration:.0f}"
     print("throughput: " + " ".join(f"{k}={v}" for k, v in figures.items()))
     return 0
 

@@ -60,6 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import _harness as h  # noqa: E402
+
 #: The moment every tick runs at. Due rows were created 16-30 minutes before it; the others are due
 #: between 1 minute and 7 days after it.
 T = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
@@ -769,21 +771,6 @@ def summarize_py_spy(raw: str, title: str, top: int) -> str:
     return "\n".join(lines)
 
 
-def cpu_busy(seconds: float = 1.0) -> float:
-    """Share of all cores busy over ``seconds`` (from /proc/stat), to say what else was running."""
-    def read() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]
-    try:
-        t0, i0 = read()
-        time.sleep(seconds)
-        t1, i1 = read()
-        return 1 - (i1 - i0) / max(1, t1 - t0)
-    except OSError:
-        return float("nan")
-
-
 def _trim_pstats(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     keep = [line.replace(str(ROOT) + "/", "").replace(sys.prefix + "/lib/python3.11/site-packages/", "")
@@ -828,7 +815,8 @@ def main() -> None:
     figures: dict[str, object] = {}
     try:
         wall = time.perf_counter()
-        busy_before = cpu_busy()
+        busy_before = h.busy_before() / 100
+        calibration = h.calibration_ms()
         bench.say(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}, "
                   f"{100 * busy_before:.0f}% of the CPU busy before the bench started"
                   + (" (other processes are running: figures are pessimistic)" if busy_before > 0.15 else ""))
@@ -860,6 +848,7 @@ def main() -> None:
         figures["bench_peak_rss_mb"] = mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         figures["wall_s"] = f"{time.perf_counter() - wall:.0f}"
         figures["cpu_busy_before_pct"] = f"{100 * busy_before:.0f}"
+        figures["calibration_ms"] = f"{calibration:.0f}"
     finally:
         bench.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -108,7 +108,9 @@ class Settings(BaseSettings):
     event_retry_hours: float = Field(72.0, alias="REMIND_EVENT_RETRY_HOURS", gt=0, le=24 * 30)
     #: The first retry's wait; dramatiq's backoff doubles it (with jitter) up to 5 minutes.
     min_backoff_ms: int = Field(1000, alias="REMIND_MIN_BACKOFF_MS", gt=0)
-    worker_threads: int = Field(8, alias="REMIND_WORKER_THREADS", gt=0)
+    #: Worker threads per process, each running one message (a batch of up to REMIND_DELIVERY_BATCH) at a time:
+    #: 16 x 20 keeps the send pool full when providers take ~200 ms (a batch waits for its slowest send).
+    worker_threads: int = Field(16, alias="REMIND_WORKER_THREADS", gt=0)
     #: Signs confirmation links. Unset: development generates one into SECRET_FILE; production refuses to start.
     secret_key: str = Field("", alias="REMIND_SECRET_KEY")
     public_url: str = Field("http://127.0.0.1:8000", alias="REMIND_PUBLIC_URL")
@@ -121,7 +123,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", alias="REMIND_LOG_LEVEL")  # debug: a line per delivery sent, too
     #: Provider calls one worker process keeps in flight at once (its send pool; the senders' connection
     #: pools are sized to it).
-    send_concurrency: int = Field(128, alias="REMIND_SEND_CONCURRENCY", gt=0, le=2048)
+    send_concurrency: int = Field(256, alias="REMIND_SEND_CONCURRENCY", gt=0, le=2048)
     #: Requests in flight to each provider, shared by every worker process (0: no limit). Twilio allows an
     #: account 100 at once by default and answers 429 / 20429 beyond.
     inflight_sms: int = Field(100, alias="REMIND_INFLIGHT_SMS", ge=0)
