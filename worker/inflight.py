@@ -20,6 +20,7 @@ expiry, taken and given back by one Lua script each, so a dead holder's slot exp
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import queue
 import random
@@ -239,6 +240,10 @@ class RedisSlots:
         self.keys = {c: f"{namespace}:inflight:{c}" for c in self.limits}
         self.lease_ms = int(lease * 1000)
         self._acquire = client.register_script(_ACQUIRE)
+        # slot ids: unique across processes by the prefix, within this one by the counter (a uuid4 per slot
+        # cost 2 % of a delivery's CPU); the counter's next() is atomic under the GIL
+        self._prefix = uuid.uuid4().hex[:16]
+        self._serial = itertools.count()
         self._take = Gather(self._take_many)
         self._give = Gather(self._give_many)
         atexit.register(self._give.flush)  # slots given back just before the process ends reach Redis
@@ -252,7 +257,7 @@ class RedisSlots:
     def _take_many(self, channels: list[str]) -> list[str | None]:
         keys = sorted(set(channels))
         index = {c: i + 1 for i, c in enumerate(keys)}
-        slots = [uuid.uuid4().hex for _ in channels]
+        slots = [f"{self._prefix}{next(self._serial):x}" for _ in channels]
         args: list[object] = [self.lease_ms, *(self.limits[c] for c in keys)]
         for channel, slot in zip(channels, slots, strict=True):
             args += [index[channel], slot]
