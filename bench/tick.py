@@ -14,6 +14,10 @@ What is measured (the real path, nothing dropped):
   ``--pending`` pending rows of which the same ``--due`` are due. Each case: one warm-up tick, then
   ``--runs`` timed ticks (median reported), the due rows reset between runs. Every tick is checked:
   every due transaction claimed, every queued delivery in SQL and in Redis, nothing due left.
+* A deadline burst: the same ``--due`` transactions, every reminder handled, all reach their deadline in
+  the tick (``deadline_10k_s``): each is cancelled or escalated once, with its audit line, its platform event
+  (enqueued as ``remind.send_events``) and the customer's notices. Checked like the others, and: one audit
+  line and one event per transaction.
 * ``Remind.register`` for ``--register-count`` transactions, sequentially in this process, and
   ``POST /v1/transactions`` against ``remind web`` (uvicorn, a subprocess) from ``--http-connections``
   concurrent keep-alive connections. Every answer is checked (created=True / HTTP 201).
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import cProfile
 import io
 import json
@@ -198,7 +203,9 @@ def _bench_settings(args, db_url: str, tmp: Path, namespace: str):
     return Settings(_env_file=None, database_url=db_url, redis_url=args.redis_url, redis_namespace=namespace,
                     schedules_dir=ROOT / "schedules", templates_dir=ROOT / "templates", outbox=tmp / "outbox.jsonl",
                     dev_sender="outbox", reload_seconds=0, secret_key=BENCH_SECRET,
-                    public_url="https://pay.example", batch_size=args.batch_size, api_tokens="bench-token")
+                    public_url="https://pay.example", batch_size=args.batch_size, api_tokens="bench-token",
+                    platform_webhook_url="https://platform.example/remind-events",
+                    webhook_secret="whsec_" + base64.b64encode(os.urandom(32)).decode())
 
 
 def _copy_text(value) -> str:
@@ -276,6 +283,7 @@ class Bench:
         self.remind = None
         self.redis = None
         self.web: subprocess.Popen | None = None
+        self.deadline_case = False  # reset() puts the due rows at their deadline instead of a reminder
 
     def say(self, *parts) -> None:
         print(*parts, flush=True)
@@ -380,15 +388,24 @@ class Bench:
         self.say(f"{len(rows)} push tokens of due customers suppressed (their push falls back)")
 
     def remember_due(self) -> None:
-        self.sql("CREATE TABLE bench_due AS SELECT id, next_due_at FROM transactions "
+        self.sql("CREATE TABLE bench_due AS SELECT id, next_due_at, deadline FROM transactions "
                  f"WHERE next_due_at <= '{T.isoformat()}'::timestamptz AND status = 'pending'")
         self.sql("ALTER TABLE bench_due ADD PRIMARY KEY (id)")
 
     def reset(self) -> None:
-        """Undo a tick: no deliveries, the due rows' cursors back to what register wrote, Redis emptied."""
-        self.sql("TRUNCATE deliveries")
-        self.sql("UPDATE transactions t SET handled_until = NULL, next_due_at = d.next_due_at, status = 'pending', "
-                 "cancelled_at = NULL, escalated_at = NULL, status_reason = NULL FROM bench_due d WHERE t.id = d.id")
+        """Undo a tick: no deliveries, events, audit lines or roll-up, the due rows' cursors back to what
+        register wrote (or, in the deadline case, every reminder handled and the deadline a minute ago),
+        Redis emptied."""
+        self.sql("TRUNCATE deliveries, events, audit, funnel_units, funnel_rolled, funnel_rollup_state")
+        if self.deadline_case:
+            self.sql("UPDATE transactions t SET handled_until = %s, next_due_at = %s, deadline = %s, "
+                     "status = 'pending', cancelled_at = NULL, escalated_at = NULL, status_reason = NULL, "
+                     "settled_source = NULL FROM bench_due d WHERE t.id = d.id",
+                     T - timedelta(minutes=1, seconds=1), T - timedelta(minutes=1), T - timedelta(minutes=1))
+        else:
+            self.sql("UPDATE transactions t SET handled_until = NULL, next_due_at = d.next_due_at, "
+                     "deadline = d.deadline, status = 'pending', cancelled_at = NULL, escalated_at = NULL, "
+                     "status_reason = NULL, settled_source = NULL FROM bench_due d WHERE t.id = d.id")
         self.sql("VACUUM (ANALYZE) transactions, deliveries")
         keys = redis_keys(self.redis, self.namespace)
         if keys:
@@ -423,6 +440,8 @@ class Bench:
                           ("add_deliveries", "insert deliveries (INSERT ... SELECT unnest ... RETURNING)"),
                           ("claim_expired", "expired-lease check")):
             wrap(store, name, key)
+        wrap(store.events, "add_many", "platform events (INSERT ... RETURNING)")
+        wrap(store.events, "note_many", "audit lines (INSERT)")
         wrap(self.remind, "enqueue", "enqueue to Redis (one message per batch of ids)")
         original_begin = store.begin
 
@@ -455,10 +474,18 @@ class Bench:
         messages = self.redis.llen(self.queue_key)
         assert messages == self.redis.hlen(self.queue_key + ".msgs"), messages
         # Each message carries a batch of delivery ids: every queued delivery must be in exactly one.
-        in_redis = [i for raw in self.redis.hvals(self.queue_key + ".msgs")
-                    for i in json.loads(raw)["args"][0]]
+        sent = [json.loads(raw) for raw in self.redis.hvals(self.queue_key + ".msgs")]
+        in_redis = [i for m in sent if m["actor_name"] == "remind.deliver_batch" for i in m["args"][0]]
+        if self.deadline_case:  # and the platform's events, in messages of their own
+            events = [i for m in sent if m["actor_name"] == "remind.send_events" for i in m["args"][0]]
+            assert len(events) == len(set(events)) == self.args.due, (len(events), self.args.due)
         left = self.sql_one("SELECT count(*) FROM transactions WHERE next_due_at <= %s AND status = 'pending'", T)
         assert result.claimed == self.args.due, (result.claimed, self.args.due)
+        if self.deadline_case:  # each settled once: its status, its audit line and its platform event
+            assert result.settled == self.args.due, (result.settled, self.args.due)
+            assert self.sql_one("SELECT count(*) FROM transactions WHERE status IN ('cancelled', 'escalated')") \
+                == self.sql_one("SELECT count(DISTINCT transaction_id) FROM audit") \
+                == self.sql_one("SELECT count(*) FROM events") == self.args.due
         assert len(result.enqueued) == queued == len(in_redis) == len(set(in_redis)), (
             len(result.enqueued), queued, len(in_redis))
         assert set(in_redis) == set(result.enqueued)
@@ -495,7 +522,8 @@ class Bench:
     def tick_case(self, name: str, pending: int) -> dict:
         self.reset()
         statement, plan = self.explain()
-        self.say(f"\n== tick: {pending:,} pending, {self.args.due:,} due ==")
+        what = "reach their deadline (all reminders sent)" if self.deadline_case else "due"
+        self.say(f"\n== tick: {pending:,} pending, {self.args.due:,} {what} ==")
         self.say(f"claim query:\n  {' '.join(statement.split())}")
         self.say("EXPLAIN (ANALYZE, BUFFERS), first batch:\n  " + plan.replace("\n", "\n  "))
         warm, _, _ = self.checked_tick()
@@ -827,17 +855,25 @@ def main() -> None:
         base = bench.tick_case("base", args.due)
         bench.load("bg", args.pending - args.due)
         large = bench.tick_case("large", args.pending)
+        # A deadline burst: the same due transactions all reach their deadline in this tick (a morning's
+        # registrations expiring together): each is cancelled or escalated once, with its audit line, its
+        # platform event and the customer's notices.
+        bench.deadline_case = True
+        deadline = bench.tick_case("deadline", args.pending)
+        bench.deadline_case = False
         peak_tick = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         ratio = large["median"] / base["median"]
         bench.say(f"\ntick with {args.pending:,} pending / with {args.due:,} pending: {large['median']:.3f}s / "
                   f"{base['median']:.3f}s = {ratio:.2f}x (target within 1.5x); {args.due:,} due claimed and "
                   f"enqueued in {large['median']:.3f}s (target well under 1s)")
+        bench.say(f"{args.due:,} transactions settled at their deadline in one tick: {deadline['median']:.3f}s")
         bench.say(f"scheduler (this process) peak RSS after the ticks: {mb(peak_tick)} MB "
                   "(the bulk load ran in a child process)")
         figures = {f"tick_{label(args.due)}_pending_s": f"{base['median']:.3f}",
                    f"tick_{label(args.pending)}_pending_s": f"{large['median']:.3f}",
                    "ratio": f"{ratio:.2f}", "due": args.due,
-                   "due_per_s": f"{args.due / large['median']:.0f}", "batch_size": args.batch_size}
+                   "due_per_s": f"{args.due / large['median']:.0f}",
+                   f"deadline_{label(args.due)}_s": f"{deadline['median']:.3f}", "batch_size": args.batch_size}
         if not args.skip_register:
             bench.clock.at = None  # registrations are created now, on the real clock
             figures["register_python_per_s"] = f"{bench.register_python():.0f}"

@@ -122,3 +122,30 @@ def test_a_cancel_through_the_api_tells_the_customer_why_and_the_old_link_says_s
     assert {line["channel"] for line in notices} == {"sms", "email", "push"}
     page = client.get(f"/c/{token}")
     assert page.status_code == 409 and "取消" in page.text
+
+
+def test_a_deadline_burst_settles_each_once_with_its_event_and_its_audit_line(service, hooks):
+    """Many transactions reaching their deadline in one tick are settled in one statement per kind of
+    outcome: each still gets exactly its own status, time stamp, audit line and event."""
+    h, client = service
+    risky = {f"tx_r{i}" for i in range(8)}
+    plain = {f"tx_p{i}" for i in range(17)}
+    for tx_id in sorted(plain):
+        register(client, tx_id)
+    for tx_id in sorted(risky):
+        register(client, tx_id, risk_flag=True)
+    h.at(hours=30).tick()
+    h.drain()
+    assert sorted(hooks.types()) == sorted(
+        [("transaction.cancelled", "deadline", None)] * len(plain)
+        + [("transaction.escalated", "deadline", None)] * len(risky))
+    assert {e["data"]["id"] for e in hooks.received} == plain | risky
+    at = (T0 + timedelta(hours=30)).isoformat().replace("+00:00", "Z")
+    for tx_id in sorted(plain | risky):
+        body = client.get(f"/v1/transactions/{tx_id}", headers=PLATFORM).json()
+        outcome = "escalated" if tx_id in risky else "cancelled"
+        assert body["status"] == outcome, tx_id
+        assert body["settled_by"] == {"source": "deadline", "actor": None}
+        assert (body["cancelled_at"], body["escalated_at"]) == ((None, at) if tx_id in risky else (at, None))
+        assert [(x["action"], x["source"], x["at"]) for x in body["history"]] == [(outcome, "deadline", at)]
+        assert [e["type"] for e in body["events"]] == [f"transaction.{outcome}"]

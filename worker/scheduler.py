@@ -127,16 +127,14 @@ class Scheduler:
     def _settled(self, conn: Any, planned: list[_Planned], now: datetime) -> list[int]:
         """The audit line and the platform's event of each transaction the deadline settled; returns the
         events to send."""
-        ids = []
-        for row, _, cursor, _ in planned:
-            if cursor.settle_status:
-                self.store.events.note(conn, row["id"], now, cursor.settle_status, "deadline")
-                event_id = self.store.events.add(conn, row, f"transaction.{cursor.settle_status}", event_data(
-                    row, status=cursor.settle_status, source="deadline", actor=None, reason=cursor.settle_reason,
-                    at=now), now)
-                if event_id is not None:
-                    ids.append(event_id)
-        return ids
+        settled = [(row, cursor) for row, _, cursor, _ in planned if cursor.settle_status]
+        self.store.events.note_many(conn, [
+            {"transaction_id": row["id"], "at": now, "action": cursor.settle_status, "source": "deadline",
+             "actor": None, "note": None} for row, cursor in settled])
+        return self.store.events.add_many(conn, [
+            (row["id"], f"transaction.{cursor.settle_status}", event_data(
+                row, status=cursor.settle_status, source="deadline", actor=None, reason=cursor.settle_reason, at=now))
+            for row, cursor in settled], now)
 
     def _write(self, conn: Any, planned: list[_Planned], broken: list[Cursor], now: datetime) -> tuple[
             list[int], list[int], list[_Planned]]:

@@ -298,13 +298,12 @@ class Store:
                 [{"b_id": c.id, "b_handled": c.handled_until, "b_next": c.next_due_at,
                   "b_ver": c.schedule_version} for c in plain],
             )
-        for c in settling:
-            stamp = "cancelled_at" if c.settle_status == CANCELLED else "escalated_at"
-            conn.execute(update(transactions).where(
-                transactions.c.id == c.id, transactions.c.status == PENDING).values(
-                status=c.settle_status, status_reason=c.settle_reason, handled_until=c.handled_until,
-                settled_source="deadline", settled_actor=None,
-                next_due_at=None, schedule_version=c.schedule_version, **{stamp: now}))
+        for stamp in ("cancelled_at", "escalated_at"):  # one statement each for the whole batch
+            rows = [{"b_id": c.id, "b_status": c.settle_status, "b_reason": c.settle_reason,
+                     "b_handled": c.handled_until, "b_ver": c.schedule_version, "b_now": now}
+                    for c in settling if (c.settle_status == CANCELLED) == (stamp == "cancelled_at")]
+            if rows:
+                conn.execute(self._settle[stamp], rows)
 
     def reschedule(self, schedules: Sequence[str], now: datetime) -> int:
         """Make the next tick look again at pending transactions on these schedules (after an edit)."""
@@ -446,6 +445,12 @@ class Store:
                                                 transactions.c.status.in_(bindparam("b_statuses", expanding=True)))
         self._claim_any = claim
         self._claim_if = claim.where(self._lock(still, share=True).exists())
+        # the deadline's settlement of a batch's transactions (advance), by which stamp it sets
+        self._settle = {stamp: update(transactions).where(
+            transactions.c.id == bindparam("b_id"), transactions.c.status == PENDING).values(
+            status=bindparam("b_status"), status_reason=bindparam("b_reason"), handled_until=bindparam("b_handled"),
+            settled_source="deadline", settled_actor=None, next_due_at=None, schedule_version=bindparam("b_ver"),
+            **{stamp: bindparam("b_now")}) for stamp in ("cancelled_at", "escalated_at")}
 
     def update_deliveries(self, conn: Connection | None, changes: Sequence[Mapping[str, Any]], *,
                           if_status: str | None = None) -> None:
