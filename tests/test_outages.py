@@ -500,3 +500,36 @@ def test_readyz_answers_when_redis_accepts_and_never_answers(tmp_path):
         assert ready.json()["checks"]["broker"] == "unreachable: Redis (TimeoutError)"
         assert took < MARGIN, took
         assert silent.accepted == 1
+
+
+def test_readyz_checks_at_once_and_answers_within_its_bound_when_postgres_and_redis_both_never_answer(tmp_path):
+    """One after the other, the default timeouts made a probe wait REMIND_DB_CONNECT_TIMEOUT (5 s) and then the
+    Redis check (2 s): a balancer's probe gave up first, knowing nothing. The checks run at once and /readyz
+    answers within READY_TIMEOUT naming both; a probe that comes while a check still waits shares it, so a silent
+    host does not collect a connection per probe."""
+    from worker.web.health import READY_TIMEOUT
+
+    with SilentServer() as silent_pg, SilentServer() as silent_redis:
+        settings = make_settings(tmp_path, f"postgresql+psycopg://remind@127.0.0.1:{silent_pg.port}/remind",
+                                 redis_url=f"redis://127.0.0.1:{silent_redis.port}/0", api_tokens=API_TOKEN)
+        assert settings.db_connect_timeout > READY_TIMEOUT  # the defaults: the bound, not the check, ends the wait
+        remind = Remind.from_settings(settings, migrate=False, clock=Clock())
+        with TestClient(create_app(remind)) as client:
+            started = time.monotonic()
+            ready = client.get("/readyz")
+            took = time.monotonic() - started
+            assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+            silent = f"no answer within {READY_TIMEOUT:g} s"
+            assert ready.json()["checks"] == {"database": f"unreachable: PostgreSQL ({silent})",
+                                              "broker": "unreachable: Redis (TimeoutError)", "config": "ok"}
+            assert READY_TIMEOUT - 0.5 <= took < READY_TIMEOUT + 1.5, took
+
+            started = time.monotonic()
+            again = client.get("/readyz")  # the first probe's database check is still waiting for its connection
+            took = time.monotonic() - started
+            assert again.status_code == 503, again.text
+            assert again.json()["checks"]["database"].startswith("unreachable: PostgreSQL (")
+            assert again.json()["checks"]["broker"].startswith("unreachable: Redis (")
+            assert took < READY_TIMEOUT + 1.5, took
+        remind.store.engine.dispose()
+        assert silent_pg.accepted == 1 and silent_redis.accepted == 2

@@ -35,7 +35,8 @@ def make_broker(settings: Settings) -> Broker:
     if settings.redis_url:
         from dramatiq.brokers.redis import RedisBroker
 
-        broker: Broker = RedisBroker(url=settings.redis_url, namespace=settings.redis_namespace)
+        # A client of our own: given a URL, RedisBroker builds its pool with no timeouts of ours.
+        broker: Broker = RedisBroker(client=redis_client(settings, send_path=False), namespace=settings.redis_namespace)
     else:
         broker = StubBroker()
     for middleware in list(broker.middleware):
@@ -75,13 +76,41 @@ def make_throttle(settings: Settings) -> Callable[[str], bool] | None:
     return throttle
 
 
-def redis_client(settings: Settings):
-    """A client for the send path's limits, its pool sized for every send thread at once: redis-py's
-    default pool refuses the 101st connection (MaxConnectionsError); a blocking pool waits instead."""
+def redis_options(timeout: float) -> dict:
+    """Connection options that make a silent Redis (its packets lost: a failed-over host, a cut link) an outage
+    within about ``timeout`` seconds instead of a command blocked for the kernel's ~15 minutes: the time to connect
+    and to wait for each answer, and keepalives with TCP_USER_TIMEOUT (Linux) so that a pooled connection that
+    died while idle is found dead by the kernel. An idle connection is pinged before use (``health_check_interval``)
+    and one that turns out dropped is replaced at once, once (a ConnectionError is retried on a new connection);
+    a timeout is not retried, so a silent Redis costs ``timeout``, not a multiple. Options in REDIS_URL's query
+    string win (redis-py's rule). Safe for dramatiq: its consumer polls with short scripts, nothing blocks."""
+    import socket
+
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    whole = max(1, int(timeout))
+    keepalive = {getattr(socket, name): value for name, value in (
+        ("TCP_KEEPIDLE", max(1, whole // 2)), ("TCP_KEEPINTVL", max(1, whole // 6)), ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", int(timeout * 1000))) if hasattr(socket, name)}
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "socket_keepalive": True,
+            "socket_keepalive_options": keepalive, "health_check_interval": whole,
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
+
+
+def redis_client(settings: Settings, *, send_path: bool = True):
+    """A client with :func:`redis_options` (REMIND_REDIS_TIMEOUT). For the send path's limits its pool is sized for
+    every send thread at once: redis-py's default pool refuses the 101st connection (MaxConnectionsError), a
+    blocking pool waits instead."""
     import redis
 
-    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.send_concurrency + 8,
-                                                 timeout=settings.provider_timeout)
+    options = redis_options(settings.redis_timeout)
+    if not send_path:
+        pool = redis.ConnectionPool.from_url(settings.redis_url, **options)
+    else:
+        pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.send_concurrency + 8,
+                                                     timeout=settings.provider_timeout, **options)
     return redis.Redis(connection_pool=pool)
 
 
@@ -175,9 +204,7 @@ class RedisRestarts:
     Messages that did survive (in a worker's memory) become duplicates, which the claim makes harmless."""
 
     def __init__(self, settings: Settings, remind: Remind) -> None:
-        import redis
-
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.client = redis_client(settings, send_path=False)
         self.key = f"{settings.redis_namespace}:alive"
         self.store = remind.store
         self._known = False  # this process has seen the key (or set it) since it started

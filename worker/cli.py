@@ -176,7 +176,8 @@ def db_upgrade() -> None:
     from .store import make_engine, upgrade
 
     settings = _settings()
-    upgrade(make_engine(settings.database_url, connect_timeout=settings.db_connect_timeout))
+    upgrade(make_engine(settings.database_url, connect_timeout=settings.db_connect_timeout,
+                        tcp_timeout=settings.db_tcp_timeout))
     click.echo("database is up to date")
 
 

@@ -153,7 +153,8 @@ class Remind:
             settings = settings.with_secret()  # development: a key generated once; production processes check theirs
         registry, templates = load_config(settings)
         pricing = load_pricing(settings.pricing_file)
-        engine = make_engine(settings.database_url, connect_timeout=settings.db_connect_timeout)
+        engine = make_engine(settings.database_url, connect_timeout=settings.db_connect_timeout,
+                             tcp_timeout=settings.db_tcp_timeout)
         if migrate:
             upgrade(engine)
         store = Store(engine, clock=clock)

@@ -86,9 +86,17 @@ class Settings(BaseSettings):
     env: str = Field("development", alias="REMIND_ENV")
     database_url: str = Field("sqlite:///remind.db", alias="DATABASE_URL")
     redis_url: str | None = Field(None, alias="REDIS_URL")
+    #: Seconds a Redis command or connection may take before Redis counts as unreachable (every client: the
+    #: broker, the in-flight slots, the rate limits, the scheduler's check). Nothing here blocks in Redis: dramatiq
+    #: polls with short scripts, so a command that takes this long is lost in the network, not busy.
+    redis_timeout: float = Field(5.0, alias="REMIND_REDIS_TIMEOUT", ge=0.5, le=300)
     #: Seconds a new PostgreSQL connection may take before the database counts as unreachable (503, exit 75):
     #: a host that drops packets must not hang a request or a tick for psycopg's 130 s.
     db_connect_timeout: int = Field(5, alias="REMIND_DB_CONNECT_TIMEOUT", ge=2, le=300)
+    #: Seconds an open PostgreSQL connection may go silent (packets lost: a failed-over host, a cut link) before
+    #: it counts as dropped (libpq's tcp_user_timeout and keepalives): without it a query, and the tick or request
+    #: waiting on it, hangs for the kernel's ~15 minutes. A query may run longer: the server's kernel answers.
+    db_tcp_timeout: int = Field(30, alias="REMIND_DB_TCP_TIMEOUT", ge=2, le=3600)
     schedules_dir: Path = Field(Path("schedules"), alias="REMIND_SCHEDULES_DIR")
     templates_dir: Path = Field(Path("templates"), alias="REMIND_TEMPLATES_DIR")
     #: Message prices (worker/pricing.py); a missing file means no costs (reports show null).

@@ -22,16 +22,35 @@ def normalize_url(url: str) -> str:
 #: for a host that drops packets or accepts and never answers; a process must report the outage instead.
 CONNECT_TIMEOUT = 5
 
+#: Seconds an open PostgreSQL connection may go silent before it counts as dropped (REMIND_DB_TCP_TIMEOUT's
+#: default). Without it a query on a connection whose packets stop arriving (a failed-over host, a cut link)
+#: blocks until the kernel gives up retransmitting, about 15 minutes. It does not limit how long a query may
+#: run: the server's kernel acknowledges the query and answers the keepalive probes while the query works.
+TCP_TIMEOUT = 30
 
-def make_engine(url: str, *, connect_timeout: int = CONNECT_TIMEOUT, **kwargs) -> Engine:
-    """An engine; on PostgreSQL a ``connect_timeout`` (whole seconds, libpq's minimum is 2) unless the URL sets
-    one, so an unreachable host is an outage within seconds; on SQLite, WAL and ``BEGIN IMMEDIATE`` so
-    concurrent writers queue instead of failing."""
+
+def tcp_timeouts(seconds: int) -> dict[str, int]:
+    """libpq's parameters that drop a silent connection after about ``seconds``: ``tcp_user_timeout`` (Linux; in
+    milliseconds) for data sent and not acknowledged (a query or a ping into the void), and keepalives for a
+    connection waiting on an answer with nothing unacknowledged (probes from half the time on, every sixth;
+    where there is no TCP_USER_TIMEOUT, the third unanswered probe ends it at about ``seconds`` as well)."""
+    return {"keepalives": 1, "keepalives_idle": max(1, seconds // 2), "keepalives_interval": max(1, seconds // 6),
+            "keepalives_count": 3, "tcp_user_timeout": seconds * 1000}
+
+
+def make_engine(url: str, *, connect_timeout: int = CONNECT_TIMEOUT, tcp_timeout: int = TCP_TIMEOUT,
+                **kwargs) -> Engine:
+    """An engine. On PostgreSQL a ``connect_timeout`` (whole seconds, libpq's minimum is 2) and the TCP settings
+    of :func:`tcp_timeouts`, each unless the URL sets it: an unreachable host is an outage within seconds, and a
+    connection that goes silent in use within ``tcp_timeout`` seconds, not a hang. On SQLite, WAL and ``BEGIN
+    IMMEDIATE`` so concurrent writers queue instead of failing."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
-            kwargs["connect_args"] = {"connect_timeout": connect_timeout, **kwargs.get("connect_args", {})}
+        if parsed.get_backend_name() == "postgresql":
+            libpq = {"connect_timeout": connect_timeout, **tcp_timeouts(tcp_timeout)}
+            libpq = {key: value for key, value in libpq.items() if key not in parsed.query}
+            kwargs["connect_args"] = {**libpq, **kwargs.get("connect_args", {})}
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
         kwargs.setdefault("hide_parameters", True)  # errors must not carry phone numbers into logs

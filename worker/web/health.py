@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -9,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import text
 
+from ..broker import redis_options
 from ..service import Remind
 from ..store import metrics_snapshot
 from .security import check_scope
@@ -61,53 +66,100 @@ class StoreCollector:
                                 value=1 if state["ok"] else 0)
 
 
-#: Seconds the Redis check waits to connect and for PONG: a probe must answer, not hang, when Redis drops packets.
+#: Seconds /readyz takes at most, whatever is down: its checks run at once, and one that has not answered by then
+#: reports it. A probe must answer, not hang, when a dependency drops packets.
+READY_TIMEOUT = 3.0
+#: Seconds the Redis check waits to connect and for PONG (REMIND_REDIS_TIMEOUT when that is shorter).
 REDIS_CHECK_TIMEOUT = 2.0
 
 
-def _ready(remind: Remind) -> dict[str, str]:
-    """What this process needs to serve, each ``ok`` or ``unreachable: <what> (<error type>)``: the database
-    (bounded by REMIND_DB_CONNECT_TIMEOUT), and Redis when REDIS_URL is set (registering and confirming enqueue
-    there). Error types only: /readyz is public, and an address or a driver message is nobody else's business."""
-    checks = {}
+def _database(remind: Remind) -> str:
+    """The database check: bounded by REMIND_DB_CONNECT_TIMEOUT for a new connection, REMIND_DB_TCP_TIMEOUT for a
+    pooled one that went silent, and by READY_TIMEOUT for the probe waiting on it."""
     try:
         with remind.store.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
+        return "ok"
     except Exception as exc:  # noqa: BLE001 - report, don't crash
-        kind = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}.get(remind.store.engine.dialect.name, "database")
-        checks["database"] = f"unreachable: {kind} ({type(exc).__name__})"
-    if remind.settings.redis_url:
-        try:
-            import redis
+        return f"unreachable: {_database_kind(remind)} ({type(exc).__name__})"
 
-            with redis.Redis.from_url(remind.settings.redis_url, socket_timeout=REDIS_CHECK_TIMEOUT,
-                                      socket_connect_timeout=REDIS_CHECK_TIMEOUT) as client:
-                client.ping()
-            checks["broker"] = "ok"
-        except Exception as exc:  # noqa: BLE001
-            checks["broker"] = f"unreachable: Redis ({type(exc).__name__})"
-    else:
-        checks["broker"] = "ok (in-process)"
-    state = remind.config_state
-    # A refused reload does not make the process unready (it runs on the last good files), but it shows.
-    checks["config"] = "ok" if state["ok"] else f"ok (last good kept; reload refused: {state['error']})"
-    return checks
+
+def _database_kind(remind: Remind) -> str:
+    return {"postgresql": "PostgreSQL", "sqlite": "SQLite"}.get(remind.store.engine.dialect.name, "database")
+
+
+def _broker(remind: Remind) -> str:
+    """Redis answers PING, on a connection of its own (a pooled one could wait for a busy pool)."""
+    import redis
+
+    timeout = min(remind.settings.redis_timeout, REDIS_CHECK_TIMEOUT)
+    options = {**redis_options(timeout), "retry": None}
+    try:
+        with redis.Redis.from_url(remind.settings.redis_url, **options) as client:
+            client.ping()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001
+        return f"unreachable: Redis ({type(exc).__name__})"
+
+
+class Readiness:
+    """What this process needs to serve, each ``ok`` or ``unreachable: <what> (<error type>)``: the database, and
+    Redis when REDIS_URL is set (registering and confirming enqueue there). The checks run at once, each on a thread
+    of its own, and the answer comes within READY_TIMEOUT: a check still waiting then is reported as such. A probe
+    that comes while a check is still waiting shares it rather than start another, so a silent dependency never
+    holds more than one thread per check. Error types only: /readyz is public, and an address or a driver message
+    is nobody else's business."""
+
+    def __init__(self, remind: Remind, timeout: float = READY_TIMEOUT) -> None:
+        self.remind = remind
+        self.timeout = timeout
+        self._checks: dict[str, Callable[[Remind], str]] = {"database": _database}
+        if remind.settings.redis_url:
+            self._checks["broker"] = _broker
+        self._running: dict[str, Future[str]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=len(self._checks), thread_name_prefix="remind-ready")
+
+    def _start(self) -> dict[str, Future[str]]:
+        with self._lock:
+            for name, check in self._checks.items():
+                running = self._running.get(name)
+                if running is None or running.done():
+                    self._running[name] = self._pool.submit(check, self.remind)
+            return dict(self._running)
+
+    async def __call__(self) -> dict[str, str]:
+        futures = self._start()
+        done, _ = await run_in_threadpool(wait, futures.values(), self.timeout)
+        silent = f"no answer within {self.timeout:g} s"
+        checks = {name: future.result() if future in done else None for name, future in futures.items()}
+        if checks["database"] is None:
+            checks["database"] = f"unreachable: {_database_kind(self.remind)} ({silent})"
+        if "broker" not in checks:
+            checks["broker"] = "ok (in-process)"
+        elif checks["broker"] is None:
+            checks["broker"] = f"unreachable: Redis ({silent})"
+        state = self.remind.config_state
+        # A refused reload does not make the process unready (it runs on the last good files), but it shows.
+        checks["config"] = "ok" if state["ok"] else f"ok (last good kept; reload refused: {state['error']})"
+        return {name: checks[name] for name in ("database", "broker", "config")}
 
 
 def router(remind: Remind) -> APIRouter:
     health = APIRouter(tags=["health"])
     registry = CollectorRegistry()
     registry.register(StoreCollector(remind))
+    ready = Readiness(remind)
 
     @health.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @health.get("/readyz", summary="The database and the broker (Redis, when REDIS_URL is set) are reachable",
+    @health.get("/readyz", summary="The database and the broker (Redis, when REDIS_URL is set) are reachable; "
+                "answers within 3 s",
                 responses={503: {"description": "A dependency is down: its check says which"}})
     async def readyz():
-        checks = await run_in_threadpool(_ready, remind)
+        checks = await ready()
         ok = all(v.startswith("ok") for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
