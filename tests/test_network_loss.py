@@ -44,7 +44,7 @@ def link() -> Iterator[LossyLink]:
     try:
         lossy = LossyLink()
     except (RuntimeError, OSError) as exc:
-        unavailable("a network namespace behind a veth link (root, iproute2, tc)", exc)
+        unavailable("a lossy link (a network namespace behind a veth pair: root, iproute2, tc)", exc)
     try:
         yield lossy
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -107,8 +107,8 @@ class Readiness:
     Redis when REDIS_URL is set (registering and confirming enqueue there). The checks run at once, each on a thread
     of its own, and the answer comes within READY_TIMEOUT: a check still waiting then is reported as such. A probe
     that comes while a check is still waiting shares it rather than start another, so a silent dependency never
-    holds more than one thread per check. Error types only: /readyz is public, and an address or a driver message
-    is nobody else's business."""
+    holds more than one thread and one connection per check. Error types only: /readyz is public, and an address
+    or a driver message is nobody else's business."""
 
     def __init__(self, remind: Remind, timeout: float = READY_TIMEOUT) -> None:
         self.remind = remind
@@ -118,21 +118,33 @@ class Readiness:
             self._checks["broker"] = _broker
         self._running: dict[str, Future[str]] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=len(self._checks), thread_name_prefix="remind-ready")
 
     def _start(self) -> dict[str, Future[str]]:
         with self._lock:
             for name, check in self._checks.items():
                 running = self._running.get(name)
                 if running is None or running.done():
-                    self._running[name] = self._pool.submit(check, self.remind)
+                    self._running[name] = self._spawn(name, check)
             return dict(self._running)
+
+    def _spawn(self, name: str, check: Callable[[Remind], str]) -> Future[str]:
+        """``check`` on a daemon thread of its own: one stuck on a silent host never delays the process's exit."""
+        future: Future[str] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(check(self.remind))
+            except BaseException as exc:  # noqa: BLE001 - the probe reports it
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"remind-ready-{name}", daemon=True).start()
+        return future
 
     async def __call__(self) -> dict[str, str]:
         futures = self._start()
         done, _ = await run_in_threadpool(wait, futures.values(), self.timeout)
         silent = f"no answer within {self.timeout:g} s"
-        checks = {name: future.result() if future in done else None for name, future in futures.items()}
+        checks = {name: _result(future, name) if future in done else None for name, future in futures.items()}
         if checks["database"] is None:
             checks["database"] = f"unreachable: {_database_kind(self.remind)} ({silent})"
         if "broker" not in checks:
@@ -143,6 +155,13 @@ class Readiness:
         # A refused reload does not make the process unready (it runs on the last good files), but it shows.
         checks["config"] = "ok" if state["ok"] else f"ok (last good kept; reload refused: {state['error']})"
         return {name: checks[name] for name in ("database", "broker", "config")}
+
+
+def _result(future: Future[str], name: str) -> str:
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001 - a check that crashed is not a reason for a 500
+        return f"unreachable: {name} check failed ({type(exc).__name__})"
 
 
 def router(remind: Remind) -> APIRouter:
