@@ -152,13 +152,19 @@ def _sides(window: list[str], rolled: bool) -> tuple[str | None, str]:
 def _billed_sql(pg: bool, window: list[str], rolled: bool) -> str:
     """The window's billed customer messages per (schedule, kind, step, variant, channel, country_code,
     prefix): the cost units (rollup.cost_units_sql) of rolled-up transactions from ``cost_units``
-    (ix_cost_units_created_at), the others' computed live, summed per group and then split by channel."""
+    (ix_cost_units_created_at), the others' computed live, each side summed per group (so the rolled-up side
+    is one aggregate over an index, in parallel on PostgreSQL), then both together, then split by channel."""
     kept, live = _sides(window, rolled)
-    columns = "schedule, kind, step, variant, sms, sms_segments, country_code, prefix, phone, email, push"
-    materialized = " MATERIALIZED" if pg else ""
-    units = f"SELECT {columns} FROM live" + (f" UNION ALL SELECT {columns} FROM cost_units AS r WHERE {kept}"
-                                              if kept else "")
     keys = "schedule, kind, step, variant"
+
+    def summed(source: str) -> str:
+        return (f"SELECT {keys}, country_code, prefix, MIN(phone) AS phone, SUM(sms) AS sms, "
+                f"SUM(sms_segments) AS sms_segments, SUM(email) AS email, SUM(push) AS push "
+                f"FROM {source} GROUP BY {keys}, country_code, prefix")
+
+    sides = [summed(f"({cost_units_sql(pg, live)}) AS l")]
+    if kept:
+        sides.append(summed(f"cost_units AS r WHERE {kept}"))
     by_channel = " UNION ALL ".join(
         f"SELECT {keys}, '{c}' AS channel, {cc} AS country_code, {prefix} AS prefix, {phone} AS phone, "
         f"{c} AS messages, {billed} AS billed_segments FROM grouped WHERE {c} > 0"
@@ -166,11 +172,7 @@ def _billed_sql(pg: bool, window: list[str], rolled: bool) -> str:
                                              ("email", "NULL", "NULL", "NULL", "email"),
                                              ("push", "NULL", "NULL", "NULL", "push")))
     return f"""
-        WITH live AS{materialized} (SELECT {columns} FROM ({cost_units_sql(pg, live)}) AS l),
-        grouped AS{materialized} (
-            SELECT {keys}, country_code, prefix, MIN(phone) AS phone, SUM(sms) AS sms,
-                   SUM(sms_segments) AS sms_segments, SUM(email) AS email, SUM(push) AS push
-            FROM ({units}) AS u GROUP BY {keys}, country_code, prefix)
+        WITH grouped AS{" MATERIALIZED" if pg else ""} ({summed(f"({' UNION ALL '.join(sides)}) AS u")})
         SELECT {keys}, channel, country_code, prefix, MIN(phone) AS phone, SUM(messages) AS messages,
                SUM(billed_segments) AS billed_segments
         FROM ({by_channel}) AS c GROUP BY {keys}, channel, country_code, prefix"""

@@ -231,9 +231,9 @@ def roll_up_all(store: Store, *, limit: int = 5000) -> int:
         if step.caught_up:
             break
     if store.pg and total:  # after a bulk fill: the planner's statistics, and the visibility map that lets
-        # the funnel read funnel_units by index only (autovacuum would get there later)
+        # the funnel and the costs read funnel_units and cost_units by index only (autovacuum would get there later)
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM (ANALYZE) funnel_units, funnel_rolled"))
+            conn.execute(text("VACUUM (ANALYZE) funnel_units, cost_units, funnel_rolled"))
     return total
 
 

@@ -228,8 +228,9 @@ audit = Table(
 # The funnel's roll-up (worker/store/rollup.py): a settled transaction's (step, variant) units, attributed once,
 # so /ops and /v1/stats read them instead of attributing every sent reminder of the window again.
 # ``funnel_rolled`` says which transactions are rolled up (with or without units); ``stale`` is set by a
-# writer that changes a rolled transaction (an ops decision, a late failure report), whose units it deletes
-# in the same database transaction: until it is rolled again, the funnel computes it live.
+# writer that changes a rolled transaction (an ops decision, a late failure report, a notice, an erasure of an
+# older SMS's phone), whose units and cost units it deletes in the same database transaction: until it is
+# rolled again, the funnel and the costs compute it live.
 funnel_rolled = Table(
     "funnel_rolled",
     metadata,
@@ -293,6 +294,12 @@ cost_units = Table(
     Index("ix_cost_units_created_at", "created_at",
           postgresql_include=["schedule", "kind", "step", "variant", *COST_UNIT_FIGURES]),
 )
+#: PostgreSQL statistics on the cost figures' groups together: a handful, not one per row as the columns
+#: apart would suggest, so the planner aggregates a window's cost units in parallel workers.
+COST_STATISTICS = "st_cost_units_groups"
+event.listen(cost_units, "after_create", DDL(
+    f"CREATE STATISTICS IF NOT EXISTS {COST_STATISTICS} (ndistinct) "
+    "ON schedule, kind, step, variant, country_code, prefix FROM cost_units").execute_if(dialect="postgresql"))
 
 # Where the roll-up's sweep over transactions (by created_at, id) has got to, and the oldest transaction it
 # had to leave (pending, or a reminder in flight), where the next round starts. The cursor's foreign key

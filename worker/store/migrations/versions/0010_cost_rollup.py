@@ -13,7 +13,10 @@ tick a step at a time, or all at once with ``remind db rollup`` right after the 
 the funnel and the costs compute it live: the figures are the same, only slower. Stop the schedulers of the
 previous version first: their roll-up would write funnel units without cost units.
 
-Indexes are built CONCURRENTLY on PostgreSQL, as 0007 and 0009 do (on tables this revision has emptied).
+Indexes are built CONCURRENTLY on PostgreSQL, as 0007 and 0009 do (on tables this revision has emptied); the
+statistics ``st_cost_units_groups`` tell its planner that a window's cost units fall in a handful of groups
+(it aggregates them in parallel then), from the first ANALYZE after the backfill (``remind db rollup``
+runs one; autovacuum's otherwise).
 
 Revision ID: 0010
 Revises: 0009
@@ -30,6 +33,7 @@ branch_labels = None
 depends_on = None
 
 _ROLLUP = ("funnel_units", "funnel_rolled", "funnel_rollup_state")
+_STATISTICS = "st_cost_units_groups"
 _COST_FIGURES = ["sms", "sms_segments", "country_code", "prefix", "phone", "email", "push"]
 _ATTRIBUTED = {"postgresql_where": sa.text("seconds IS NOT NULL"), "sqlite_where": sa.text("seconds IS NOT NULL")}
 #: name, table, columns, options
@@ -77,13 +81,17 @@ def upgrade() -> None:
         for name, table, columns, options in _INDEXES:
             op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")  # a failed concurrent build leaves one behind
             op.create_index(name, table, columns, postgresql_concurrently=True, **options)
+    op.execute(f"CREATE STATISTICS IF NOT EXISTS {_STATISTICS} (ndistinct) "
+               "ON schedule, kind, step, variant, country_code, prefix FROM cost_units")
 
 
 def downgrade() -> None:
+    pg = op.get_bind().dialect.name == "postgresql"
+    if pg:
+        op.execute(f"DROP STATISTICS IF EXISTS {_STATISTICS}")
     for name, table, _columns, _options in reversed(_INDEXES):
         op.drop_index(name, table)
     op.drop_table("cost_units")
-    pg = op.get_bind().dialect.name == "postgresql"
     if pg:
         op.drop_index("ix_funnel_units_attributed", "funnel_units")
     with op.batch_alter_table("funnel_units") as batch:
