@@ -8,10 +8,11 @@ is the customer's own, so /ops and /v1/stats read the customer confirmations per
 **Backfill.** The units written before this revision have no cost units, and the roll-up now also waits for a
 transaction's notices in flight; so this revision empties the roll-up (``funnel_units``, ``funnel_rolled``,
 ``funnel_rollup_state``) and the sweep starts over, writing both kinds of units together: the scheduler's
-tick a step at a time, or all at once with ``remind db rollup`` right after the upgrade (as after 0009: about
-11 minutes for 1,000,000 transactions on the bench's two busy cores). Until a transaction is rolled up again
-the funnel and the costs compute it live: the figures are the same, only slower. Stop the schedulers of the
-previous version first: their roll-up would write funnel units without cost units.
+tick a step at a time, or all at once with ``remind db rollup`` right after the upgrade (80 s for
+bench/scale.py's 1,000,000 transactions on two busy cores; its VACUUM ANALYZE lets both tables be read by
+index only at once). Until a transaction is rolled up again the funnel and the costs compute it live: the
+figures are the same, only slower. Stop the schedulers of the previous version first: their roll-up would
+write funnel units without cost units.
 
 Indexes are built CONCURRENTLY on PostgreSQL, as 0007 and 0009 do (on tables this revision has emptied); the
 statistics ``st_cost_units_groups`` tell its planner that a window's cost units fall in a handful of groups
