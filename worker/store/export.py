@@ -1,9 +1,13 @@
-"""Rows for the cost figures and the stats export (worker/export.py): plain SQL, no attribution.
+"""Rows for the cost figures and the stats export (worker/export.py).
 
-Three queries at most: the transactions in scope; their customer messages the provider accepted
+``export_rows`` (the export, and the row-by-row reference the tests hold the aggregate to): plain SQL, no
+attribution, three queries at most: the transactions in scope; their customer messages the provider accepted
 (``sent_at`` set: reminders and notices, not platform webhooks), grouped per (transaction, kind, step,
 variant, channel, destination calling code); and, only for SMS sent before migration 0008 recorded
 the calling code, those transactions' phones.
+
+``cost_figures`` (``/v1/stats``, ``/ops``): aggregated by the database, rolled-up transactions read from the
+roll-up (worker/store/rollup.py) and the others computed live, as the funnel does.
 """
 
 from __future__ import annotations
@@ -171,8 +175,10 @@ def _billed_sql(pg: bool, window: list[str], rolled: bool) -> str:
         for c, cc, prefix, phone, billed in (("sms", "country_code", "prefix", "phone", "sms_segments"),
                                              ("email", "NULL", "NULL", "NULL", "email"),
                                              ("push", "NULL", "NULL", "NULL", "push")))
+    both = " UNION ALL ".join(sides)
+    materialized = " MATERIALIZED" if pg else ""  # read three times: computed once
     return f"""
-        WITH grouped AS{" MATERIALIZED" if pg else ""} ({summed(f"({' UNION ALL '.join(sides)}) AS u")})
+        WITH grouped AS{materialized} ({summed(f"({both}) AS u")})
         SELECT {keys}, channel, country_code, prefix, MIN(phone) AS phone, SUM(messages) AS messages,
                SUM(billed_segments) AS billed_segments
         FROM ({by_channel}) AS c GROUP BY {keys}, channel, country_code, prefix"""
