@@ -239,6 +239,28 @@ def test_the_funnel_reads_the_rolled_up_units(make_harness, tmp_path):
     assert push[1][("reminder", "default")] == push[0][("reminder", "default")] + 100
 
 
+def test_the_costs_read_the_rolled_up_units(make_harness, tmp_path):
+    """Once rolled up, a settled transaction's billed messages and its customer confirmation are read from the
+    roll-up, not from its deliveries."""
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    roll_up_all(store)
+    pricing = store_pricing(store)
+    live = cost_totals(store, pricing, since=WINDOWS[0][0])
+    with store.begin() as conn:
+        conn.execute(text("UPDATE cost_units SET push = push + 100 "
+                          "WHERE transaction_id = 'a10' AND kind = 'reminder' AND step = 'reminder'"))
+        variant = conn.execute(text("SELECT variant FROM funnel_units WHERE transaction_id = 'a0' "
+                                    "AND by_customer")).scalar_one()
+        conn.execute(text("UPDATE funnel_units SET by_customer = false WHERE transaction_id = 'a0'"))
+    read = cost_totals(store, pricing, since=WINDOWS[0][0])
+    key = ("ab", "reminder", "default")
+    assert read.by_step[key] == live.by_step[key] + 100 * Decimal("0.0005")
+    assert read.by_schedule["ab"]["cost"] == live.by_schedule["ab"]["cost"] + 100 * Decimal("0.0005")
+    nudge = ("ab", "nudge", variant)
+    assert read.customer_confirmations.get(nudge, 0) == live.customer_confirmations[nudge] - 1
+
+
 def test_pending_transactions_and_reminders_in_flight_are_left_live(make_harness, tmp_path):
     h = build_history(make_harness, tmp_path)
     store = h.remind.store
