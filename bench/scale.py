@@ -25,10 +25,12 @@ roll-up of every settled transaction, which the scheduler's tick would build a s
 the end; then ``/v1/experiments?since=7d`` and the peak RSS after it; then, in a second web process with
 the tree's ``pricing.yaml`` (what a deployment started from the checkout reads; ``--no-priced`` skips it),
 ``/ops`` and ``/v1/stats`` with ``since=7d`` again (``ops_7d_priced_ms``, ``stats_7d_priced_ms``: the cost
-figures read every customer message of the window). In a child process on the same
-code: the ``EXPLAIN (ANALYZE, BUFFERS)`` of the suppression
-lookup (``Store.suppressed`` of 200 addresses, 20 of them suppressed, statements captured as sent) and
-of the stats queries (``funnel(since=7d)``). The last line is ``key=value`` figures.
+figures read the window's rolled-up cost units, and the customer messages of the rest). In a child process
+on the same code: the ``EXPLAIN (ANALYZE, BUFFERS)`` of the suppression
+lookup (``Store.suppressed`` of 200 addresses, 20 of them suppressed, statements captured as sent), of
+the stats queries (``funnel(since=7d)``) and of the cost figures' (``cost_figures(since=7d)``, priced: the
+roll-up's ``cost_units`` for settled transactions, the deliveries of the rest). The last line is
+``key=value`` figures.
 """
 
 from __future__ import annotations
@@ -337,9 +339,10 @@ def timed_get(client, path: str, token: str) -> tuple[float, int | str, int]:
 
 _PLANS = r'''
 import json, sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from sqlalchemy import event, text
 from worker.store import Store, make_engine
+from worker.store.export import cost_figures
 from worker.stats import funnel
 
 url, pairs = sys.argv[1], json.loads(sys.argv[2])
@@ -352,7 +355,7 @@ def grab(conn, cursor, statement, parameters, context, many):
     if statement.lstrip().upper().startswith(("SELECT", "WITH")):  # what EXPLAIN can plan
         seen.append((statement, parameters))
 
-def explain(label, call):
+def explain(label, call, *settings):
     seen.clear()
     call()
     out = []
@@ -360,8 +363,8 @@ def explain(label, call):
         raw = conn.connection.dbapi_connection
         for statement, parameters in list(seen):
             cur = raw.cursor()
-            cur.execute("SET work_mem = '64MB'")  # as the funnel sets them for its transaction
-            cur.execute("SET jit = off")
+            for setting in ("work_mem = '64MB'", "jit = off", *settings):  # as the statement's caller sets them
+                cur.execute("SET " + setting)
             cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters)
             out.append("\n".join(row[0] for row in cur.fetchall()))
             raw.rollback()
@@ -372,8 +375,10 @@ def lookup():
         return store.suppressed(conn, [tuple(p) for p in pairs])
 
 found = lookup()
+since = datetime.now(UTC) - timedelta(days=7)
 result = [explain("suppression lookup", lookup),
-          explain("stats, since=7d", lambda: funnel(store, since="7d"))]
+          explain("stats, since=7d", lambda: funnel(store, since="7d")),
+          explain("costs, since=7d", lambda: cost_figures(store, since=since), "random_page_cost = 1.1")]
 print(json.dumps({"found": len(found), "explains": result}))
 '''
 

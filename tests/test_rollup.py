@@ -1,19 +1,25 @@
-"""The funnel's roll-up (worker/store/rollup.py): the figures read from rolled-up units are exactly the ones
-computed live, after the roll-up, and after every late change to a rolled-up transaction (an ops approval
-or decline of an escalated one, the customer confirming one after a review contact, a sent reminder
-reported failed later, an erasure), on both backends, before the next roll-up and after it."""
+"""The funnel's and the costs' roll-up (worker/store/rollup.py): the funnel and the priced cost figures read
+from rolled-up units are exactly the ones computed live, after the roll-up, and after every late change to a
+rolled-up transaction (an ops approval or decline of an escalated one with its notice, a review contact's
+notice, the customer confirming one after it, a sent reminder reported failed later, a sent notice reported
+failed and its fallback sent, an erasure that masks a phone an older SMS is priced by), on both backends,
+before the next roll-up and after it."""
 
 from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
 
 from sqlalchemy import text
 from support import T0, transaction
 
+from worker.export import cost_report, cost_totals, export
 from worker.stats import assemble, funnel, summarize
 from worker.store import funnel_figures, funnel_rows
-from worker.store.rollup import roll_up, roll_up_all
+from worker.store.export import cost_figures
+from worker.store.rollup import forget, roll_up, roll_up_all
 
 SCHEDULES = {
     "ab.yaml": """
@@ -41,6 +47,16 @@ steps:
 escalate: {after: 2h, template: escalated, reason: risk_review, channels: [sms, email]}
 """,
 }
+PRICES = """\
+currency: EUR
+sms: {default: 0.10, 1: 0.01, 44: 0.05, 86: 0.04}
+email: 0.002
+push: 0.0005
+"""
+#: The customers' phones: c_0 in China, c_1 in the US, c_2 in the UK; the others (c_erase, c_review) Chinese.
+PHONES = {"c_0": "+8613800138000", "c_1": "+12127365000", "c_2": "+447911123456"}
+#: Transactions whose SMS are made older than migration 0008 (no calling code: priced by the phone's prefix).
+BEFORE_0008 = ("a4", "a7", "a8", "r3")
 #: Windows the figures are compared over: all of it, one that starts between transactions, one schedule.
 WINDOWS = ((T0 - timedelta(days=30), None), (T0 - timedelta(minutes=7), None), (T0 - timedelta(days=30), "review"))
 
@@ -53,10 +69,12 @@ def build_history(make_harness, tmp_path):
     folder.mkdir()
     for name, body in SCHEDULES.items():
         (folder / name).write_text(body)
-    h = make_harness(schedules_dir=folder, ops_tokens="ops-token")
+    prices = tmp_path / "pricing.yaml"
+    prices.write_text(PRICES)
+    h = make_harness(schedules_dir=folder, ops_tokens="ops-token", pricing_file=prices)
     r = h.remind
     for i in range(16):
-        customer = {"id": "c_erase" if i == 4 else f"c_{i % 3}"}
+        customer = {"id": "c_erase" if i == 4 else f"c_{i % 3}", "phone": PHONES.get(f"c_{i % 3}")}
         r.register(transaction(f"a{i}", created_at=(T0 - timedelta(minutes=i)).isoformat(), customer=customer))
     for i in range(4):
         r.register(transaction(f"r{i}", risk_flag=True, customer={"id": "c_review"}))
@@ -78,19 +96,57 @@ def build_history(make_harness, tmp_path):
     r.register(transaction("p0", customer={"id": "c_erase"}, created_at=(T0 + timedelta(hours=23)).isoformat()))
     h.at(hours=24).tick()
     h.at(hours=24, minutes=30).tick()
+    with r.store.begin() as conn:  # some SMS as sent before 0008 (those transactions' roll-up: as it was then)
+        conn.execute(text("UPDATE deliveries SET country_code = NULL WHERE channel = 'sms' AND transaction_id IN "
+                          f"({', '.join(repr(x) for x in BEFORE_0008)})"))
+        forget(conn, list(BEFORE_0008))
     return h
 
 
 def same_figures(store) -> list[dict]:
-    """The funnel from the roll-up, equal to the one computed live and to the Python reference on every
-    window; returns the first window's."""
+    """The funnel and the costs from the roll-up, equal to the ones computed live and to the Python references
+    on every window; returns the first window's funnel."""
     first = None
     for since, schedule in WINDOWS:
         rolled = assemble(funnel_figures(store, since, schedule))
         assert rolled == assemble(funnel_figures(store, since, schedule, rolled=False)), (since, schedule)
         assert rolled == summarize(*funnel_rows(store, since, schedule)), (since, schedule)
+        same_costs(store, since, schedule)
         first = first if first is not None else rolled
     return first
+
+
+def same_costs(store, since, schedule) -> None:
+    """The cost figures from the roll-up: the same groups (calling code, or the phone's prefix) as computed
+    live, and the same money and customer confirmations per step as the row-by-row export's."""
+    def ordered(figures):
+        return [sorted(part, key=lambda row: [str(row[k]) for k in sorted(row)]) for part in figures]
+
+    live = ordered(cost_figures(store, since=since, schedule=schedule, rolled=False))
+    assert ordered(cost_figures(store, since=since, schedule=schedule)) == live, (since, schedule)
+    pricing = store_pricing(store)
+    totals, rows = cost_totals(store, pricing, since=since, schedule=schedule), cost_report(
+        store, pricing, since=since, schedule=schedule)
+    assert totals.by_step == rows.by_step, (since, schedule)
+    assert {name: {k: v for k, v in s.items() if k != "cost_per_transaction"}
+            for name, s in totals.by_schedule.items()} == rows.by_schedule, (since, schedule)
+    confirmed: dict[tuple, int] = {}
+    for row in export(store, pricing, since=since, schedule=schedule)["rows"]:
+        key = (row["schedule"], row["step"], row["variant"])
+        confirmed[key] = confirmed.get(key, 0) + row["confirmed_after"]
+    assert totals.customer_confirmations == {k: n for k, n in confirmed.items() if n}, (since, schedule)
+
+
+def store_pricing(store):
+    from worker.pricing import parse_pricing
+
+    return parse_pricing(Path("pricing.yaml"), PRICES)
+
+
+def costs_of(store) -> dict:
+    """What /ops shows of the costs over the first window: per schedule, and per (schedule, step, variant)."""
+    totals = cost_totals(store, store_pricing(store), since=WINDOWS[0][0])
+    return {**{name: s["cost"] for name, s in totals.by_schedule.items()}, **totals.by_step}
 
 
 def rolled_ids(store) -> set[str]:
@@ -113,18 +169,25 @@ def test_rolled_up_figures_equal_the_live_ones_through_every_late_change(make_ha
     ab, review = by_name(before)["ab"], by_name(before)["review"]
     assert (review["escalated"], review["approved"], ab["pending"], ab["confirmed_before_first_step"]) == (4, 0, 1, 1)
 
-    # ops approve one escalated transaction and decline another: counted at once, before any roll-up
+    # ops approve one escalated transaction and decline another: counted at once, before any roll-up, with the
+    # notices that tell their customers
+    cost = costs_of(store)
     r.review("r0", "approve", actor="ana")
     r.review("r1", "decline", actor="ana", reason="risk_declined")
+    h.drain()
     after = by_name(same_figures(store))["review"]
+    assert costs_of(store)["review"] > cost["review"]
     assert (after["escalated"], after["approved"], after["cancelled"]) == (2, 1, 1)
     last_step = {s["step"]: s for s in after["steps"]}["final_warning"]
     assert (last_step["escalated"], last_step["cancelled"]) == (2, 1)
     assert {"r0", "r1"}.isdisjoint(rolled_ids(store))  # computed live until rolled up again
 
-    # the customer confirms an escalated transaction after ops asked them to verify it
+    # the customer confirms an escalated transaction after ops asked them to verify it (a notice: billed)
+    cost = costs_of(store)
     r.review("r2", "contact", actor="ana")
     h.drain()
+    same_figures(store)
+    assert costs_of(store)["review"] > cost["review"] and "r2" not in rolled_ids(store)
     r.confirm("r2", by_customer=True)
     after = by_name(same_figures(store))["review"]
     assert (after["escalated"], after["confirmed"]) == (1, 1)
@@ -138,10 +201,22 @@ def test_rolled_up_figures_equal_the_live_ones_through_every_late_change(make_ha
     assert sum(s["reached"] for s in ab_after["steps"] if s["step"] == "nudge") == sum(
         s["reached"] for s in ab["steps"] if s["step"] == "nudge") - 1
 
-    # an erasure: the pending transaction is cancelled, the settled one of the same customer only scrubbed
+    # a sent notice reported failed after all: billed all the same, and its fallback (push) is billed too
+    notice = next(d for d in store.deliveries_of("r3") if d["kind"] == "notice" and d["channel"] == "sms")
+    assert notice["status"] in ("sent", "delivered") and "r3" in rolled_ids(store)
+    cost = costs_of(store)
+    assert r.outcomes.failed(notice["id"], "twilio reported undelivered (error 30005)") == "push"
+    h.drain()
+    same_figures(store)
+    assert costs_of(store)["review"] == cost["review"] + Decimal("0.0005")
+
+    # an erasure: the pending transaction is cancelled, the settled one of the same customer only scrubbed; its
+    # SMS sent before 0008 (a4, to +1) are priced by the masked phone now: the default price
+    cost = costs_of(store)
     r.erase_customer("c_erase")
     ab_after = by_name(same_figures(store))["ab"]
     assert (ab_after["pending"], ab_after["cancelled"]) == (0, ab["cancelled"] + 1)
+    assert costs_of(store)["ab"] > cost["ab"]
 
     changed = same_figures(store)
     roll_up_all(store)  # rolled up again, with the changes
@@ -164,20 +239,43 @@ def test_the_funnel_reads_the_rolled_up_units(make_harness, tmp_path):
     assert push[1][("reminder", "default")] == push[0][("reminder", "default")] + 100
 
 
+def test_the_costs_read_the_rolled_up_units(make_harness, tmp_path):
+    """Once rolled up, a settled transaction's billed messages and its customer confirmation are read from the
+    roll-up, not from its deliveries."""
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    roll_up_all(store)
+    pricing = store_pricing(store)
+    live = cost_totals(store, pricing, since=WINDOWS[0][0])
+    with store.begin() as conn:
+        conn.execute(text("UPDATE cost_units SET push = push + 100 "
+                          "WHERE transaction_id = 'a10' AND kind = 'reminder' AND step = 'reminder'"))
+        variant = conn.execute(text("SELECT variant FROM funnel_units WHERE transaction_id = 'a0' "
+                                    "AND by_customer")).scalar_one()
+        conn.execute(text("UPDATE funnel_units SET by_customer = false WHERE transaction_id = 'a0'"))
+    read = cost_totals(store, pricing, since=WINDOWS[0][0])
+    key = ("ab", "reminder", "default")
+    assert read.by_step[key] == live.by_step[key] + 100 * Decimal("0.0005")
+    assert read.by_schedule["ab"]["cost"] == live.by_schedule["ab"]["cost"] + 100 * Decimal("0.0005")
+    nudge = ("ab", "nudge", variant)
+    assert read.customer_confirmations.get(nudge, 0) == live.customer_confirmations[nudge] - 1
+
+
 def test_pending_transactions_and_reminders_in_flight_are_left_live(make_harness, tmp_path):
     h = build_history(make_harness, tmp_path)
     store = h.remind.store
     h.remind.register(transaction("p1", created_at=(T0 + timedelta(hours=24)).isoformat()))
     h.at(hours=24, minutes=45).tick(settle=False)  # p1's nudge is due: queued, not sent yet
     h.remind.cancel("p1", "customer_request")
-    with store.engine.connect() as conn:  # settled, but a reminder is still queued: its units could change
+    with store.engine.connect() as conn:  # settled, but a reminder or the cancellation notice is still queued:
+        # its units and its cost could change
         queued = conn.execute(text("SELECT count(*) FROM deliveries WHERE transaction_id = 'p1' "
-                                   "AND kind = 'reminder' AND status IN ('queued', 'sending')")).scalar()
+                                   "AND kind IN ('reminder', 'notice') AND status IN ('queued', 'sending')")).scalar()
     roll_up_all(store)
     assert "p0" not in rolled_ids(store)
     assert ("p1" in rolled_ids(store)) == (queued == 0)
+    h.drain()  # what was in flight goes out: p1's figures change, live
     same_figures(store)
-    h.drain()
     roll_up_all(store)
     assert "p1" in rolled_ids(store) and "p0" not in rolled_ids(store)
     same_figures(store)

@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from .db import is_postgres
 from .events import EventLog, event_data
 from .rollup import forget as forget_rolled
+from .rollup import forget_phones as forget_rolled_phones
 from .tables import DELIVERY_STATISTICS, SETTLED_AT, deliveries, early_callbacks, suppressions, transactions
 
 PENDING, CONFIRMED, CANCELLED, ESCALATED = "pending", "confirmed", "cancelled", "escalated"
@@ -319,6 +320,9 @@ class Store:
         ones: their lease runs out at their ``due_at``, and ``claim_expired`` releases them then)."""
         if not rows:
             return []
+        # A notice for a settled transaction (a review contact, a notice's fallback) changes what its customer
+        # is billed: its rolled-up figures no longer hold (worker/store/rollup.py). Callers hold its row lock.
+        forget_rolled(conn, sorted({d.transaction_id for d in rows if d.kind == "notice"}))
         # A row that exists already (a fallback took that channel earlier, a re-run) is kept as it is:
         # the unique key decides, and one such row must not abort the whole batch.
         if self.pg:  # one statement with a fixed text of 10 array parameters, whatever the batch size
@@ -608,6 +612,7 @@ class Store:
         conn.execute(update(transactions).where(transactions.c.id == bindparam("b_id")).values(
             content=bindparam("b_content", type_=transactions.c.content.type), erased_at=bindparam("b_at")),
             changes)
+        forget_rolled_phones(conn, [row["id"] for row in rows])  # a masked phone regroups an older SMS's cost
         if replaced:
             d = deliveries.c
             quoted = conn.execute(select(d.id, d.transaction_id, d.reason).where(

@@ -3,21 +3,28 @@
 A *unit* is one transaction's sent reminders of one (step, variant) (see worker/stats.py for the funnel's
 definitions). ``units_sql`` computes a set of transactions' units with their attribution: the one
 definition both the live funnel and the roll-up use, so the two give the same figures to the last bit.
+A *cost unit* is one transaction's billed customer messages of one (kind, step, variant): every reminder
+and notice with ``sent_at`` set, even one reported failed later (it was billed); ``cost_units_sql`` is the
+one definition the live cost figures (worker/store/export.py) and the roll-up share.
 
-**What is rolled up.** A transaction that is settled (not ``pending``) and has no reminder queued or in
-flight: nothing the tick or a worker does can change its units any more. ``roll_up`` (the scheduler's tick,
-a step at a time) writes its units to ``funnel_units`` and marks it in ``funnel_rolled``; the funnel reads
-those units and computes every other transaction in its window live (worker/store/funnel.py), in one
-statement, so one snapshot decides which side each transaction is on.
+**What is rolled up.** A transaction that is settled (not ``pending``) and has no customer message (reminder
+or notice) queued or in flight: nothing the tick or a worker does can change its units any more. ``roll_up``
+(the scheduler's tick, a step at a time) writes its units to ``funnel_units`` and its cost units to
+``cost_units`` and marks it in ``funnel_rolled``; the funnel and the cost figures read those and compute
+every other transaction in their window live, each in one statement, so one snapshot decides which side each
+transaction is on.
 
-**What undoes it.** Only two things change a settled transaction's units afterwards, and each calls
-``forget`` in its own database transaction, under the transaction's row lock: a status change of a settled
-transaction (an ops approval or decline of an escalated one, or the customer confirming it after a review
-contact: ``Store.settle``), and a sent reminder reported failed later (``Outcomes.failed``). ``forget``
-deletes the units and marks the transaction stale, so the funnel computes it live until ``roll_up`` rolls
-it again. Pending transactions (an erasure cancels only those, the deadline settles only those) are never
-rolled up. A roll-up locks the transactions it rolls (``FOR SHARE``; SQLite: one writer at a time), so a
-change waits for it and then forgets what it wrote, or it sees the change.
+**What undoes it.** Each of these calls ``forget`` in its own database transaction, under the transaction's
+row lock: a status change of a settled transaction (an ops approval or decline of an escalated one, or the
+customer confirming it after a review contact: ``Store.settle``); a sent reminder reported failed later
+(``Outcomes.failed``: its funnel units change, its cost does not); a notice written for a settled
+transaction (a review contact, a notice's fallback: ``Store.add_deliveries``), which will be billed once
+sent; and the erasure of a transaction that has an SMS without a recorded calling code (its cost is
+grouped by the phone, now masked: ``Store`` erasure). ``forget`` deletes both kinds of units and marks the
+transaction stale, so it is computed live until ``roll_up`` rolls it again. Pending transactions (the
+deadline settles only those) are never rolled up. A roll-up locks the transactions it rolls (``FOR SHARE``;
+SQLite: one writer at a time), so a change waits for it and then forgets what it wrote, or it sees the
+change.
 
 **How the sweep finds work.** Stale transactions first (a partial index), then the transactions in order
 of (created_at, id) after a cursor, a batch per call; the ones it must leave (still pending, a reminder in
@@ -48,7 +55,15 @@ REMINDER_CHANNELS = ("sms", "email", "push")
 FUNNEL_STATUS = "CASE WHEN t.status = 'confirmed' AND t.settled_source = 'ops' THEN 'approved' ELSE t.status END"
 #: The columns of a unit, as ``units_sql`` returns them and ``funnel_units`` keeps them.
 UNIT_COLUMNS = ("transaction_id", "schedule", "created_at", "step", "variant", "first_offset", "sms", "email",
-                "push", "segments", "seconds", "ending")
+                "push", "segments", "seconds", "ending", "by_customer")
+#: A unit's cost figures, as ``cost_units_sql`` returns them and ``cost_units`` keeps them: its messages by
+#: channel, its SMS's billed segments (1 when none was recorded), and where that SMS went (one SMS at most:
+#: uq_deliveries_tx_step_channel): its calling code, or for an SMS sent before migration 0008 recorded it, the
+#: first four characters of the transaction's phone (``*`` when masked) and the phone itself.
+COST_UNIT_COLUMNS = ("transaction_id", "schedule", "created_at", "kind", "step", "variant", "sms", "sms_segments",
+                     "country_code", "prefix", "phone", "email", "push")
+#: The customer messages that are billed: reminders and notices the provider accepted (not platform webhooks).
+BILLED_ROWS = "d.kind IN ('reminder', 'notice') AND d.channel IN ('sms', 'email', 'push') AND d.sent_at IS NOT NULL"
 #: Transactions rolled up per call of ``roll_up`` from the scheduler's tick: a small step (tens of ms).
 TICK_STEP = 500
 _STATE = "funnel"
@@ -67,7 +82,8 @@ def units_sql(pg: bool, where: str) -> str:
     Per transaction, its sent reminders are grouped per (step, variant) with their first ``sent_at``; LEAD
     over the groups in order of (first sent, step, variant) gives each the next unit's first sent. A
     confirmation belongs to the unit with ``first sent <= confirmed_at < next first sent`` (``seconds``: the
-    time from its first sent), a cancellation or escalation to the unit with no next one (``ending``)."""
+    time from its first sent; ``by_customer`` when the customer confirmed), a cancellation or escalation to the
+    unit with no next one (``ending``)."""
     collate = ' COLLATE "C"' if pg else ""  # ties in first_sent are ordered by step and variant as Python does
     per_channel = ", ".join(f"SUM(CASE WHEN d.channel = '{c}' THEN 1 ELSE 0 END) AS {c}" for c in REMINDER_CHANNELS)
     attributed = ("u.status = 'confirmed' AND u.confirmed_at IS NOT NULL AND u.first_sent <= u.confirmed_at "
@@ -78,9 +94,11 @@ def units_sql(pg: bool, where: str) -> str:
         SELECT u.transaction_id, u.schedule, u.created_at, u.step, u.variant, u.first_offset,
                {", ".join(f"u.{c}" for c in REMINDER_CHANNELS)}, u.segments,
                CASE WHEN {attributed} THEN {seconds_sql(pg, 'u.confirmed_at', 'u.first_sent')} END AS seconds,
-               CASE WHEN u.next_sent IS NULL AND u.status IN ('cancelled', 'escalated') THEN u.status END AS ending
+               CASE WHEN u.next_sent IS NULL AND u.status IN ('cancelled', 'escalated') THEN u.status END AS ending,
+               CASE WHEN {attributed} AND u.settled_source = 'customer' THEN TRUE ELSE FALSE END AS by_customer
         FROM (
             SELECT t.id AS transaction_id, t.schedule, t.created_at, {FUNNEL_STATUS} AS status, t.confirmed_at,
+                   t.settled_source,
                    d.step, d.variant, MIN(d.sent_at) AS first_sent,
                    {seconds_sql(pg, "MIN(d.sent_at)", "t.created_at")} AS first_offset,
                    {per_channel}, SUM(CASE WHEN d.channel = 'sms' THEN d.segments END) AS segments,
@@ -89,6 +107,31 @@ def units_sql(pg: bool, where: str) -> str:
             FROM transactions AS t JOIN deliveries AS d ON d.transaction_id = t.id
             WHERE {where} AND {FUNNEL_ROWS}
             GROUP BY t.id, d.step, d.variant) AS u"""
+
+
+def phone_sql(pg: bool) -> str:
+    """SQL for the phone in the transaction ``t``'s canonical JSON (NULL when it has none)."""
+    return "t.content -> 'customer' ->> 'phone'" if pg else "json_extract(t.content, '$.customer.phone')"
+
+
+def cost_units_sql(pg: bool, where: str) -> str:
+    """The cost units of the transactions ``t`` matching ``where``, one row each (``COST_UNIT_COLUMNS``): their
+    billed messages (``BILLED_ROWS``) per (kind, step, variant)."""
+    sms = "d.channel = 'sms'"
+    legacy = f"{sms} AND d.country_code IS NULL"
+    phone = phone_sql(pg)
+    per_channel = ", ".join(f"SUM(CASE WHEN d.channel = '{c}' THEN 1 ELSE 0 END) AS {c}" for c in ("email", "push"))
+    return f"""
+        SELECT t.id AS transaction_id, t.schedule, t.created_at, d.kind, d.step, d.variant,
+               SUM(CASE WHEN {sms} THEN 1 ELSE 0 END) AS sms,
+               SUM(CASE WHEN {sms} THEN COALESCE(d.segments, 1) ELSE 0 END) AS sms_segments,
+               MIN(CASE WHEN {sms} THEN d.country_code END) AS country_code,
+               MIN(CASE WHEN {legacy} THEN CASE WHEN {phone} LIKE '%*%' THEN '*' ELSE SUBSTR({phone}, 1, 4) END END)
+                   AS prefix,
+               MIN(CASE WHEN {legacy} THEN {phone} END) AS phone, {per_channel}
+        FROM transactions AS t JOIN deliveries AS d ON d.transaction_id = t.id
+        WHERE {where} AND {BILLED_ROWS}
+        GROUP BY t.id, d.kind, d.step, d.variant"""
 
 
 #: A transaction the live funnel must compute: not rolled up, or rolled up and changed since (stale).
@@ -119,6 +162,18 @@ def forget(conn: Connection, tx_ids: list[str]) -> None:
     conn.execute(of_ids(f"UPDATE funnel_rolled SET stale = true WHERE transaction_id {IDS} AND NOT stale"),
                  {"ids": tx_ids})
     conn.execute(of_ids(f"DELETE FROM funnel_units WHERE transaction_id {IDS}"), {"ids": tx_ids})
+    conn.execute(of_ids(f"DELETE FROM cost_units WHERE transaction_id {IDS}"), {"ids": tx_ids})
+
+
+def forget_phones(conn: Connection, tx_ids: list[str]) -> None:
+    """These transactions' phones are masked now (an erasure): ``forget`` those whose rolled-up cost groups an
+    SMS by the phone (one sent before its calling code was recorded). Call under their row locks."""
+    if not tx_ids:
+        return
+    stmt = _of_ids(conn.dialect.name == "postgresql")(
+        f"SELECT DISTINCT transaction_id FROM cost_units WHERE transaction_id {IDS} AND sms > 0 "
+        "AND country_code IS NULL")
+    forget(conn, [r[0] for r in conn.execute(stmt, {"ids": tx_ids})])
 
 
 @dataclass(frozen=True)
@@ -176,9 +231,9 @@ def roll_up_all(store: Store, *, limit: int = 5000) -> int:
         if step.caught_up:
             break
     if store.pg and total:  # after a bulk fill: the planner's statistics, and the visibility map that lets
-        # the funnel read funnel_units by index only (autovacuum would get there later)
+        # the funnel and the costs read funnel_units and cost_units by index only (autovacuum would get there later)
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM (ANALYZE) funnel_units, funnel_rolled"))
+            conn.execute(text("VACUUM (ANALYZE) funnel_units, cost_units, funnel_rolled"))
     return total
 
 
@@ -219,9 +274,10 @@ def _sweep(conn: Connection, state: dict[str, Any], limit: int) -> list[dict[str
 
 
 def _roll(conn: Connection, pg: bool, candidates: list[str]) -> set[str]:
-    """Write the units of those ``candidates`` that are settled, have no reminder queued or in flight and are
-    not rolled up already; returns their ids. On PostgreSQL each is share-locked first (one a decision holds
-    is left for the next call), so no change can come between the read and the write."""
+    """Write the units and cost units of those ``candidates`` that are settled, have no customer message
+    queued or in flight and are not rolled up already; returns their ids. On PostgreSQL each is share-locked
+    first (one a decision holds is left for the next call), so no change can come between the read and the
+    write."""
     if not candidates:
         return set()
     of_ids = _of_ids(pg)
@@ -229,16 +285,19 @@ def _roll(conn: Connection, pg: bool, candidates: list[str]) -> set[str]:
     ready = [r[0] for r in conn.execute(of_ids(f"""
         SELECT t.id FROM transactions AS t
         WHERE t.id {IDS} AND t.status <> 'pending'
-          AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.transaction_id = t.id AND d.kind = 'reminder'
+          AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.transaction_id = t.id
+                                                         AND d.kind IN ('reminder', 'notice')
                                                          AND d.status IN ('queued', 'sending'))
           AND {NOT_ROLLED.format(window="")}{lock}"""), {"ids": sorted(set(candidates))})]
     if not ready:
         return set()
     params = {"ids": ready}
-    conn.execute(of_ids(f"DELETE FROM funnel_units WHERE transaction_id {IDS}"), params)
-    columns = ", ".join(UNIT_COLUMNS)
-    conn.execute(of_ids(f"INSERT INTO funnel_units ({columns}) SELECT {columns} FROM ({units_sql(pg, f't.id {IDS}')})"
-                        " AS x"), params)
+    for table, columns, sql in (("funnel_units", UNIT_COLUMNS, units_sql),
+                                ("cost_units", COST_UNIT_COLUMNS, cost_units_sql)):
+        listed = ", ".join(columns)
+        conn.execute(of_ids(f"DELETE FROM {table} WHERE transaction_id {IDS}"), params)
+        conn.execute(of_ids(f"INSERT INTO {table} ({listed}) SELECT {listed} FROM ({sql(pg, f't.id {IDS}')}) AS x"),
+                     params)
     conn.execute(of_ids(f"""
         INSERT INTO funnel_rolled (transaction_id, created_at, stale)
         SELECT t.id, t.created_at, false FROM transactions AS t WHERE t.id {IDS}

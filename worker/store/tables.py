@@ -228,8 +228,9 @@ audit = Table(
 # The funnel's roll-up (worker/store/rollup.py): a settled transaction's (step, variant) units, attributed once,
 # so /ops and /v1/stats read them instead of attributing every sent reminder of the window again.
 # ``funnel_rolled`` says which transactions are rolled up (with or without units); ``stale`` is set by a
-# writer that changes a rolled transaction (an ops decision, a late failure report), whose units it deletes
-# in the same database transaction: until it is rolled again, the funnel computes it live.
+# writer that changes a rolled transaction (an ops decision, a late failure report, a notice, an erasure of an
+# older SMS's phone), whose units and cost units it deletes in the same database transaction: until it is
+# rolled again, the funnel and the costs compute it live.
 funnel_rolled = Table(
     "funnel_rolled",
     metadata,
@@ -259,12 +260,46 @@ funnel_units = Table(
     Column("segments", Integer),  # its SMS segments; NULL when none was recorded
     Column("seconds", Double),  # first sent -> confirmed_at when the confirmation is attributed to it, else NULL
     Column("ending", String(16)),  # cancelled | escalated: the transaction ended so with this unit its last
+    # the confirmation attributed to it (``seconds``) is the customer's own (settled_source = 'customer')
+    Column("by_customer", Boolean, nullable=False, server_default=text("false")),
     Index("ix_funnel_units_created_at", "created_at",
           postgresql_include=["schedule", "step", "variant", *FUNNEL_UNIT_FIGURES]),
-    # the medians: only the units a confirmation is attributed to
-    Index("ix_funnel_units_attributed", "created_at", postgresql_include=["schedule", "step", "variant", "seconds"],
+    # the medians and the customer confirmations: only the units a confirmation is attributed to
+    Index("ix_funnel_units_attributed", "created_at",
+          postgresql_include=["schedule", "step", "variant", "seconds", "by_customer"],
           postgresql_where=text("seconds IS NOT NULL"), sqlite_where=text("seconds IS NOT NULL")),
 )
+
+# The cost figures' roll-up (worker/store/rollup.py, migration 0010): a rolled-up transaction's billed customer
+# messages (reminders and notices with sent_at set) per (kind, step, variant), written and forgotten with its
+# funnel units, so /ops and /v1/stats price them without reading the window's deliveries.
+#: What a cost unit carries (see rollup.cost_units_sql).
+COST_UNIT_FIGURES = ("sms", "sms_segments", "country_code", "prefix", "phone", "email", "push")
+cost_units = Table(
+    "cost_units",
+    metadata,
+    Column("transaction_id", String(64), ForeignKey("transactions.id", ondelete="CASCADE"), primary_key=True),
+    Column("kind", String(16), primary_key=True),  # reminder | notice
+    Column("step", String(64), primary_key=True),
+    Column("variant", String(32), primary_key=True),
+    Column("schedule", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),  # the transaction's, for the window
+    Column("sms", Integer, nullable=False),  # its billed messages, by channel
+    Column("sms_segments", Integer, nullable=False),  # billed SMS segments (1 for an SMS without a count)
+    Column("country_code", Integer),  # the SMS's destination calling code, when recorded
+    Column("prefix", String(8)),  # else the first 4 characters of the transaction's phone, "*" when masked
+    Column("phone", Text),  # and that phone
+    Column("email", Integer, nullable=False),
+    Column("push", Integer, nullable=False),
+    Index("ix_cost_units_created_at", "created_at",
+          postgresql_include=["schedule", "kind", "step", "variant", *COST_UNIT_FIGURES]),
+)
+#: PostgreSQL statistics on the cost figures' groups together: a handful, not one per row as the columns
+#: apart would suggest, so the planner aggregates a window's cost units in parallel workers.
+COST_STATISTICS = "st_cost_units_groups"
+event.listen(cost_units, "after_create", DDL(
+    f"CREATE STATISTICS IF NOT EXISTS {COST_STATISTICS} (ndistinct) "
+    "ON schedule, kind, step, variant, country_code, prefix FROM cost_units").execute_if(dialect="postgresql"))
 
 # Where the roll-up's sweep over transactions (by created_at, id) has got to, and the oldest transaction it
 # had to leave (pending, or a reminder in flight), where the next round starts. The cursor's foreign key
