@@ -12,7 +12,9 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from support import T0, transaction
 
 from worker.export import cost_report, cost_totals, export
@@ -279,6 +281,25 @@ def test_pending_transactions_and_reminders_in_flight_are_left_live(make_harness
     roll_up_all(store)
     assert "p1" in rolled_ids(store) and "p0" not in rolled_ids(store)
     same_figures(store)
+
+
+def test_the_previous_releases_roll_up_cannot_mark_a_transaction_rolled_on_postgresql(make_harness, tmp_path):
+    """During a deploy a scheduler of the previous release may still be rolling up: it would mark transactions
+    rolled with funnel units and no cost units, and the costs would read them as zero. Its insert (no version)
+    is refused by the schema."""
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    if not store.pg:
+        return  # SQLite runs one process: no two releases at once (its column has a default)
+    with store.begin() as conn:  # a0 as if never rolled up
+        for table in ("funnel_rolled", "funnel_units", "cost_units"):
+            conn.execute(text(f"DELETE FROM {table} WHERE transaction_id = 'a0'"))
+    previous = ("INSERT INTO funnel_rolled (transaction_id, created_at, stale) SELECT t.id, t.created_at, false "
+                "FROM transactions AS t WHERE t.id = 'a0' ON CONFLICT (transaction_id) DO UPDATE SET stale = false")
+    with pytest.raises(IntegrityError, match="version"), store.begin() as conn:
+        conn.execute(text(previous))
+    assert "a0" not in rolled_ids(store)
+    same_figures(store)  # a0 is computed live: slower, never wrong
 
 
 def test_the_tick_rolls_up_a_step_at_a_time_and_a_failure_never_stops_it(make_harness, tmp_path, monkeypatch,

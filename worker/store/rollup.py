@@ -66,6 +66,10 @@ COST_UNIT_COLUMNS = ("transaction_id", "schedule", "created_at", "kind", "step",
 BILLED_ROWS = "d.kind IN ('reminder', 'notice') AND d.channel IN ('sms', 'email', 'push') AND d.sent_at IS NOT NULL"
 #: Transactions rolled up per call of ``roll_up`` from the scheduler's tick: a small step (tens of ms).
 TICK_STEP = 500
+#: What this roll-up writes: 2 = funnel and cost units (migration 0010). ``funnel_rolled.version`` has no default
+#: on PostgreSQL, so a scheduler of the previous release, still rolling up during a deploy, fails to mark
+#: anything rolled (and logs it) rather than writing funnel units without their cost units.
+VERSION = 2
 _STATE = "funnel"
 
 
@@ -299,7 +303,7 @@ def _roll(conn: Connection, pg: bool, candidates: list[str]) -> set[str]:
         conn.execute(of_ids(f"INSERT INTO {table} ({listed}) SELECT {listed} FROM ({sql(pg, f't.id {IDS}')}) AS x"),
                      params)
     conn.execute(of_ids(f"""
-        INSERT INTO funnel_rolled (transaction_id, created_at, stale)
-        SELECT t.id, t.created_at, false FROM transactions AS t WHERE t.id {IDS}
-        ON CONFLICT (transaction_id) DO UPDATE SET stale = false"""), params)
+        INSERT INTO funnel_rolled (transaction_id, created_at, stale, version)
+        SELECT t.id, t.created_at, false, {VERSION} FROM transactions AS t WHERE t.id {IDS}
+        ON CONFLICT (transaction_id) DO UPDATE SET stale = false, version = {VERSION}"""), params)
     return set(ready)

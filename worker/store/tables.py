@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -237,6 +238,9 @@ funnel_rolled = Table(
     Column("transaction_id", String(64), ForeignKey("transactions.id", ondelete="CASCADE"), primary_key=True),
     Column("created_at", UTCDateTime, nullable=False),  # the transaction's, for the window
     Column("stale", Boolean, nullable=False),
+    # which roll-up wrote it (rollup.VERSION); no default on PostgreSQL, so the roll-up of a scheduler still
+    # running the previous release during a deploy fails instead of writing units this release reads wrongly
+    Column("version", SmallInteger, nullable=False),
     # the funnel's live side: which transactions of the window are rolled up (index only)
     Index("ix_funnel_rolled_created_at", "created_at", "transaction_id", postgresql_where=text("NOT stale"),
           sqlite_where=text("NOT stale")),

@@ -12,7 +12,8 @@ tick a step at a time, or all at once with ``remind db rollup`` right after the 
 bench/scale.py's 1,000,000 transactions on two busy cores; its VACUUM ANALYZE lets both tables be read by
 index only at once). Until a transaction is rolled up again the funnel and the costs compute it live: the
 figures are the same, only slower. Stop the schedulers of the previous version first: their roll-up would
-write funnel units without cost units.
+write funnel units without cost units (on PostgreSQL it cannot: ``funnel_rolled.version`` has no
+default, so its inserts fail and its tick logs it).
 
 Indexes are built CONCURRENTLY on PostgreSQL, as 0007 and 0009 do (on tables this revision has emptied); the
 statistics ``st_cost_units_groups`` tell its planner that a window's cost units fall in a handful of groups
@@ -53,6 +54,11 @@ def upgrade() -> None:
             op.execute(f"DELETE FROM {table}")
     op.add_column("funnel_units", sa.Column("by_customer", sa.Boolean, nullable=False,
                                             server_default=sa.text("false")))
+    # which roll-up marked it (rollup.VERSION): without a default on PostgreSQL, the previous release's roll-up,
+    # still running in a scheduler during the deploy, cannot insert (the tick logs it and goes on); SQLite, one
+    # process, adds a NOT NULL column only with a default
+    op.add_column("funnel_rolled", sa.Column("version", sa.SmallInteger, nullable=False,
+                                             server_default=None if pg else sa.text("2")))
     op.create_table(
         "cost_units",
         sa.Column("transaction_id", sa.String(64), sa.ForeignKey("transactions.id", ondelete="CASCADE"),
@@ -93,6 +99,8 @@ def downgrade() -> None:
     for name, table, _columns, _options in reversed(_INDEXES):
         op.drop_index(name, table)
     op.drop_table("cost_units")
+    with op.batch_alter_table("funnel_rolled") as batch:
+        batch.drop_column("version")
     if pg:
         op.drop_index("ix_funnel_units_attributed", "funnel_units")
     with op.batch_alter_table("funnel_units") as batch:
