@@ -13,7 +13,10 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 
 def free_port() -> int:
@@ -276,3 +279,22 @@ class LossyLink:
 
     def __exit__(self, *_exc) -> None:
         self.close()
+
+
+S = TypeVar("S")
+
+
+@contextmanager
+def running(what: str, start: Callable[[], S]) -> Iterator[S]:
+    """A private server from ``start()``, closed at the end; one that cannot start skips the test (fails it under
+    CI=true, naming ``what``)."""
+    from support import unavailable
+
+    try:
+        server = start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        unavailable(what, exc)
+    try:
+        yield server
+    finally:
+        server.close()

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from servers import LossyLink, PrivatePostgres, PrivateRedis
+from servers import LossyLink, PrivatePostgres, PrivateRedis, running
 from sqlalchemy import text
 from starlette.testclient import TestClient
 from support import Clock, make_settings, transaction, unavailable
@@ -62,26 +62,14 @@ def healed(link) -> Iterator[LossyLink]:
 
 @pytest.fixture(scope="module")
 def postgres_behind_link(link) -> Iterator[PrivatePostgres]:
-    try:
-        server = PrivatePostgres(link)
-    except (RuntimeError, OSError) as exc:
-        unavailable("a private PostgreSQL in a network namespace", exc)
-    try:
+    with running("a private PostgreSQL in a network namespace", lambda: PrivatePostgres(link)) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def redis_behind_link(link, tmp_path) -> Iterator[PrivateRedis]:
-    try:
-        server = PrivateRedis(tmp_path, link)
-    except (RuntimeError, OSError) as exc:
-        unavailable("a private redis-server in a network namespace", exc)
-    try:
+    with running("a private redis-server in a network namespace", lambda: PrivateRedis(tmp_path, link)) as server:
         yield server
-    finally:
-        server.close()
 
 
 def timed(call: Callable[[], object]) -> tuple[object, float]:

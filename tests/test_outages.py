@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from servers import PrivatePostgres, PrivateRedis, SilentServer, free_port
+from servers import PrivatePostgres, PrivateRedis, SilentServer, free_port, running
 from starlette.testclient import TestClient
-from support import ROOT, T0, Clock, make_settings, transaction, unavailable
+from support import ROOT, T0, Clock, make_settings, transaction
 
 from worker.service import Remind
 from worker.store import make_engine, upgrade
@@ -56,26 +56,14 @@ cancel:
 @pytest.fixture(scope="module")
 def private_postgres() -> Iterator[PrivatePostgres]:
     """A PostgreSQL cluster of this module's own (initdb + pg_ctl on a free port), removed at the end."""
-    try:
-        server = PrivatePostgres()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        unavailable("a private PostgreSQL", exc)
-    try:
+    with running("a private PostgreSQL", PrivatePostgres) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def private_redis(tmp_path) -> Iterator[PrivateRedis]:
-    try:
-        server = PrivateRedis(tmp_path)
-    except (RuntimeError, OSError) as exc:
-        unavailable("a private redis-server", exc)
-    try:
+    with running("a private redis-server", lambda: PrivateRedis(tmp_path)) as server:
         yield server
-    finally:
-        server.close()
 
 
 def wait_for(what: str, predicate: Callable[[], object], seconds: float, every: float = 0.2):
