@@ -8,20 +8,25 @@ before the next roll-up and after it."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text, update
 from sqlalchemy.exc import IntegrityError
-from support import T0, transaction
+from support import T0, private_database, transaction
 
 from worker.export import cost_report, cost_totals, export
 from worker.stats import assemble, funnel, summarize
-from worker.store import funnel_figures, funnel_rows
+from worker.store import funnel_figures, funnel_rows, make_engine, rollup
 from worker.store.export import cost_figures
+from worker.store.repo import NewDelivery, Store
 from worker.store.rollup import forget, roll_up, roll_up_all
+from worker.store.tables import deliveries, transactions
 
 SCHEDULES = {
     "ab.yaml": """
@@ -368,3 +373,56 @@ def test_remind_db_rollup_rolls_up_everything_at_once(make_harness, tmp_path, mo
     assert result.output.startswith("funnel roll-up: 20 transactions rolled up in ")
     assert rolled_ids(store) == {f"a{i}" for i in range(16)} | {f"r{i}" for i in range(4)}
     same_figures(store)
+
+
+def test_a_notice_committed_while_the_roll_up_waits_keeps_the_transaction_live_on_postgresql(monkeypatch):
+    """A review contact commits its notice and lets go of the transaction while the roll-up's statement is
+    running, just before that statement locks the row: under READ COMMITTED the locking statement would still
+    judge "nothing in flight" on its older snapshot and roll the transaction up without the notice, whose
+    cost would then be missing for good. The check runs after the locks, on a snapshot that has the notice."""
+    with private_database(f"remind_race_{uuid.uuid4().hex[:8]}") as url:
+        engine = make_engine(url)
+        store = Store(engine)
+        now = datetime.now(UTC)
+        with engine.begin() as conn:
+            conn.execute(insert(transactions).values(
+                id="T", status="escalated", content={"customer": {"id": "c", "phone": "+4915112345678"},
+                                                     "amount": "10.00"},
+                customer_id="c", risk_flag=True, amount=10, currency="EUR", schedule="s", schedule_version="1",
+                created_at=now - timedelta(hours=1), deadline=now - timedelta(minutes=1), registered_at=now,
+                escalated_at=now - timedelta(minutes=1), settled_source="deadline"))
+            conn.execute(insert(deliveries).values(
+                transaction_id="T", step="r1", kind="reminder", channel="sms", variant="default", due_at=now,
+                status="sent", sent_at=now - timedelta(minutes=30), updated_at=now, segments=1, country_code=49,
+                attempts=1))
+        original = rollup._of_ids
+
+        def slowed(pg: bool):  # the window, made wide: the locking statement sleeps before it reaches the row
+            statement = original(pg)
+            return lambda sql: statement(sql.replace("WHERE t.id", "WHERE pg_sleep(1.5) IS NOT NULL AND t.id", 1)
+                                         if "FOR SHARE OF t SKIP LOCKED" in sql else sql)
+
+        monkeypatch.setattr(rollup, "_of_ids", slowed)
+        contact = engine.connect()
+        writing = contact.begin()
+        store.lock_transaction(contact, "T")  # Decisions.contact: the row lock, a notice, the review state
+        rolling = threading.Thread(target=rollup.roll_up, args=(store,))
+        rolling.start()
+        time.sleep(0.5)  # the roll-up's statement has its snapshot, and sleeps
+        store.add_deliveries(contact, [NewDelivery("T", "contact", "notice", "sms", "contact", now, "queued")], now,
+                             timedelta(minutes=5))
+        store.set_review_state(contact, "T", "contacted")
+        writing.commit()
+        contact.close()
+        rolling.join(30)
+        monkeypatch.setattr(rollup, "_of_ids", original)
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT count(*) FROM funnel_rolled WHERE NOT stale")).scalar_one() == 0
+            conn.execute(update(deliveries).where(deliveries.c.kind == "notice").values(  # the notice goes out
+                status="sent", sent_at=now, segments=1, country_code=49))
+        roll_up_all(store)
+        assert cost_figures(store, rolled=True)[1] == cost_figures(store, rolled=False)[1]
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT kind FROM cost_units ORDER BY kind")).scalars().all() == [
+                "notice", "reminder"]
+        engine.dispose()

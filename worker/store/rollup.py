@@ -281,18 +281,30 @@ def _roll(conn: Connection, pg: bool, candidates: list[str]) -> set[str]:
     """Write the units and cost units of those ``candidates`` that are settled, have no customer message
     queued or in flight and are not rolled up already; returns their ids. On PostgreSQL each is share-locked
     first (one a decision holds is left for the next call), so no change can come between the read and the
-    write."""
+    write.
+
+    The lock and the check are two statements: under READ COMMITTED a locking SELECT judges its other
+    conditions (the message in flight) on the snapshot it started with, so a decision that committed a notice
+    while it ran, and let go of the row just before it was locked, would go unseen and the notice's cost be
+    lost to the roll-up. The check's own snapshot is taken with the locks held: every writer before is in it,
+    every writer after waits for this transaction and then forgets what it wrote."""
     if not candidates:
         return set()
     of_ids = _of_ids(pg)
-    lock = " FOR SHARE OF t SKIP LOCKED" if pg else ""
+    ids = sorted(set(candidates))
+    if pg:
+        ids = [r[0] for r in conn.execute(of_ids(f"""
+            SELECT t.id FROM transactions AS t WHERE t.id {IDS} AND t.status <> 'pending'
+            FOR SHARE OF t SKIP LOCKED"""), {"ids": ids})]
+        if not ids:
+            return set()
     ready = [r[0] for r in conn.execute(of_ids(f"""
         SELECT t.id FROM transactions AS t
         WHERE t.id {IDS} AND t.status <> 'pending'
           AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.transaction_id = t.id
                                                          AND d.kind IN ('reminder', 'notice')
                                                          AND d.status IN ('queued', 'sending'))
-          AND {NOT_ROLLED.format(window="")}{lock}"""), {"ids": sorted(set(candidates))})]
+          AND {NOT_ROLLED.format(window="")}"""), {"ids": ids})]
     if not ready:
         return set()
     params = {"ids": ready}
