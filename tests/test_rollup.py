@@ -15,14 +15,15 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import insert, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from support import T0, private_database, transaction
 
 from worker.export import cost_report, cost_totals, export
 from worker.stats import assemble, funnel, summarize
-from worker.store import funnel_figures, funnel_rows, make_engine, rollup
+from worker.store import funnel_figures, funnel_rows, make_engine, rollup, upgrade
 from worker.store.export import cost_figures
 from worker.store.repo import NewDelivery, Store
 from worker.store.rollup import forget, roll_up, roll_up_all
@@ -425,4 +426,57 @@ def test_a_notice_committed_while_the_roll_up_waits_keeps_the_transaction_live_o
         with engine.begin() as conn:
             assert conn.execute(text("SELECT kind FROM cost_units ORDER BY kind")).scalars().all() == [
                 "notice", "reminder"]
+        engine.dispose()
+
+
+def test_an_upgrade_to_0010_cut_short_in_its_index_builds_runs_again_on_postgresql():
+    """The concurrent index builds wait for every older snapshot (a long export, a pg_dump); a deploy that gives up
+    on them cancels the build after the revision's first steps were committed: running the upgrade again must
+    finish it, not fail on a column it finds already there."""
+    from alembic import command
+    from alembic.config import Config
+
+    from worker.store.migrate import MIGRATIONS
+
+    with private_database(f"remind_rerun_{uuid.uuid4().hex[:8]}") as url:
+        engine = make_engine(url)
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with engine.connect() as conn:
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0009")
+            conn.commit()
+        engine.dispose()
+        dsn = url.replace("postgresql+psycopg://", "postgresql://")
+        old = psycopg.connect(dsn)  # an older snapshot, held: CREATE INDEX CONCURRENTLY waits for it
+        old.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        old.execute("SELECT count(*) FROM transactions").fetchone()
+
+        def cancel_the_build() -> None:
+            with psycopg.connect(dsn, autocommit=True) as admin:
+                for _ in range(300):
+                    building = admin.execute("SELECT pid FROM pg_stat_activity WHERE query ILIKE "
+                                             "'CREATE INDEX CONCURRENTLY%'").fetchall()
+                    if building:
+                        admin.execute("SELECT pg_cancel_backend(%s)", building[0])
+                        return
+                    time.sleep(0.05)
+
+        canceller = threading.Thread(target=cancel_the_build)
+        canceller.start()
+        engine = make_engine(url)
+        with pytest.raises(OperationalError, match="cancel"):
+            upgrade(engine)
+        canceller.join()
+        old.rollback()
+        old.close()
+        engine.dispose()
+        engine = make_engine(url)
+        upgrade(engine)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0010"
+            valid = dict(conn.execute(text(
+                "SELECT c.relname, i.indisvalid FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid "
+                "WHERE c.relname IN ('ix_cost_units_created_at', 'ix_funnel_units_attributed')")).all())
+        assert valid == {"ix_cost_units_created_at": True, "ix_funnel_units_attributed": True}
         engine.dispose()

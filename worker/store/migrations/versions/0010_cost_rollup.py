@@ -52,13 +52,31 @@ def upgrade() -> None:
     else:
         for table in _ROLLUP:
             op.execute(f"DELETE FROM {table}")
-    op.add_column("funnel_units", sa.Column("by_customer", sa.Boolean, nullable=False,
-                                            server_default=sa.text("false")))
+    # On PostgreSQL what comes before the concurrent index builds is committed when they start, while
+    # alembic_version moves only at the end: a build cancelled (a deploy's timeout, an old snapshot it waited
+    # for) leaves the revision to be run again, so each step here may find itself done already.
+    existing = set(sa.inspect(op.get_bind()).get_table_names())
+    columns = {t: {c["name"] for c in sa.inspect(op.get_bind()).get_columns(t)} for t in ("funnel_units",
+                                                                                          "funnel_rolled")}
+    if "by_customer" not in columns["funnel_units"]:
+        op.add_column("funnel_units", sa.Column("by_customer", sa.Boolean, nullable=False,
+                                                server_default=sa.text("false")))
     # which roll-up marked it (rollup.VERSION): without a default on PostgreSQL, the previous release's roll-up,
     # still running in a scheduler during the deploy, cannot insert (the tick logs it and goes on); SQLite, one
     # process, adds a NOT NULL column only with a default
-    op.add_column("funnel_rolled", sa.Column("version", sa.SmallInteger, nullable=False,
-                                             server_default=None if pg else sa.text("2")))
+    if "version" not in columns["funnel_rolled"]:
+        op.add_column("funnel_rolled", sa.Column("version", sa.SmallInteger, nullable=False,
+                                                 server_default=None if pg else sa.text("2")))
+    if "cost_units" not in existing:
+        _create_cost_units()
+    if not pg:  # SQLite's attributed index has no INCLUDE: unchanged
+        for name, table, columns_, options in _INDEXES:
+            op.create_index(name, table, columns_, **options)
+        return
+    _concurrent_indexes()
+
+
+def _create_cost_units() -> None:
     op.create_table(
         "cost_units",
         sa.Column("transaction_id", sa.String(64), sa.ForeignKey("transactions.id", ondelete="CASCADE"),
@@ -76,10 +94,9 @@ def upgrade() -> None:
         sa.Column("email", sa.Integer, nullable=False),
         sa.Column("push", sa.Integer, nullable=False),
     )
-    if not pg:  # SQLite's attributed index has no INCLUDE: unchanged
-        for name, table, columns, options in _INDEXES:
-            op.create_index(name, table, columns, **options)
-        return
+
+
+def _concurrent_indexes() -> None:
     with op.get_context().autocommit_block():
         # the customer confirmations read the attributed units' by_customer from the index too
         op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_funnel_units_attributed")
