@@ -376,6 +376,37 @@ def test_remind_db_rollup_rolls_up_everything_at_once(make_harness, tmp_path, mo
     same_figures(store)
 
 
+def test_remind_db_rollup_again_mends_what_writers_of_the_previous_release_left_behind(make_harness, tmp_path,
+                                                                                        monkeypatch):
+    """During a deploy, processes of the previous release may change rolled-up transactions: their ``forget``
+    knows only the funnel units (the cost units stay, counted twice while live), and their notices forget
+    nothing (a cost missing for good). ``remind db rollup --again`` writes the roll-up anew."""
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    roll_up_all(store)
+    same_figures(store)
+    at = T0 + timedelta(hours=30)
+    with store.begin() as conn:  # the previous release: an approval's forget, then a decline's notice
+        conn.execute(text("UPDATE funnel_rolled SET stale = true WHERE transaction_id = 'a0'"))
+        conn.execute(text("DELETE FROM funnel_units WHERE transaction_id = 'a0'"))
+        conn.execute(insert(deliveries).values(
+            transaction_id="a1", step="declined", kind="notice", channel="email", template="cancelled",
+            variant="default", due_at=at, status="sent", sent_at=at, updated_at=at, attempts=1))
+    with pytest.raises(AssertionError):
+        same_figures(store)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", h.remind.settings.database_url)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    result = CliRunner().invoke(main, ["db", "rollup", "--again"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("funnel roll-up: 20 transactions rolled up in ")
+    same_figures(store)
+
+
 def test_a_notice_committed_while_the_roll_up_waits_keeps_the_transaction_live_on_postgresql(monkeypatch):
     """A review contact commits its notice and lets go of the transaction while the roll-up's statement is
     running, just before that statement locks the row: under READ COMMITTED the locking statement would still

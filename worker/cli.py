@@ -182,15 +182,24 @@ def db_upgrade() -> None:
 
 
 @db.command("rollup")
-def db_rollup() -> None:
-    """Roll up the funnel of every settled transaction now (the scheduler's tick does it a step at a time)."""
+@click.option("--again", is_flag=True, help="forget the whole roll-up first and write it anew: after a deploy "
+              "during which processes of the previous release ran beside this one (their changes to settled "
+              "transactions may have missed what this release rolls up)")
+def db_rollup(again: bool) -> None:
+    """Roll up the funnel and costs of every settled transaction now (the scheduler's tick does it a step at a
+    time)."""
     import time
 
     from .store import Store, make_engine
-    from .store.rollup import roll_up_all
+    from .store.rollup import forget_all, roll_up_all
 
+    settings = _settings()
+    store = Store(make_engine(settings.database_url, connect_timeout=settings.db_connect_timeout,
+                              tcp_timeout=settings.db_tcp_timeout))
     started = time.perf_counter()
-    rolled = roll_up_all(Store(make_engine(_settings().database_url)))
+    if again:
+        forget_all(store)
+    rolled = roll_up_all(store)
     click.echo(f"funnel roll-up: {rolled} transactions rolled up in {time.perf_counter() - started:.1f}s")
 
 

@@ -225,6 +225,19 @@ def roll_up(store: Store, *, limit: int = TICK_STEP) -> RollUp:
     return RollUp(len(rolled), len(swept), end and len(stale) < limit)
 
 
+def forget_all(store: Store) -> None:
+    """Empty the roll-up (``remind db rollup --again``): every transaction is computed live until it is rolled up
+    anew. For after a deploy in which processes of the previous release ran beside this one: a writer of that
+    release changing a rolled-up transaction forgets only what it knew of (its funnel units, not its cost units,
+    and a notice not at all), so what this release rolled up meanwhile may be short or counted twice."""
+    with store.engine.begin() as conn:
+        if store.pg:
+            conn.execute(text("TRUNCATE funnel_units, cost_units, funnel_rolled, funnel_rollup_state"))
+        else:
+            for table in ("funnel_units", "cost_units", "funnel_rolled", "funnel_rollup_state"):
+                conn.execute(text(f"DELETE FROM {table}"))
+
+
 def roll_up_all(store: Store, *, limit: int = 5000) -> int:
     """Roll up everything that can be, now (``remind db rollup``, and after a migration on a large table):
     ``roll_up`` until the sweep has gone round once. Returns the transactions rolled up."""

@@ -8,12 +8,14 @@ is the customer's own, so /ops and /v1/stats read the customer confirmations per
 **Backfill.** The units written before this revision have no cost units, and the roll-up now also waits for a
 transaction's notices in flight; so this revision empties the roll-up (``funnel_units``, ``funnel_rolled``,
 ``funnel_rollup_state``) and the sweep starts over, writing both kinds of units together: the scheduler's
-tick a step at a time, or all at once with ``remind db rollup`` right after the upgrade (80 s for
-bench/scale.py's 1,000,000 transactions on two busy cores; its VACUUM ANALYZE lets both tables be read by
-index only at once). Until a transaction is rolled up again the funnel and the costs compute it live: the
-figures are the same, only slower. Stop the schedulers of the previous version first: their roll-up would
-write funnel units without cost units (on PostgreSQL it cannot: ``funnel_rolled.version`` has no
-default, so its inserts fail and its tick logs it).
+tick a step at a time, or all at once with ``remind db rollup --again`` once no process of the previous
+release runs any more (80 s for bench/scale.py's 1,000,000 transactions on two busy cores; its VACUUM ANALYZE
+lets both tables be read by index only at once). Until a transaction is rolled up again the funnel and the
+costs compute it live: the figures are the same, only slower. The previous release's processes, still running
+during a deploy, do not know the cost units: their scheduler's roll-up cannot mark anything rolled
+(``funnel_rolled.version`` has no default on PostgreSQL: its inserts fail and its tick logs it), but their web
+and workers' changes to a settled transaction forget only its funnel units, and their notices forget nothing;
+``--again`` writes anew what was rolled up beside them.
 
 Indexes are built CONCURRENTLY on PostgreSQL, as 0007 and 0009 do (on tables this revision has emptied); the
 statistics ``st_cost_units_groups`` tell its planner that a window's cost units fall in a handful of groups
