@@ -36,7 +36,8 @@ def make_broker(settings: Settings) -> Broker:
         from dramatiq.brokers.redis import RedisBroker
 
         # A client of our own: given a URL, RedisBroker builds its pool with no timeouts of ours.
-        broker: Broker = RedisBroker(client=redis_client(settings, send_path=False), namespace=settings.redis_namespace)
+        client = redis_client(settings, send_path=False, answer=max(BROKER_ANSWER_SECONDS, settings.redis_timeout))
+        broker: Broker = RedisBroker(client=client, namespace=settings.redis_namespace)
     else:
         broker = StubBroker()
     for middleware in list(broker.middleware):
@@ -76,7 +77,14 @@ def make_throttle(settings: Settings) -> Callable[[str], bool] | None:
     return throttle
 
 
-def redis_options(timeout: float) -> dict:
+#: How long the broker's client waits for an answer from a Redis that is alive (its packets acknowledged): a
+#: fork or fsync stall, dramatiq's maintenance pass in its dispatch script may take seconds, and a timeout there
+#: restarts dramatiq's consumer and strands the messages it had fetched until the lease. A silent Redis is still
+#: found within REMIND_REDIS_TIMEOUT by TCP_USER_TIMEOUT and the keepalives.
+BROKER_ANSWER_SECONDS = 30.0
+
+
+def redis_options(timeout: float, *, answer: float | None = None) -> dict:
     """Connection options that make a silent Redis (its packets lost: a failed-over host, a cut link) an outage
     within about ``timeout`` seconds instead of a command blocked for the kernel's ~15 minutes: the time to connect
     and to wait for each answer, and keepalives with TCP_USER_TIMEOUT (Linux) so that a pooled connection that
@@ -94,18 +102,18 @@ def redis_options(timeout: float) -> dict:
     keepalive = {getattr(socket, name): value for name, value in (
         ("TCP_KEEPIDLE", max(1, whole // 2)), ("TCP_KEEPINTVL", max(1, whole // 6)), ("TCP_KEEPCNT", 3),
         ("TCP_USER_TIMEOUT", int(timeout * 1000))) if hasattr(socket, name)}
-    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "socket_keepalive": True,
+    return {"socket_timeout": answer or timeout, "socket_connect_timeout": timeout, "socket_keepalive": True,
             "socket_keepalive_options": keepalive, "health_check_interval": whole,
             "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
 
 
-def redis_client(settings: Settings, *, send_path: bool = True):
-    """A client with :func:`redis_options` (REMIND_REDIS_TIMEOUT). For the send path's limits its pool is sized for
-    every send thread at once: redis-py's default pool refuses the 101st connection (MaxConnectionsError), a
-    blocking pool waits instead."""
+def redis_client(settings: Settings, *, send_path: bool = True, answer: float | None = None):
+    """A client with :func:`redis_options` (REMIND_REDIS_TIMEOUT; ``answer``: a longer wait for an answer, the
+    broker's). For the send path's limits its pool is sized for every send thread at once: redis-py's default
+    pool refuses the 101st connection (MaxConnectionsError), a blocking pool waits instead."""
     import redis
 
-    options = redis_options(settings.redis_timeout)
+    options = redis_options(settings.redis_timeout, answer=answer)
     if not send_path:
         pool = redis.ConnectionPool.from_url(settings.redis_url, **options)
     else:
