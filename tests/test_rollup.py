@@ -26,7 +26,7 @@ from worker.stats import assemble, funnel, summarize
 from worker.store import funnel_figures, funnel_rows, make_engine, rollup, upgrade
 from worker.store.export import cost_figures
 from worker.store.repo import NewDelivery, Store
-from worker.store.rollup import forget, roll_up, roll_up_all
+from worker.store.rollup import forget, forget_all, roll_up, roll_up_all
 from worker.store.tables import deliveries, transactions
 
 SCHEDULES = {
@@ -334,10 +334,7 @@ def test_the_sweep_goes_round_in_small_steps(make_harness, tmp_path):
     """A step rolls up at most ``limit`` transactions; the sweep comes back for the ones it had to leave."""
     h = build_history(make_harness, tmp_path)
     store = h.remind.store
-    with store.begin() as conn:
-        conn.execute(text("DELETE FROM funnel_units"))
-        conn.execute(text("DELETE FROM funnel_rolled"))
-        conn.execute(text("DELETE FROM funnel_rollup_state"))
+    forget_all(store)
     steps = []
     while True:
         step = roll_up(store, limit=3)
@@ -355,21 +352,23 @@ def test_the_sweep_goes_round_in_small_steps(make_harness, tmp_path):
     same_figures(store)
 
 
-def test_remind_db_rollup_rolls_up_everything_at_once(make_harness, tmp_path, monkeypatch):
+def remind_db(h, tmp_path: Path, monkeypatch, *args: str):
+    """``remind db ARGS`` on the harness's database, as ops would run it."""
     from click.testing import CliRunner
 
     from worker.cli import main
 
-    h = build_history(make_harness, tmp_path)
-    store = h.remind.store
-    with store.begin() as conn:
-        conn.execute(text("DELETE FROM funnel_rolled"))
-        conn.execute(text("DELETE FROM funnel_units"))
-        conn.execute(text("DELETE FROM funnel_rollup_state"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DATABASE_URL", h.remind.settings.database_url)
     monkeypatch.delenv("REDIS_URL", raising=False)
-    result = CliRunner().invoke(main, ["db", "rollup"])
+    return CliRunner().invoke(main, ["db", *args])
+
+
+def test_remind_db_rollup_rolls_up_everything_at_once(make_harness, tmp_path, monkeypatch):
+    h = build_history(make_harness, tmp_path)
+    store = h.remind.store
+    forget_all(store)
+    result = remind_db(h, tmp_path, monkeypatch, "rollup")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("funnel roll-up: 20 transactions rolled up in ")
     assert rolled_ids(store) == {f"a{i}" for i in range(16)} | {f"r{i}" for i in range(4)}
@@ -381,10 +380,6 @@ def test_remind_db_rollup_again_mends_what_writers_of_the_previous_release_left_
     """During a deploy, processes of the previous release may change rolled-up transactions: their ``forget``
     knows only the funnel units (the cost units stay, counted twice while live), and their notices forget
     nothing (a cost missing for good). ``remind db rollup --again`` writes the roll-up anew."""
-    from click.testing import CliRunner
-
-    from worker.cli import main
-
     h = build_history(make_harness, tmp_path)
     store = h.remind.store
     roll_up_all(store)
@@ -398,10 +393,7 @@ def test_remind_db_rollup_again_mends_what_writers_of_the_previous_release_left_
             variant="default", due_at=at, status="sent", sent_at=at, updated_at=at, attempts=1))
     with pytest.raises(AssertionError):
         same_figures(store)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DATABASE_URL", h.remind.settings.database_url)
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    result = CliRunner().invoke(main, ["db", "rollup", "--again"])
+    result = remind_db(h, tmp_path, monkeypatch, "rollup", "--again")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("funnel roll-up: 20 transactions rolled up in ")
     same_figures(store)
