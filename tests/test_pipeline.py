@@ -146,32 +146,6 @@ def test_two_schedulers_never_double_send(make_harness):
     assert len(keys) == len(set(keys)) == 60 * 9
 
 
-def test_a_tick_on_postgresql_claims_with_two_connections_and_each_transaction_once(make_harness):
-    """On PostgreSQL a tick writes two batches at once (one waits on the database while the other plans): the
-    claims' SKIP LOCKED keeps them apart, so every due transaction is claimed and reminded exactly once."""
-    h = make_harness(batch_size=7)
-    for i in range(50):
-        h.remind.register(transaction(f"tx_{i:03}", created_at=(T0 + timedelta(seconds=i)).isoformat()))
-    store, real_claim = h.remind.store, h.remind.store.claim_due
-    by_thread: dict[str, list[str]] = {}
-
-    def claim_due(conn, now, limit):
-        rows = real_claim(conn, now, limit)
-        by_thread.setdefault(threading.current_thread().name, []).extend(r["id"] for r in rows)
-        time.sleep(0.05)  # hold the batch's rows a moment: the other claimer must take others meanwhile
-        return rows
-
-    store.claim_due = claim_due
-    result = h.remind.tick(T0 + timedelta(minutes=16))
-    h.drain()
-    claimed = [tx_id for ids in by_thread.values() for tx_id in ids]
-    assert result.claimed == len(claimed) == len(set(claimed)) == 50
-    if store.pg:
-        assert len([ids for ids in by_thread.values() if ids]) == 2, by_thread
-    keys = [(r["transaction_id"], r["step"], r["channel"]) for r in h.lines()]
-    assert len(keys) == len(set(keys)) and {k[0] for k in keys} == {f"tx_{i:03}" for i in range(50)}
-
-
 def test_confirm_and_deadline_race_settles_each_transaction_once(make_harness):
     """Customers confirm while the tick settles the passed deadlines, batch after batch. The race is
     forced: the confirmations start while the tick holds its first batch, and the tick's later batches

@@ -8,9 +8,7 @@ same work. Future steps are never parked in the broker: each lives as ``next_due
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,9 +24,6 @@ log = logging.getLogger("remind.scheduler")
 #: When a transaction cannot be planned (a bug, or data the code does not expect), it is set aside
 #: this long so the rest of the batch goes on.
 RETRY_BROKEN = timedelta(minutes=5)
-#: Batches a tick claims and writes at once on PostgreSQL (see ``Scheduler.tick``): two keep the database and
-#: Python busy at the same time; more would only queue for the one core Python has.
-CLAIMERS = 2
 
 
 @dataclass
@@ -120,8 +115,6 @@ class Scheduler:
         self.batch_size = batch_size
         self.lease = lease
         self.slots = SlotCache()  # shared by the transactions of a tick, and by the ticks after it
-        # the tick's other claimers (CLAIMERS - 1 threads, started the first time they are needed)
-        self._claimers = ThreadPoolExecutor(max_workers=max(1, CLAIMERS - 1), thread_name_prefix="remind-claim")
 
     def _schedule_for(self, row: dict, registry: Registry | None = None) -> Schedule:
         registry = registry if registry is not None else self.registry()
@@ -190,79 +183,52 @@ class Scheduler:
             log.exception("funnel roll-up step failed; the next tick tries again")
 
     def tick(self, now: datetime | None = None) -> TickResult:
-        """Claim and enqueue everything due at ``now``, batch by batch, until nothing is left. On PostgreSQL
-        ``CLAIMERS`` batches are written at once, each on its own connection: while one waits on the database
-        the other plans in Python (their claims' ``SKIP LOCKED`` keeps them apart, as it keeps two schedulers
-        apart). SQLite has one writer: one batch at a time."""
+        """Claim and enqueue everything due at ``now``, batch by batch, until nothing is left."""
         result = TickResult()
-        merge = threading.Lock()
-        claimers = CLAIMERS if self.store.pg else 1
-        if claimers == 1:
-            while self._batch(now, result, merge):
-                pass
-        else:
-            futures = [self._claimers.submit(self._batches, now, result, merge) for _ in range(claimers - 1)]
-            try:
-                self._batches(now, result, merge)
-            finally:
-                errors = [f.exception() for f in futures]  # waits for each
-            failed = next((e for e in errors if e is not None), None)
-            if failed is not None:
-                raise failed
-        self._roll_up()
-        return result
-
-    def _batches(self, now: datetime | None, result: TickResult, merge: threading.Lock) -> None:
-        while self._batch(now, result, merge):
-            pass
-
-    def _batch(self, now: datetime | None, result: TickResult, merge: threading.Lock) -> bool:
-        """One batch: claim, plan, write, commit, enqueue. True while there may be more (a batch came full)."""
-        now_ = now or self.store.clock()
-        with self.store.begin() as conn:
-            claimed = self.store.claim_due(conn, now_, self.batch_size)
-            suppressed = self.store.suppressed(conn, [p for row in claimed
-                                                      for p in all_pairs(row["content"]["customer"])])
-            planned: list[_Planned] = []
-            broken: list[Cursor] = []
-            registry = self.registry()
-            for row in claimed:
-                try:
-                    planned.append((row, *plan_transaction(row, self._schedule_for(row, registry), now_,
-                                                           suppressed=suppressed, cache=self.slots)))
-                except Exception:  # one bad transaction must not stall everyone's reminders
-                    log.exception("%s: cannot plan; looking again in %s", row["id"], RETRY_BROKEN)
-                    broken.append(_set_aside(row, now_))
-            ids, events, written = self._write(conn, planned, broken, now_)
-            skipped = settled = 0
-            for row, decision, cursor, new in written:
-                skipped += sum(1 for r in new if r.status == "skipped")
-                if decision.settle:
-                    settled += 1
-                    log.info("%s %s: deadline reached", row["id"],
-                             "cancelling" if cursor.settle_status == CANCELLED else "escalating")
-            again, lost, released = self.store.claim_expired(conn, now_, self.batch_size, self.lease)
-            due = self.store.events.due(conn, now_, self.batch_size)
-            events += due
-        batch = ids + again + released
-        if released:
-            log.info("released %d deliveries held for quiet hours", len(released))
-        if again:
-            log.warning("re-enqueued %d deliveries whose messages never completed", len(again))
-        if lost:
-            log.warning("%d deliveries were interrupted mid-send and recorded as failed", len(lost))
-        if batch:
-            self.enqueue(batch)
-        if events:
-            self.enqueue_events(events)
-        with merge:
+        while True:
+            now_ = now or self.store.clock()
+            with self.store.begin() as conn:
+                claimed = self.store.claim_due(conn, now_, self.batch_size)
+                suppressed = self.store.suppressed(conn, [p for row in claimed
+                                                          for p in all_pairs(row["content"]["customer"])])
+                planned: list[_Planned] = []
+                broken: list[Cursor] = []
+                registry = self.registry()
+                for row in claimed:
+                    try:
+                        planned.append((row, *plan_transaction(row, self._schedule_for(row, registry), now_,
+                                                               suppressed=suppressed, cache=self.slots)))
+                    except Exception:  # one bad transaction must not stall everyone's reminders
+                        log.exception("%s: cannot plan; looking again in %s", row["id"], RETRY_BROKEN)
+                        broken.append(_set_aside(row, now_))
+                ids, events, written = self._write(conn, planned, broken, now_)
+                for row, decision, cursor, new in written:
+                    result.skipped += sum(1 for r in new if r.status == "skipped")
+                    if decision.settle:
+                        result.settled += 1
+                        log.info("%s %s: deadline reached", row["id"],
+                                 "cancelling" if cursor.settle_status == CANCELLED else "escalating")
+                again, lost, released = self.store.claim_expired(conn, now_, self.batch_size, self.lease)
+                due = self.store.events.due(conn, now_, self.batch_size)
+                events += due
             result.claimed += len(claimed)
-            result.skipped += skipped
-            result.settled += settled
             result.recovered += len(again)
             result.lost_in_send += len(lost)
             result.released += len(released)
-            result.enqueued += batch
-            result.events += len(events)
-        return not (len(claimed) < self.batch_size and len(again) + len(lost) + len(released) < self.batch_size
-                    and len(due) < self.batch_size)
+            batch = ids + again + released
+            if released:
+                log.info("released %d deliveries held for quiet hours", len(released))
+            if again:
+                log.warning("re-enqueued %d deliveries whose messages never completed", len(again))
+            if lost:
+                log.warning("%d deliveries were interrupted mid-send and recorded as failed", len(lost))
+            if batch:
+                self.enqueue(batch)
+                result.enqueued += batch
+            if events:
+                self.enqueue_events(events)
+                result.events += len(events)
+            if (len(claimed) < self.batch_size and len(again) + len(lost) + len(released) < self.batch_size
+                    and len(due) < self.batch_size):
+                self._roll_up()
+                return result
