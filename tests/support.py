@@ -30,6 +30,14 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 
 
+def write_files(folder: Path, contents: dict[str, str]) -> Path:
+    """``folder`` (made if missing) holding a file per name with its text: a test's schedules folder, say."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in contents.items():
+        (folder / name).write_text(body)
+    return folder
+
+
 def unavailable(what: str, exc: Exception) -> None:
     message = f"{what} is not reachable: {exc}"
     if IN_CI:

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import update
 from starlette.testclient import TestClient
-from support import ROOT, T0, transaction
+from support import ROOT, T0, transaction, write_files
 
 from worker.attribution import quartiles, table_of
 from worker.cli import main
@@ -243,9 +243,7 @@ def test_a_real_difference_through_the_store_and_the_cli(make_harness, tmp_path,
     5 minutes after the nudge; every seventh `plain` one is approved by ops instead and every thirteenth
     confirmed by the platform: counted apart, not as customer confirmations. Looked at before the
     next step (outcomes still open), after it, and from the CLI."""
-    folder = tmp_path / "schedules"
-    folder.mkdir()
-    (folder / "ab.yaml").write_text(AB)
+    folder = write_files(tmp_path / "schedules", {"ab.yaml": AB})
     h = make_harness(schedules_dir=folder, ops_tokens="ops-token", api_tokens="plat-token")
     r = h.remind
     step = r.registry.get("ab").steps[0]

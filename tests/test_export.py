@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, update
 from starlette.testclient import TestClient
-from support import ROOT, T0, Harness, transaction
+from support import ROOT, T0, Harness, transaction, write_files
 
 from worker.cli import main
 from worker.export import COLUMNS, cost_report, cost_totals, export, to_csv
@@ -73,12 +73,8 @@ def history(make_harness, tmp_path) -> Harness:
     by its link after the nudge, c1 (+1) after the reminder; the platform confirms cplat (+86) after the
     reminder; cfr (+33, priced at the default) is cancelled at the deadline. On `review`: r1 is escalated
     after its verify SMS and approved by ops."""
-    folder = tmp_path / "schedules"
-    folder.mkdir()
-    for name, text in SCHEDULES.items():
-        (folder / name).write_text(text)
-    prices = tmp_path / "pricing.yaml"
-    prices.write_text(PRICES)
+    folder = write_files(tmp_path / "schedules", SCHEDULES)
+    prices = write_files(tmp_path, {"pricing.yaml": PRICES}) / "pricing.yaml"
     h = make_harness(schedules_dir=folder, ops_tokens=TOKEN, api_tokens="platform-token", pricing_file=prices)
     r = h.remind
     for tx_id in ("c86", "c1", "cfr", "cplat"):

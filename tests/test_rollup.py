@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from sqlalchemy import insert, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from support import T0, private_database, transaction
+from support import T0, private_database, transaction, write_files
 
 from worker.export import cost_report, cost_totals, export
 from worker.stats import assemble, funnel, summarize
@@ -73,12 +73,8 @@ def build_history(make_harness, tmp_path):
     """16 transactions on ``ab`` (created a minute apart; customers confirm after the nudge, after the
     reminder, before any step, or never) and 4 risk-flagged ones on ``review`` that escalate; a day later
     everything is settled but ``p0``, registered late in the day (customer ``c_erase``, like ``a4``)."""
-    folder = tmp_path / "schedules"
-    folder.mkdir()
-    for name, body in SCHEDULES.items():
-        (folder / name).write_text(body)
-    prices = tmp_path / "pricing.yaml"
-    prices.write_text(PRICES)
+    folder = write_files(tmp_path / "schedules", SCHEDULES)
+    prices = write_files(tmp_path, {"pricing.yaml": PRICES}) / "pricing.yaml"
     h = make_harness(schedules_dir=folder, ops_tokens="ops-token", pricing_file=prices)
     r = h.remind
     for i in range(16):

@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from support import ROOT, make_settings
+from support import ROOT, make_settings, write_files
 
 from worker.errors import ConfigError
 from worker.ladder import load_dir
@@ -34,10 +34,7 @@ cancel:
 
 
 def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
-    folder = tmp_path / "schedules"
-    folder.mkdir(exist_ok=True)
-    (folder / name).write_text(textwrap.dedent(text))
-    return folder
+    return write_files(tmp_path / "schedules", {name: textwrap.dedent(text)})
 
 
 def problems(tmp_path: Path, text: str) -> str:

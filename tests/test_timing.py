@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from starlette.testclient import TestClient
-from support import T0, Clock, make_settings, transaction
+from support import T0, Clock, make_settings, transaction, write_files
 
 from worker.errors import AlreadySettled, PermanentSendError
 from worker.senders import OutboxSender
@@ -255,9 +255,7 @@ cancel:
 ])
 def test_the_final_warnings_fallback_is_never_held_past_the_deadline(make_harness, tmp_path, created, warned,
                                                                        held_until):
-    folder = tmp_path / "schedules"
-    folder.mkdir()
-    (folder / "default.yaml").write_text(FINAL_EMAIL_ONLY)
+    folder = write_files(tmp_path / "schedules", {"default.yaml": FINAL_EMAIL_ONLY})
     outbox = OutboxSender(tmp_path / "outbox.jsonl")
     h = make_harness(schedules_dir=folder,
                      senders={"sms": outbox, "push": outbox, "email": Refusing(tmp_path / "outbox.jsonl",
